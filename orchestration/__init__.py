@@ -1,0 +1,1 @@
+"""Dagster wiring: Definitions, resources, jobs, schedules and sensors."""

@@ -1,0 +1,3 @@
+"""Jobs: the main end-to-end job and per-stage jobs."""
+
+JOBS: list = []

@@ -1,0 +1,3 @@
+"""Schedules (weekly re-screening)."""
+
+SCHEDULES: list = []

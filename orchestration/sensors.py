@@ -1,0 +1,3 @@
+"""Sensors (DFT results folder, new surrogates)."""
+
+SENSORS: list = []
