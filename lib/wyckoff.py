@@ -167,3 +167,36 @@ def constrain_lattice(sg: int, a: float, b: float, c: float, alpha: float, beta:
     if system == "monoclinic":
         return a, b, c, 90.0, beta, 90.0
     return a, b, c, alpha, beta, gamma
+
+
+def expand_asu(
+    sg: int, letters_: list[str], asu_frac_coords: list[list[float]] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expand ASU sites through their Wyckoff orbits.
+
+    Returns ``(frac_coords (N, 3), site_index (N,))``: every atom of the conventional cell and
+    the ASU site it came from. Representatives are projected onto their position first (a
+    no-op for points already in the representative form).
+    """
+    coords, owner = [], []
+    for i, (letter, xyz) in enumerate(zip(letters_, asu_frac_coords, strict=True)):
+        wp = position(sg, letter)
+        orbit = wp.expand(wp.project(np.asarray(xyz, dtype=float)))[0]
+        coords.append(orbit)
+        owner.append(np.full(len(orbit), i))
+    return np.concatenate(coords), np.concatenate(owner)
+
+
+def asu_to_structure(
+    sg: int,
+    letters_: list[str],
+    species: list[str],
+    asu_frac_coords: list[list[float]] | np.ndarray,
+    lattice_params: tuple[float, float, float, float, float, float],
+):
+    """A pymatgen ``Structure`` (conventional cell) from an asymmetric unit. The one rebuild path."""
+    from pymatgen.core import Lattice, Structure
+
+    frac, owner = expand_asu(sg, letters_, asu_frac_coords)
+    lattice = Lattice(lattice_matrix(*lattice_params))
+    return Structure(lattice, [species[i] for i in owner], frac, coords_are_cartesian=False)

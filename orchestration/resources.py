@@ -85,6 +85,7 @@ class RayResource(dg.ConfigurableResource):
 
     address: str = ""
     num_cpus: int = 0  # 0 = all local cores (local Ray only)
+    object_store_mb: int = 512  # local Ray only; keeps several runs on a 24 GB machine
 
     @property
     def resolved_address(self) -> str:
@@ -101,6 +102,7 @@ class RayResource(dg.ConfigurableResource):
         else:
             # A local Ray must not pick up a stale RAY_ADDRESS of another session.
             ray.init(num_cpus=self.num_cpus or None, ignore_reinit_error=True,
+                     object_store_memory=self.object_store_mb * 1024 * 1024,
                      include_dashboard=False, log_to_driver=False)
 
 
