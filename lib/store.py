@@ -222,7 +222,7 @@ class TableStore:
     # ---------------------------------------------------------------- catalog
     def view_sql(self, table: str) -> str:
         files = ", ".join(f"'{f}'" for f in self.files(table))
-        return (f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet([{files}], "
+        return (f"CREATE OR REPLACE VIEW \"{table}\" AS SELECT * FROM read_parquet([{files}], "
                 f"union_by_name = true)")
 
     def connect(self, *, extra_sql: Iterable[str] = ()) -> duckdb.DuckDBPyConnection:

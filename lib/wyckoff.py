@@ -71,7 +71,7 @@ class WyckoffArrays:
         xyz = np.atleast_2d(np.asarray(xyz, dtype=float))
         out = np.einsum("mij,nj->nmi", self.rot, xyz) + self.trans[None, :, :]
         out = np.mod(out, 1.0)
-        out[np.isclose(out, 1.0, atol=1e-10)] = 0.0
+        out[np.isclose(out, 1.0, rtol=0.0, atol=1e-10)] = 0.0
         return out
 
     def free_mask(self) -> np.ndarray:

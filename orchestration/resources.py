@@ -100,7 +100,8 @@ class RayResource(dg.ConfigurableResource):
         if addr:
             ray.init(address=addr, ignore_reinit_error=True, log_to_driver=False)
         else:
-            # A local Ray must not pick up a stale RAY_ADDRESS of another session.
+            # Ray starts workers at niceness 15; on a busy laptop they then starve.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=self.num_cpus or None, ignore_reinit_error=True,
                      object_store_memory=self.object_store_mb * 1024 * 1024,
                      include_dashboard=False, log_to_driver=False)
