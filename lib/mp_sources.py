@@ -1,0 +1,432 @@
+"""Materials Project structure sources behind one loader, with validation and quarantine.
+
+``load_mp_source(source, api_key=..., chemsys=...)`` reads one of four sources:
+
+* a file in the MP-20 layout: CSV, CSV.gz or Parquet with ``material_id``, ``cif`` and the MP
+  energy columns (``formation_energy_per_atom``, ``e_above_hull``, ``band_gap``; the contract
+  names ``*_ev`` are accepted too);
+* a folder of CIF / POSCAR files (``*.cif``, ``*.vasp``, ``*.poscar``, ``POSCAR*``, ``CONTCAR*``;
+  the material id is the file name without extension);
+* ``mp-api``: the Materials Project API through ``mp-api`` (needs an API key);
+* ``embedded``: the 288 AFLOW prototypes shipped inside pymatgen (offline default).
+
+Every source is first turned into *raw records* (one text per structure: CIF, POSCAR or a
+pymatgen ``Structure`` JSON), then :func:`parse_records` (pure, row-chunked, parallel through
+:mod:`lib.parallel`) parses and validates them. Bad rows are quarantined with a reason
+(:data:`REJECT_REASONS`), never dropped; an unreadable source raises :class:`MPSourceError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from lib.ids import content_hash, file_sha256
+from lib.parallel import MapStats, map_row_chunks
+
+REJECT_REASONS = (
+    "malformed_cif",
+    "malformed_poscar",
+    "malformed_structure",
+    "partial_occupancy",
+    "unknown_element",
+    "duplicate_material_id",
+    "empty_input",
+    "missing_material_id",
+)
+
+STRUCTURE_SCHEMA: dict[str, pl.DataType] = {
+    "material_id": pl.String,
+    "formula": pl.String,
+    "reduced_formula": pl.String,
+    "chemical_system": pl.String,
+    "elements": pl.List(pl.String),
+    "nsites": pl.Int64,
+    "lattice_matrix": pl.List(pl.Float64),
+    "species": pl.List(pl.String),
+    "frac_coords": pl.List(pl.List(pl.Float64)),
+    "formation_energy_per_atom_ev": pl.Float64,
+    "e_above_hull_ev_per_atom": pl.Float64,
+    "band_gap_ev": pl.Float64,
+    "source": pl.String,
+    "snapshot_id": pl.String,
+}
+
+REJECT_SCHEMA: dict[str, pl.DataType] = {
+    "source_ref": pl.String,
+    "material_id": pl.String,
+    "reason": pl.String,
+    "detail": pl.String,
+    "snapshot_id": pl.String,
+}
+
+#: Raw records: one structure text per row, before parsing.
+RAW_SCHEMA: dict[str, pl.DataType] = {
+    "material_id": pl.String,
+    "text": pl.String,
+    "fmt": pl.String,  # cif | poscar | structure_json
+    "source_ref": pl.String,
+    "formation_energy_per_atom_ev": pl.Float64,
+    "e_above_hull_ev_per_atom": pl.Float64,
+    "band_gap_ev": pl.Float64,
+}
+
+_ENERGY_ALIASES = {
+    "formation_energy_per_atom_ev": ("formation_energy_per_atom_ev", "formation_energy_per_atom"),
+    "e_above_hull_ev_per_atom": ("e_above_hull_ev_per_atom", "e_above_hull", "energy_above_hull"),
+    "band_gap_ev": ("band_gap_ev", "band_gap"),
+}
+_STRUCTURE_FILE = re.compile(r"(\.(cif|vasp|poscar)$)|(^(POSCAR|CONTCAR))", re.IGNORECASE)
+
+
+class MPSourceError(RuntimeError):
+    """A source that cannot be read at all (missing, unreadable, wrong layout, no API key)."""
+
+
+@dataclass(frozen=True)
+class LoadedSource:
+    """Validated structures (``mp_structures``), quarantined rows (``mp_structures_rejects``)."""
+
+    structures: pl.DataFrame
+    rejects: pl.DataFrame
+    snapshot_id: str
+    source: str
+    parse_stats: MapStats | None = field(default=None, compare=False)
+
+    @property
+    def n_input(self) -> int:
+        return self.structures.height + self.rejects.height
+
+    def rejects_by_reason(self) -> dict[str, int]:
+        if self.rejects.is_empty():
+            return {}
+        counts = self.rejects.group_by("reason").len().sort("reason")
+        return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
+
+
+# ----------------------------------------------------------------------------- raw records
+def _raw_frame(rows: dict[str, list]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=RAW_SCHEMA)
+
+
+def _read_table_file(path: Path) -> pl.DataFrame:
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            return pl.read_parquet(path)
+        if name.endswith((".csv", ".csv.gz")):
+            if path.stat().st_size == 0:
+                return pl.DataFrame()
+            data = path.read_bytes()
+            if name.endswith(".gz"):
+                data = gzip.decompress(data)
+            if not data.strip():
+                return pl.DataFrame()
+            return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise MPSourceError(f"MP source {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    except pl.exceptions.PolarsError as exc:
+        raise MPSourceError(f"MP source {path} is not a readable table: {exc}") from exc
+    raise MPSourceError(f"MP source {path}: unsupported file type (use .csv, .csv.gz or .parquet)")
+
+
+def raw_from_table_file(path: Path) -> pl.DataFrame:
+    """Raw records of an MP-20-layout file (one per row; ``source_ref`` = ``name:row``)."""
+    df = _read_table_file(path)
+    if df.width == 0 or df.height == 0:
+        return _raw_frame({k: [] for k in RAW_SCHEMA})
+    missing = {"material_id", "cif"} - set(df.columns)
+    if missing:
+        raise MPSourceError(
+            f"MP source {path} lacks column(s) {sorted(missing)}; it has {df.columns[:12]}")
+    energy = []
+    for target, aliases in _ENERGY_ALIASES.items():
+        col = next((a for a in aliases if a in df.columns), None)
+        expr = pl.col(col).cast(pl.Float64, strict=False) if col else pl.lit(None, pl.Float64)
+        energy.append(expr.alias(target))
+    return df.with_row_index("_row").select(
+        pl.col("material_id").cast(pl.String).str.strip_chars(),
+        pl.col("cif").cast(pl.String).alias("text"),
+        pl.lit("cif").alias("fmt"),
+        pl.format("{}:{}", pl.lit(path.name), pl.col("_row") + 2).alias("source_ref"),  # 1-based, header = 1
+        *energy,
+    ).cast(RAW_SCHEMA)  # type: ignore[arg-type]
+
+
+def raw_from_folder(path: Path) -> pl.DataFrame:
+    """Raw records of every CIF/POSCAR file in a folder (not recursive), sorted by name."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and _STRUCTURE_FILE.search(p.name))
+    rows: dict[str, list] = {k: [] for k in RAW_SCHEMA}
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError as exc:
+            raise MPSourceError(f"MP source file {f} cannot be read: {exc}") from exc
+        is_cif = f.suffix.lower() == ".cif"
+        has_ext = f.suffix.lower() in (".cif", ".vasp", ".poscar")
+        rows["material_id"].append(f.name.rsplit(".", 1)[0] if has_ext else f.name)
+        rows["text"].append(text)
+        rows["fmt"].append("cif" if is_cif else "poscar")
+        rows["source_ref"].append(f"{path.name}/{f.name}")
+        for k in _ENERGY_ALIASES:
+            rows[k].append(None)
+    return _raw_frame(rows)
+
+
+def aflow_prototypes_path() -> Path:
+    """pymatgen's ``analysis/prototypes/aflow_prototypes.json.gz``, found without importing that
+    package (its ``__init__`` loads the whole prototype data set, ~20 s)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pymatgen")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "analysis" / "prototypes" / "aflow_prototypes.json.gz"
+        if path.is_file():
+            return path
+    raise MPSourceError("embedded MP source: pymatgen's aflow_prototypes.json.gz was not found")
+
+
+def raw_from_embedded() -> pl.DataFrame:
+    """Raw records of pymatgen's 288 AFLOW prototypes (ids ``aflow:<label>``, ``:2``… on repeats)."""
+    entries = json.loads(gzip.decompress(aflow_prototypes_path().read_bytes()))
+    seen: dict[str, int] = {}
+    rows: dict[str, list] = {k: [] for k in RAW_SCHEMA}
+    for i, entry in enumerate(entries):
+        label = entry["tags"]["aflow"]
+        seen[label] = seen.get(label, 0) + 1
+        rows["material_id"].append(f"aflow:{label}" + (f":{seen[label]}" if seen[label] > 1 else ""))
+        rows["text"].append(json.dumps(entry["snl"]))
+        rows["fmt"].append("structure_json")
+        rows["source_ref"].append(f"aflow_prototypes.json.gz:{i}")
+        for k in _ENERGY_ALIASES:
+            rows[k].append(None)
+    return _raw_frame(rows)
+
+
+def raw_from_mp_api(*, api_key: str, chemsys: list[str] | None = None) -> pl.DataFrame:
+    """Raw records from the Materials Project API (summary endpoint) through ``mp-api``."""
+    if not api_key:
+        raise MPSourceError(
+            "MP source 'mp-api' needs a Materials Project API key: set MP_API_KEY (or the MPSource "
+            "resource's api_key); get one at https://materialsproject.org/api")
+    try:
+        from mp_api.client import MPRester
+    except ImportError as exc:  # pragma: no cover - mp-api is a dependency
+        raise MPSourceError("MP source 'mp-api' needs the mp-api package") from exc
+    fields = ["material_id", "structure", "formation_energy_per_atom", "energy_above_hull", "band_gap"]
+    try:
+        with MPRester(api_key, mute_progress_bars=True) as mpr:
+            docs = mpr.materials.summary.search(chemsys=chemsys or None, fields=fields)
+    except Exception as exc:
+        raise MPSourceError(f"MP source 'mp-api' failed: {type(exc).__name__}: {exc}") from exc
+    rows: dict[str, list] = {k: [] for k in RAW_SCHEMA}
+    for doc in docs:
+        mid = str(doc.material_id)
+        rows["material_id"].append(mid)
+        rows["text"].append(json.dumps(doc.structure.as_dict()) if doc.structure is not None else "")
+        rows["fmt"].append("structure_json")
+        rows["source_ref"].append(f"mp-api:{mid}")
+        rows["formation_energy_per_atom_ev"].append(doc.formation_energy_per_atom)
+        rows["e_above_hull_ev_per_atom"].append(doc.energy_above_hull)
+        rows["band_gap_ev"].append(doc.band_gap)
+    return _raw_frame(rows)
+
+
+# ----------------------------------------------------------------------------- parsing
+@lru_cache(maxsize=1)
+def _known_elements() -> frozenset[str]:
+    from pymatgen.core.periodic_table import Element
+
+    return frozenset(e.symbol for e in Element)
+
+
+def _parse_text(text: str, fmt: str):
+    from pymatgen.core import Structure
+
+    if fmt == "cif":
+        from pymatgen.io.cif import CifParser
+
+        parser = CifParser.from_str(text)
+        return parser.parse_structures(primitive=False, check_occu=False, on_error="raise")[0]
+    if fmt == "poscar":
+        from pymatgen.io.vasp import Poscar
+
+        return Poscar.from_str(text, read_velocities=False).structure
+    if fmt == "structure_json":
+        return Structure.from_dict(json.loads(text))
+    raise ValueError(f"unknown structure format {fmt!r}")
+
+
+_MALFORMED = {"cif": "malformed_cif", "poscar": "malformed_poscar", "structure_json": "malformed_structure"}
+
+
+def _validate(structure) -> tuple[str, str] | None:
+    """``(reason, detail)`` for a structure that may not enter the table, else None."""
+    from pymatgen.core.periodic_table import Element
+
+    known = _known_elements()
+    if len(structure) == 0:
+        return "empty_input", "structure has no sites"
+    bad = sorted({str(sp) for site in structure for sp in site.species
+                  if not isinstance(sp, Element) and getattr(sp, "symbol", str(sp)) not in known})
+    if bad:
+        return "unknown_element", f"species {bad} are not chemical elements"
+    if not structure.is_ordered:
+        partial = [i for i, site in enumerate(structure) if not site.is_ordered][:5]
+        return "partial_occupancy", f"sites {partial} are partially occupied ({structure[partial[0]].species})"
+    lat = structure.lattice
+    if not np.isfinite(lat.matrix).all() or lat.volume <= 1e-6:
+        return "malformed_structure", f"degenerate lattice (volume {lat.volume:.3g} Å^3)"
+    if not np.isfinite(structure.frac_coords).all():
+        return "malformed_structure", "non-finite coordinates"
+    return None
+
+
+def parse_records(raw: pl.DataFrame) -> pl.DataFrame:
+    """Parse and validate raw records (row-wise, pure). One output row per input row.
+
+    Output: the ``mp_structures`` fields (without ``source``/``snapshot_id``) plus
+    ``source_ref``, ``reason`` and ``detail`` (null reason = valid row).
+    """
+    out: dict[str, list] = {k: [] for k in (
+        "material_id", "formula", "reduced_formula", "chemical_system", "elements", "nsites",
+        "lattice_matrix", "species", "frac_coords", "source_ref", "reason", "detail")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mid, text, fmt, ref in zip(raw["material_id"].to_list(), raw["text"].to_list(),
+                                       raw["fmt"].to_list(), raw["source_ref"].to_list(), strict=True):
+            reason = detail = None
+            structure = None
+            if mid is None or not str(mid).strip():
+                reason, detail = "missing_material_id", "row has no material_id"
+            elif text is None or not text.strip():
+                reason, detail = "empty_input", f"no {fmt} text for {mid}"
+            else:
+                try:
+                    structure = _parse_text(text, fmt)
+                except Exception as exc:
+                    msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+                    reason, detail = _MALFORMED.get(fmt, "malformed_structure"), f"{type(exc).__name__}: {msg}"
+                if structure is not None:
+                    bad = _validate(structure)
+                    if bad:
+                        reason, detail = bad
+            out["material_id"].append(mid)
+            out["source_ref"].append(ref)
+            out["reason"].append(reason)
+            out["detail"].append(detail)
+            if reason is None:
+                comp = structure.composition
+                elements = sorted(el.symbol for el in comp.elements)
+                out["formula"].append(comp.formula)
+                out["reduced_formula"].append(comp.reduced_formula)
+                out["chemical_system"].append("-".join(elements))
+                out["elements"].append(elements)
+                out["nsites"].append(len(structure))
+                out["lattice_matrix"].append(structure.lattice.matrix.reshape(-1).tolist())
+                out["species"].append([site.specie.symbol for site in structure])
+                out["frac_coords"].append(structure.frac_coords.tolist())
+            else:
+                for k in ("formula", "reduced_formula", "chemical_system", "elements", "nsites",
+                          "lattice_matrix", "species", "frac_coords"):
+                    out[k].append(None)
+    schema = {k: STRUCTURE_SCHEMA[k] for k in out if k in STRUCTURE_SCHEMA}
+    schema.update(source_ref=pl.String, reason=pl.String, detail=pl.String)
+    return pl.DataFrame(out, schema=schema)
+
+
+def validate_records(raw: pl.DataFrame, *, source: str, snapshot_id: str,
+                     n_chunks: int | None = None, max_parallel: int = 0) -> LoadedSource:
+    """Parse raw records (in parallel when Ray is up), split valid rows from rejects, flag duplicates."""
+    if raw.height == 0:
+        rejects = pl.DataFrame({"source_ref": [source], "material_id": [None], "reason": ["empty_input"],
+                                "detail": [f"source {source} holds no structures"],
+                                "snapshot_id": [snapshot_id]}, schema=REJECT_SCHEMA)
+        return LoadedSource(pl.DataFrame(schema=STRUCTURE_SCHEMA), rejects, snapshot_id, source)
+    parsed, stats = map_row_chunks(parse_records, raw, n_chunks=n_chunks, max_parallel=max_parallel)
+    parsed = pl.concat([parsed, raw.select(list(_ENERGY_ALIASES))], how="horizontal").with_columns(
+        pl.int_range(pl.len()).alias("_order"))
+    # Duplicates: the first valid row of an id is kept; later rows with that id are quarantined.
+    first_ok = (parsed.filter(pl.col("reason").is_null())
+                .group_by("material_id").agg(pl.col("_order").min().alias("_first"),
+                                            pl.col("source_ref").sort_by("_order").first().alias("_first_ref")))
+    parsed = parsed.join(first_ok, on="material_id", how="left").with_columns(
+        pl.when(pl.col("reason").is_null() & (pl.col("_order") != pl.col("_first")))
+        .then(pl.lit("duplicate_material_id")).otherwise(pl.col("reason")).alias("reason"),
+        pl.when(pl.col("reason").is_null() & (pl.col("_order") != pl.col("_first")))
+        .then(pl.format("material_id {} already at {}", pl.col("material_id"), pl.col("_first_ref")))
+        .otherwise(pl.col("detail")).alias("detail"),
+    ).sort("_order")
+    structures = (parsed.filter(pl.col("reason").is_null())
+                  .with_columns(pl.lit(source).alias("source"), pl.lit(snapshot_id).alias("snapshot_id"))
+                  .select(list(STRUCTURE_SCHEMA)).cast(STRUCTURE_SCHEMA))  # type: ignore[arg-type]
+    rejects = (parsed.filter(pl.col("reason").is_not_null())
+               .with_columns(pl.lit(snapshot_id).alias("snapshot_id"))
+               .select(list(REJECT_SCHEMA)).cast(REJECT_SCHEMA))  # type: ignore[arg-type]
+    return LoadedSource(structures, rejects, snapshot_id, source, stats)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _folder_fingerprint(path: Path) -> list[tuple[str, str]]:
+    return [(p.name, file_sha256(str(p))) for p in sorted(path.iterdir())
+            if p.is_file() and _STRUCTURE_FILE.search(p.name)]
+
+
+def load_mp_source(
+    source: str,
+    *,
+    api_key: str = "",
+    chemsys: list[str] | None = None,
+    n_chunks: int | None = None,
+    max_parallel: int = 0,
+) -> LoadedSource:
+    """Load and validate one MP source (see the module docstring for what ``source`` may be).
+
+    Parsing runs through :func:`lib.parallel.map_row_chunks` (Ray tasks when Ray is initialised,
+    at most ``max_parallel`` at a time when > 0).
+    Raises :class:`MPSourceError` naming the source when it cannot be read at all.
+    """
+    source = (source or "").strip()
+    if not source:
+        raise MPSourceError("no MP source given: use 'embedded', 'mp-api', a file or a folder")
+    if source == "embedded":
+        path = aflow_prototypes_path()
+        import pymatgen.core
+
+        snap = content_hash({"embedded": file_sha256(str(path)),
+                             "pymatgen": pymatgen.core.__version__}, prefix="snap-")
+        return validate_records(raw_from_embedded(), source="embedded:aflow_prototypes",
+                                snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel)
+    if source in ("mp-api", "mp_api", "materialsproject"):
+        raw = raw_from_mp_api(api_key=api_key, chemsys=chemsys)
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(sorted(raw["text"].to_list())).encode()).hexdigest()
+        snap = content_hash({"mp-api": digest, "chemsys": sorted(chemsys or [])}, prefix="snap-")
+        label = "mp-api" + (f":{','.join(sorted(chemsys))}" if chemsys else "")
+        return validate_records(raw, source=label, snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise MPSourceError(f"MP source {source!r} does not exist (and is not 'embedded' or 'mp-api')")
+    if path.is_dir():
+        snap = content_hash({"folder": _folder_fingerprint(path)}, prefix="snap-")
+        return validate_records(raw_from_folder(path), source=f"folder:{path.name}",
+                                snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel)
+    try:
+        sha = file_sha256(str(path))
+    except OSError as exc:
+        raise MPSourceError(f"MP source {path} cannot be read: {exc}") from exc
+    raw = raw_from_table_file(path)
+    return validate_records(raw, source=f"file:{path.name}",
+                            snapshot_id=content_hash({"file": sha}, prefix="snap-"), n_chunks=n_chunks,
+                            max_parallel=max_parallel)
