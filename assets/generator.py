@@ -1,0 +1,271 @@
+"""Group ``generator``: train the Wyckoff WGAN-GP and sample symmetric crystal templates.
+
+Thin wrappers around :mod:`lib.gan` (model, training, checkpoints) and :mod:`lib.templates`
+(decoding, filters, quality). Tables: ``wgan_checkpoints`` (one row per checkpoint) and
+``templates`` (store partition = generation run ``gen-...``).
+"""
+
+
+import json
+import time
+from datetime import UTC, datetime
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from lib import gan
+from lib import templates as tpl
+from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, encode_templates, encodings_to_numpy
+from lib.ids import content_hash
+from lib.plots import figure_markdown
+from orchestration.resources import CgwganHome
+
+GROUP = "generator"
+
+
+class WganCheckpointConfig(dg.Config):
+    seed: int = 0
+    epochs: int = 80
+    batch_size: int = 128
+    latent_dim: int = 64
+    generator_hidden: int = 256
+    critic_hidden: int = 256
+    n_critic: int = 5
+    gp_lambda: float = 10.0
+    learning_rate: float = 2e-4
+    cpu_threads: int = 1  # torch threads on CPU (1 is fastest on a busy 2-core machine)
+    device: str = ""  # "" = cuda when available, else cpu
+    max_training_rows: int = 0  # 0 = all rows of training_templates
+    resume_checkpoint_id: str = ""  # continue training from this row of wgan_checkpoints
+
+
+class TemplatesConfig(dg.Config):
+    n_samples: int = 5000
+    seed: int = 0
+    space_groups: list[int] = []  # conditioning; empty = every group
+    crystal_system: str = ""  # conditioning; intersected with space_groups when both are given
+    checkpoint_id: str = ""  # "" = the newest row of wgan_checkpoints
+    min_distance_a: float = 1.0
+    min_density_per_a3: float = 0.005
+    max_density_per_a3: float = 0.25
+    max_atoms: int = 100
+    min_density_overlap: float = 0.93  # threshold of the quality check
+    tsne_points: int = 600  # per side (training, generated); 0 = no t-SNE
+    device: str = ""
+
+
+def _training_frame(cgwgan_home: CgwganHome, schema: EncodingSchema) -> tuple[pl.DataFrame, np.ndarray]:
+    df = cgwgan_home.store.read("training_templates")
+    ok = (df.height and "encoding" in df.columns and "encoding_version" in df.columns
+          and set(df["encoding_version"].unique().to_list()) == {schema.version}
+          and df["encoding"].list.len().unique().to_list() == [schema.dim])
+    if not ok:
+        df = encode_templates(df, schema=schema)
+    return df, encodings_to_numpy(df, schema=schema)
+
+
+def _snapshot_id(df: pl.DataFrame) -> str:
+    if "snapshot_id" not in df.columns or df.height == 0:
+        return ""
+    return ",".join(sorted(str(s) for s in df["snapshot_id"].unique().to_list() if s))
+
+
+def _curves_figure(history: dict[str, list[float]]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ep = np.arange(1, len(history["critic_loss"]) + 1)
+    axes[0].plot(ep, history["critic_loss"], label="critic loss")
+    axes[0].plot(ep, history["generator_loss"], label="generator loss")
+    axes[0].legend()
+    axes[1].plot(ep, history["wasserstein"], color="C2")
+    axes[1].set_title("Wasserstein estimate E[D(real)] - E[D(fake)]")
+    axes[2].plot(ep, history["gradient_penalty"], color="C3")
+    axes[2].set_title("gradient penalty")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    return fig
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "parquet"}, deps=["training_templates"],
+          description="Wyckoff WGAN-GP trained on training_templates; a content-hashed checkpoint folder.")
+def wgan_checkpoint(context: dg.AssetExecutionContext, config: WganCheckpointConfig,
+                    cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+    schema = DEFAULT_SCHEMA
+    df, x = _training_frame(cgwgan_home, schema)
+    if config.max_training_rows and x.shape[0] > config.max_training_rows:
+        x = x[: config.max_training_rows]
+    snapshot = _snapshot_id(df)
+    hp = gan.GanConfig(latent_dim=config.latent_dim, generator_hidden=config.generator_hidden,
+                       critic_hidden=config.critic_hidden, epochs=config.epochs, batch_size=config.batch_size,
+                       n_critic=config.n_critic, gp_lambda=config.gp_lambda,
+                       lr_generator=config.learning_rate, lr_critic=config.learning_rate)
+    parent = None
+    if config.resume_checkpoint_id:
+        parent = gan.load_checkpoint(_latest_checkpoint(cgwgan_home, config.resume_checkpoint_id)["path"],
+                                     device=config.device or None)
+    result = gan.train_wgan(x, config=hp, schema=schema, seed=config.seed, device=config.device or None,
+                            training_snapshot_id=snapshot, log_every=max(1, config.epochs // 10),
+                            log=context.log.info, cpu_threads=config.cpu_threads or None, init_from=parent)
+    model = result.model
+    path = gan.save_checkpoint(model, cgwgan_home.subdir("checkpoints"))
+    row = pl.DataFrame({
+        "checkpoint_id": [model.checkpoint_id], "path": [str(path)], "encoding_version": [schema.version],
+        "training_snapshot_id": [snapshot], "seed": [config.seed], "epochs": [config.epochs],
+        "n_training_rows": [int(x.shape[0])], "device": [result.device],
+        "wall_time_s": [round(result.wall_time_s, 2)],
+        "parent_checkpoint_id": [model.parent_checkpoint_id],
+        "created_at": [datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")],
+        "hyperparameters": [json.dumps(hp.to_dict(), sort_keys=True)],
+    })
+    store = cgwgan_home.store
+    if store.exists("wgan_checkpoints"):
+        old = store.read("wgan_checkpoints").filter(pl.col("checkpoint_id") != model.checkpoint_id)
+        row = pl.concat([old, row], how="diagonal_relaxed")
+    store.write("wgan_checkpoints", row.sort("created_at"))
+    cgwgan_home.refresh_catalog()
+    h = result.history
+    return dg.MaterializeResult(metadata={
+        "checkpoint_id": model.checkpoint_id,
+        "path": dg.MetadataValue.path(str(path)),
+        "training_snapshot_id": snapshot,
+        "parent_checkpoint_id": model.parent_checkpoint_id,
+        "encoding_version": schema.version,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "n_training_rows": int(x.shape[0]),
+        "device": result.device,
+        "wall_time_s": round(result.wall_time_s, 1),
+        "final_wasserstein": round(h["wasserstein"][-1], 5),
+        "final_gradient_penalty": round(h["gradient_penalty"][-1], 5),
+        "hyperparameters": dg.MetadataValue.json(hp.to_dict()),
+        "training_curves": dg.MetadataValue.md(figure_markdown(_curves_figure(h), alt="training curves")),
+    })
+
+
+@dg.asset_check(asset=wgan_checkpoint, description="The newest checkpoint reloads with the same content hash, "
+                "its curves are finite, and its generator's outputs lie in [-1, 1].")
+def wgan_checkpoint_reloads(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
+    rows = cgwgan_home.store.read("wgan_checkpoints").sort("created_at")
+    last = rows.row(-1, named=True)
+    try:
+        model = gan.load_checkpoint(last["path"], device="cpu")
+    except (OSError, ValueError) as e:
+        return dg.AssetCheckResult(passed=False, metadata={"checkpoint_id": last["checkpoint_id"], "error": str(e)})
+    finite = all(np.isfinite(v).all() for v in model.history.values())
+    x = gan.sample_vectors(model, 256, seed=0)
+    in_range = bool(np.abs(x).max() <= 1.0)
+    same = model.checkpoint_id == last["checkpoint_id"]
+    return dg.AssetCheckResult(passed=bool(finite and in_range and same), metadata={
+        "checkpoint_id": last["checkpoint_id"], "reloaded_id": model.checkpoint_id,
+        "curves_finite": bool(finite), "outputs_in_range": in_range})
+
+
+def _latest_checkpoint(cgwgan_home: CgwganHome, checkpoint_id: str) -> dict:
+    rows = cgwgan_home.store.read("wgan_checkpoints").sort("created_at")
+    if checkpoint_id:
+        rows = rows.filter(pl.col("checkpoint_id") == checkpoint_id)
+        if rows.height == 0:
+            raise ValueError(f"checkpoint {checkpoint_id!r} is not in wgan_checkpoints")
+    return rows.row(-1, named=True)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[wgan_checkpoint, "training_templates"],
+          description="Crystal templates sampled from the WGAN, symmetric by construction, filtered and "
+                      "deduplicated; store partition = generation run.")
+def templates(context: dg.AssetExecutionContext, config: TemplatesConfig,
+              cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+    ckpt = _latest_checkpoint(cgwgan_home, config.checkpoint_id)
+    model = gan.load_checkpoint(ckpt["path"], device=config.device or None)
+    filters = tpl.TemplateFilters(min_distance_a=config.min_distance_a,
+                                        min_density_per_a3=config.min_density_per_a3,
+                                        max_density_per_a3=config.max_density_per_a3, max_atoms=config.max_atoms)
+    allowed = gan.condition_spacegroups(space_groups=config.space_groups or None,
+                                        crystal_system=config.crystal_system or None)
+    run = {"checkpoint_id": model.checkpoint_id, "n_samples": config.n_samples, "seed": config.seed,
+           "space_groups": None if allowed is None else allowed.tolist(), "filters": filters.to_dict()}
+    generation_id = content_hash(run, prefix="gen-")
+    t0 = time.perf_counter()
+    x = gan.sample_vectors(model, config.n_samples, seed=config.seed, space_groups=allowed)
+    t_sample = time.perf_counter() - t0
+    result = tpl.decode_templates(x, checkpoint_id=model.checkpoint_id, schema=model.schema,
+                                        allowed_spacegroups=allowed, filters=filters)
+    t_decode = time.perf_counter() - t0 - t_sample
+    out = result.templates
+    t1 = time.perf_counter()
+    sym = tpl.check_symmetry(out)
+    t_sym = time.perf_counter() - t1
+    training, x_train = _training_frame(cgwgan_home, model.schema)
+    quality = tpl.quality_report(result, training, symmetry=sym)
+    store = cgwgan_home.store
+    store.write("templates", out, partition=generation_id, metadata={
+        **run, "generation_id": generation_id, "min_density_overlap": config.min_density_overlap,
+        "quality": {k: v for k, v in quality.items() if k != "rejects"}, "rejects": result.rejects})
+    cgwgan_home.refresh_catalog()
+    meta: dict = {
+        "generation_id": generation_id,
+        "checkpoint_id": model.checkpoint_id,
+        "dagster/row_count": out.height,
+        "n_samples": config.n_samples,
+        "conditioning_space_groups": "all" if allowed is None else str(allowed.tolist()),
+        "rejects_by_reason": dg.MetadataValue.json(result.rejects),
+        "n_duplicates_folded": result.n_duplicates,
+        "sample_s": round(t_sample, 2),
+        "decode_filter_s": round(t_decode, 2),
+        "symmetry_check_s": round(t_sym, 2),
+        "templates_per_s": round(config.n_samples / max(t_sample + t_decode, 1e-9), 1),
+        "decode_timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),
+    }
+    for k, v in quality.items():
+        if isinstance(v, float):
+            meta[k] = round(v, 5)
+    if out.height:
+        meta["distributions"] = dg.MetadataValue.md(figure_markdown(
+            tpl.distributions_figure(out, training), alt="generated vs training"))
+    if config.tsne_points and out.height >= 10:
+        rng = np.random.default_rng(config.seed)
+        n = min(config.tsne_points, out.height, x_train.shape[0])
+        real = x_train[rng.choice(x_train.shape[0], n, replace=False)]
+        fake = x[rng.choice(x.shape[0], n, replace=False)]
+        feats_r, feats_f = gan.critic_features(model, real), gan.critic_features(model, fake)
+        meta["tsne_critic_features"] = dg.MetadataValue.md(figure_markdown(
+            tpl.tsne_figure(feats_r, feats_f, seed=config.seed), alt="t-SNE"))
+    context.log.info(f"{generation_id}: {out.height} templates from {config.n_samples} samples; "
+                     f"validity {quality['validity']:.3f}")
+    return dg.MaterializeResult(metadata=meta)
+
+
+def _latest_generation(cgwgan_home: CgwganHome) -> tuple[str, dict]:
+    store = cgwgan_home.store
+    ptrs = [store.pointer("templates", p) for p in store.partitions("templates")]
+    ptrs = [p for p in ptrs if p]
+    if not ptrs:
+        raise FileNotFoundError("templates has no generation run")
+    last = max(ptrs, key=lambda p: p["written_at"] + p["version"])
+    return last["partition"], last.get("metadata", {})
+
+
+@dg.asset_check(asset=templates, blocking=True,
+                description="Newest generation run: every template is symmetric under all of its space "
+                "group's operations (spglib database, independent of the decoder) and the number-density "
+                "overlap with training_templates reaches the configured threshold (default 0.93).")
+def templates_quality(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
+    generation_id, meta = _latest_generation(cgwgan_home)
+    out = cgwgan_home.store.read("templates", partition=generation_id)
+    threshold = float(meta.get("min_density_overlap", 0.93))
+    sym = tpl.check_symmetry(out)
+    exact = float(sym["is_symmetric"].mean()) if sym.height else 0.0
+    training = cgwgan_home.store.read("training_templates")
+    overlap = tpl.density_overlap(out["number_density_per_a3"].to_numpy(),
+                                        tpl.training_density(training)) if out.height else 0.0
+    q = meta.get("quality", {})
+    return dg.AssetCheckResult(
+        passed=bool(out.height > 0 and exact == 1.0 and overlap >= threshold),
+        metadata={"generation_id": generation_id, "n_templates": out.height, "symmetry_exactness": exact,
+                  "n_not_symmetric": int((~sym["is_symmetric"]).sum()) if sym.height else 0,
+                  "max_deviation_a": float(sym["max_deviation_a"].max() or 0.0) if sym.height else 0.0,
+                  "density_overlap": round(overlap, 5), "density_overlap_threshold": threshold,
+                  "validity": q.get("validity", float("nan")), "uniqueness": q.get("uniqueness", float("nan")),
+                  "novelty": q.get("novelty", float("nan"))})

@@ -1,0 +1,764 @@
+"""From generator vectors to symmetric crystal templates, and the quality of a generation run.
+
+Decoding (``decode_templates``), batched over all samples:
+
+1. ``lib.encoding.decode_vectors``: space group (argmax restricted to the requested groups),
+   present sites, Wyckoff letter of each site (argmax over the letters that exist in the
+   group), raw coordinates and lattice.
+2. Sites are grouped by (space group, letter); each group's points are projected onto the
+   position's free parameters with ``WyckoffArrays.project`` and expanded through the orbit with
+   ``WyckoffArrays.expand`` in one call. Nothing is snapped afterwards. The stored representative
+   is the canonical one: the lexicographically smallest orbit point that is in the position's
+   representative form (so equivalent descriptions get the same fingerprint).
+3. Lattice: ``lib.wyckoff.constrain_lattice`` per crystal system (vectorised), volume from
+   ``lib.wyckoff.cell_volume``.
+4. Rejections, each counted under one reason (the first that applies, in this order):
+   ``no_sites``; ``invalid_lattice`` (angles form no cell); ``duplicate_fixed_site`` (two sites
+   on the same zero-freedom position); ``too_many_atoms`` (> ``max_atoms``);
+   ``degenerate_orbit`` (a site's own orbit has coinciding points: its coordinates sit on a more
+   special position); ``overlapping_orbits`` (atoms of two sites coincide); ``min_distance``
+   (shortest periodic interatomic distance < ``min_distance_a``); ``density_low`` /
+   ``density_high`` (number density outside the window). Points "coincide" below
+   ``coincidence_tol_a``.
+5. Valid templates get a content-hash ``template_id`` (``tpl-``), duplicates within the run
+   (same id) are folded and counted.
+
+Quality (``quality_report``): validity, symmetry exactness by ``check_symmetry`` (spglib's
+operations from its own database, independent of the decoder and of pyxtal), density overlap,
+distribution distances, uniqueness and novelty, all defined in the docstrings below.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from lib import wyckoff
+from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, decode_vectors, letter_counts, template_arrays
+from lib.ids import hash_column
+
+REJECT_REASONS = (
+    "no_sites",
+    "invalid_lattice",
+    "duplicate_fixed_site",
+    "too_many_atoms",
+    "degenerate_orbit",
+    "overlapping_orbits",
+    "min_distance",
+    "density_low",
+    "density_high",
+)
+
+TEMPLATE_COLUMNS = (
+    "template_id", "checkpoint_id", "spacegroup_number", "crystal_system", "n_sites",
+    "wyckoff_letters", "multiplicities", "asu_frac_coords", "a_a", "b_a", "c_a", "alpha_deg",
+    "beta_deg", "gamma_deg", "volume_a3", "n_atoms", "number_density_per_a3", "min_distance_a",
+    "wyckoff_sequence",
+)
+
+_SYSTEM_NAMES = np.array([c[0] for c in wyckoff.CRYSTAL_SYSTEMS])
+_SYSTEM_HI = np.array([c[2] for c in wyckoff.CRYSTAL_SYSTEMS])
+
+
+@dataclass(frozen=True)
+class TemplateFilters:
+    """Filters applied to decoded templates (paper: minimum distance 1 Å)."""
+
+    min_distance_a: float = 1.0
+    min_density_per_a3: float = 0.005
+    max_density_per_a3: float = 0.25
+    max_atoms: int = 100
+    coincidence_tol_a: float = 1e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DecodeResult:
+    """Valid, deduplicated templates plus the counts of everything that was not kept."""
+
+    templates: pl.DataFrame
+    n_samples: int
+    n_valid: int  # samples that decoded and passed the filters (before folding duplicates)
+    rejects: dict[str, int]
+    n_duplicates: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def validity(self) -> float:
+        return self.n_valid / self.n_samples if self.n_samples else 0.0
+
+    @property
+    def uniqueness_exact(self) -> float:
+        return self.templates.height / self.n_valid if self.n_valid else 0.0
+
+
+# ------------------------------------------------------------------------------- helpers
+def crystal_systems(sg: np.ndarray) -> np.ndarray:
+    """Crystal-system names of space-group numbers (vectorised)."""
+    return _SYSTEM_NAMES[np.searchsorted(_SYSTEM_HI, np.asarray(sg))]
+
+
+def constrain_lattices(sg: np.ndarray, lattice: np.ndarray) -> np.ndarray:
+    """(n, 6) lattice parameters obeying each row's crystal system (``wyckoff.constrain_lattice``)."""
+    sg = np.asarray(sg)
+    lat = np.asarray(lattice, dtype=np.float64)
+    out = np.empty_like(lat)
+    system_idx = np.searchsorted(_SYSTEM_HI, sg)
+    for k, (_, lo, _) in enumerate(wyckoff.CRYSTAL_SYSTEMS):
+        m = system_idx == k
+        if not m.any():
+            continue
+        cols = wyckoff.constrain_lattice(lo, *(lat[m, i] for i in range(6)))
+        out[m] = np.column_stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (int(m.sum()),))
+                                  for c in cols])
+    return out
+
+
+def lattice_matrices(params: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) row-vector lattice matrices (``wyckoff.lattice_matrix`` convention); NaN where
+    the angles form no cell."""
+    p = np.asarray(params, dtype=np.float64)
+    a, b, c = p[:, 0], p[:, 1], p[:, 2]
+    al, be, ga = np.radians(p[:, 3]), np.radians(p[:, 4]), np.radians(p[:, 5])
+    out = np.zeros((len(p), 3, 3))
+    out[:, 0, 0] = a
+    out[:, 1, 0] = b * np.cos(ga)
+    out[:, 1, 1] = b * np.sin(ga)
+    cx = c * np.cos(be)
+    cy = c * (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
+    cz2 = c * c - cx * cx - cy * cy
+    with np.errstate(invalid="ignore"):
+        cz = np.where(cz2 > 0, np.sqrt(np.clip(cz2, 0, None)), np.nan)
+    out[:, 2, 0], out[:, 2, 1], out[:, 2, 2] = cx, cy, cz
+    return out
+
+
+def number_density(n_atoms: np.ndarray, volume_a3: np.ndarray) -> np.ndarray:
+    """Atomic number density (atoms per Å^3) of conventional cells: ``n_atoms / volume``."""
+    return np.asarray(n_atoms, dtype=np.float64) / np.asarray(volume_a3, dtype=np.float64)
+
+
+@lru_cache(maxsize=4096)
+def _position_by_index(sg: int, li: int) -> wyckoff.WyckoffArrays:
+    return wyckoff.position(sg, wyckoff.letters(sg)[li])
+
+
+def _list_column(values: np.ndarray | list, offsets: np.ndarray, type_: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values, type=type_))
+
+
+# ------------------------------------------------------------------------------- orbits
+@dataclass
+class ExpandedSites:
+    """Flat arrays over all present sites and all atoms of a batch of templates."""
+
+    site_row: np.ndarray  # (K,) template row of each site (sorted by row, then letter index)
+    site_sg: np.ndarray
+    site_letter_index: np.ndarray
+    site_letter: np.ndarray  # (K,) str
+    site_mult: np.ndarray
+    site_dof: np.ndarray
+    site_xyz: np.ndarray  # (K, 3) canonical representative
+    site_slot: np.ndarray  # (K,) the site's slot in the input arrays
+    atom_row: np.ndarray  # (A,) template row of each atom (sorted by row)
+    atom_site: np.ndarray  # (A,) index into the site arrays
+    atom_xyz: np.ndarray  # (A, 3) fractional, in [0, 1)
+
+
+def expand_sites(sg: np.ndarray, present: np.ndarray, letter_index: np.ndarray, xyz: np.ndarray, *,
+                 project: bool = True) -> ExpandedSites:
+    """Project every present site onto its Wyckoff position (unless ``project=False``: points
+    are taken as they are) and expand its orbit, batched per (space group, letter)."""
+    rows, slots = np.nonzero(present)
+    # sort sites inside a row by letter index (then slot) so output order is canonical
+    li = letter_index[rows, slots]
+    order = np.lexsort((slots, li, rows))
+    rows, slots, li = rows[order], slots[order], li[order]
+    ssg = np.asarray(sg)[rows]
+    raw = xyz[rows, slots]
+    K = len(rows)
+    site_xyz = np.zeros((K, 3))
+    site_mult = np.zeros(K, dtype=np.int64)
+    site_dof = np.zeros(K, dtype=np.int64)
+    site_letter = np.empty(K, dtype=object)
+    atom_chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (site index repeated, coords)
+    key = ssg * 32 + li
+    uniq, inverse = np.unique(key, return_inverse=True)
+    for u, k in enumerate(uniq.tolist()):
+        idx = np.flatnonzero(inverse == u)
+        wp = _position_by_index(k // 32, k % 32)
+        p = wp.project(raw[idx]) if project else raw[idx]
+        orbit = wp.expand(p)  # (k, m, 3)
+        # canonical representative: smallest orbit point already in the representative form
+        proj_orbit = wp.project(orbit)
+        d = np.abs((proj_orbit - orbit + 0.5) % 1.0 - 0.5).max(axis=2)
+        fixed = d < 1e-9
+        r = np.round(orbit, 8)
+        score = np.where(fixed, r[..., 0] * 1e6 + r[..., 1] * 1e3 + r[..., 2], np.inf)
+        best = np.argmin(score, axis=1)
+        site_xyz[idx] = orbit[np.arange(len(idx)), best]
+        site_mult[idx] = wp.multiplicity
+        site_dof[idx] = wp.dof
+        site_letter[idx] = wp.letter
+        m = wp.multiplicity
+        atom_chunks.append((np.repeat(idx, m), orbit.reshape(-1, 3)))
+    if atom_chunks:
+        a_site = np.concatenate([c[0] for c in atom_chunks])
+        a_xyz = np.concatenate([c[1] for c in atom_chunks])
+        o = np.argsort(a_site, kind="stable")
+        a_site, a_xyz = a_site[o], a_xyz[o]
+    else:
+        a_site, a_xyz = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
+    return ExpandedSites(rows, ssg, li, site_letter.astype(str) if K else np.zeros(0, dtype=str), site_mult,
+                         site_dof, site_xyz, slots, rows[a_site], a_site, a_xyz)
+
+
+def _padded(row_of: np.ndarray, rows: np.ndarray, counts_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """For items sorted by row: (index into ``rows`` of each item, position within its row, N)."""
+    pos_of_row = -np.ones(counts_all.shape[0], dtype=np.int64)
+    pos_of_row[rows] = np.arange(len(rows))
+    starts = np.cumsum(counts_all) - counts_all
+    within = np.arange(len(row_of)) - starts[row_of]
+    return pos_of_row[row_of], within, int(counts_all[rows].max()) if len(rows) else 0
+
+
+_SHIFTS = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64)
+_ZERO_SHIFT = 13  # index of (0, 0, 0) in _SHIFTS
+
+
+def _site_layout(ex: ExpandedSites, n_total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per template: atom counts and starts; per site: index of its first atom (its orbit's
+    first point); per template: index of its first site."""
+    counts = np.bincount(ex.atom_row, minlength=n_total)
+    starts = np.cumsum(counts) - counts
+    site_first_atom = np.searchsorted(ex.atom_site, np.arange(len(ex.site_row)))
+    row_first_site = np.searchsorted(ex.site_row, np.arange(n_total))
+    return counts, starts, site_first_atom, row_first_site
+
+
+def periodic_distances(
+    ex: ExpandedSites, matrices: np.ndarray, rows: np.ndarray, *, coincidence_tol_a: float = 1e-3,
+    max_elements: int = 2_000_000,
+) -> dict[str, np.ndarray]:
+    """Per template in ``rows``: shortest periodic distance between two atoms (or an atom and its
+    own periodic image), and whether two atoms of one orbit / of two orbits coincide.
+
+    Because the cell is symmetric (every atom is the image of its site's reference point under
+    an isometry of the crystal), the shortest distance over all pairs equals the shortest
+    distance from each site's reference point to every atom, so only (sites x atoms) pairs are
+    computed. Minimum image over the 27 neighbouring cells after wrapping fractional
+    differences to [-0.5, 0.5); exact for the distances that matter here (a few Å) unless a
+    cell is extremely skewed. Batched over templates with the same atom count.
+    """
+    n_total = matrices.shape[0]
+    rows = np.asarray(rows, dtype=np.int64)
+    out_min = np.full(n_total, np.inf)
+    out_self = np.zeros(n_total, dtype=bool)
+    out_cross = np.zeros(n_total, dtype=bool)
+    if rows.size == 0:
+        return {"min_distance_a": out_min[rows], "degenerate": out_self[rows], "overlap": out_cross[rows]}
+    counts, starts, site_first_atom, row_first_site = _site_layout(ex, n_total)
+    n_sites = np.bincount(ex.site_row, minlength=n_total)
+    S = max(1, int(n_sites[rows].max()))
+    for N in np.unique(counts[rows]).tolist():
+        if N == 0:
+            continue
+        rows_n = rows[counts[rows] == N]
+        step = max(1, max_elements // (S * N * 27))
+        for k in range(0, len(rows_n), step):
+            chunk = rows_n[k:k + step]
+            B = len(chunk)
+            atom_idx = starts[chunk][:, None] + np.arange(N)[None, :]  # (B, N)
+            frac = ex.atom_xyz[atom_idx]
+            owner = ex.atom_site[atom_idx]
+            site_ok = np.arange(S)[None, :] < n_sites[chunk][:, None]  # (B, S)
+            site_idx = np.where(site_ok, row_first_site[chunk][:, None] + np.arange(S)[None, :], 0)
+            ref_atom = site_first_atom[site_idx]  # (B, S) global atom index
+            ref = ex.atom_xyz[ref_atom]  # (B, S, 3)
+            diff = ref[:, :, None, :] - frac[:, None, :, :]  # (B, S, N, 3)
+            diff -= np.round(diff)
+            vec = diff[:, :, :, None, :] + _SHIFTS  # (B, S, N, 27, 3)
+            cart = np.matmul(vec.reshape(B, -1, 3), matrices[chunk]).reshape(vec.shape)
+            d2 = np.einsum("bsnki,bsnki->bsnk", cart, cart)
+            is_ref = atom_idx[:, None, :] == ref_atom[:, :, None]  # (B, S, N)
+            d2[..., _ZERO_SHIFT] = np.where(is_ref, np.inf, d2[..., _ZERO_SHIFT])
+            d = np.sqrt(d2.min(axis=3))
+            d = np.where(site_ok[:, :, None], d, np.inf)
+            out_min[chunk] = d.reshape(B, -1).min(axis=1)
+            close = d < coincidence_tol_a
+            same = owner[:, None, :] == site_idx[:, :, None]
+            out_self[chunk] = np.any(close & same, axis=(1, 2))
+            out_cross[chunk] = np.any(close & ~same, axis=(1, 2))
+    return {"min_distance_a": out_min[rows], "degenerate": out_self[rows], "overlap": out_cross[rows]}
+
+
+# ------------------------------------------------------------------------------- decoding
+def decode_templates(
+    x: np.ndarray,
+    *,
+    checkpoint_id: str,
+    schema: EncodingSchema = DEFAULT_SCHEMA,
+    allowed_spacegroups: Any | None = None,
+    filters: TemplateFilters = TemplateFilters(),
+) -> DecodeResult:
+    """Decode generator vectors (n, dim) into valid, symmetric, deduplicated templates."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    raw = decode_vectors(x, schema=schema, allowed_spacegroups=allowed_spacegroups)
+    timings["decode_vectors"] = time.perf_counter() - t
+    return build_templates(raw.sg, raw.present, raw.letter_index, raw.xyz, raw.lattice,
+                           checkpoint_id=checkpoint_id, filters=filters, timings=timings)
+
+
+def build_templates(
+    sg: np.ndarray, present: np.ndarray, letter_index: np.ndarray, xyz: np.ndarray, lattice: np.ndarray,
+    *, checkpoint_id: str, filters: TemplateFilters = TemplateFilters(), timings: dict[str, float] | None = None,
+) -> DecodeResult:
+    """Templates from raw site arrays (see ``lib.encoding.DecodedArrays``): projection, orbit
+    expansion, lattice constraints, rejections, filters, ids."""
+    timings = {} if timings is None else timings
+    n = len(sg)
+    sg = np.asarray(sg, dtype=np.int64)
+    reason = np.full(n, "", dtype=object)
+
+    def reject(mask: np.ndarray, why: str) -> None:
+        m = mask & (reason == "")
+        reason[m] = why
+
+    t = time.perf_counter()
+    # letters beyond a group's count cannot come out of decode_vectors; check anyway (raw input)
+    if np.any(present & (letter_index >= letter_counts()[sg][:, None])):
+        raise ValueError("letter index beyond the space group's Wyckoff positions")
+    reject(present.sum(axis=1) == 0, "no_sites")
+    lat = constrain_lattices(sg, lattice)
+    volume = wyckoff.cell_volume(*(lat[:, i] for i in range(6)))
+    reject(~np.isfinite(volume) | (volume < 1e-3), "invalid_lattice")
+    ex = expand_sites(sg, present, letter_index, xyz)
+    timings["expand_orbits"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # two sites on the same zero-freedom position of one template
+    fixed = ex.site_dof == 0
+    fk = ex.site_row[fixed] * 64 + ex.site_letter_index[fixed]
+    u, c = np.unique(fk, return_counts=True)
+    dup_rows = np.zeros(n, dtype=bool)
+    dup_rows[(u[c > 1] // 64)] = True
+    reject(dup_rows, "duplicate_fixed_site")
+    n_atoms = np.bincount(ex.atom_row, minlength=n)
+    n_sites = np.bincount(ex.site_row, minlength=n)
+    reject(n_atoms > filters.max_atoms, "too_many_atoms")
+    mats = lattice_matrices(lat)
+    todo = np.flatnonzero(reason == "")
+    dist = periodic_distances(ex, mats, todo, coincidence_tol_a=filters.coincidence_tol_a)
+    min_d = np.full(n, np.nan)
+    min_d[todo] = dist["min_distance_a"]
+    deg = np.zeros(n, dtype=bool)
+    deg[todo] = dist["degenerate"]
+    ovl = np.zeros(n, dtype=bool)
+    ovl[todo] = dist["overlap"]
+    reject(deg, "degenerate_orbit")
+    reject(ovl, "overlapping_orbits")
+    reject(min_d < filters.min_distance_a, "min_distance")
+    timings["distances"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dens = number_density(n_atoms, volume)
+    reject(dens < filters.min_density_per_a3, "density_low")
+    reject(dens > filters.max_density_per_a3, "density_high")
+    keep = reason == ""
+    rejects = {r: int(np.sum(reason == r)) for r in REJECT_REASONS}
+    frame = _template_frame(ex, keep, sg, lat, volume, n_atoms, n_sites, dens, min_d, checkpoint_id)
+    n_valid = frame.height
+    frame = frame.unique(subset="template_id", keep="first", maintain_order=True)
+    timings["assemble"] = time.perf_counter() - t
+    return DecodeResult(templates=frame, n_samples=n, n_valid=n_valid, rejects=rejects,
+                        n_duplicates=n_valid - frame.height, timings_s=timings)
+
+
+def _template_frame(ex: ExpandedSites, keep: np.ndarray, sg, lat, volume, n_atoms, n_sites, dens, min_d,
+                    checkpoint_id: str) -> pl.DataFrame:
+    rows = np.flatnonzero(keep)
+    site_keep = keep[ex.site_row]
+    s_row = ex.site_row[site_keep]
+    ns = n_sites[rows]
+    offsets = np.concatenate([[0], np.cumsum(ns)])
+    letters = ex.site_letter[site_keep]
+    mult = ex.site_mult[site_keep]
+    coords = ex.site_xyz[site_keep]
+    coord_lists = pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)),
+        pa.FixedSizeListArray.from_arrays(pa.array(coords.reshape(-1), type=pa.float64()), 3).cast(
+            pa.list_(pa.float64())),
+    )
+    del s_row
+    tbl = pa.table({
+        "checkpoint_id": pa.array([checkpoint_id] * len(rows), type=pa.string()),
+        "spacegroup_number": pa.array(sg[rows], type=pa.int64()),
+        "crystal_system": pa.array(crystal_systems(sg[rows]).astype(str), type=pa.string()),
+        "n_sites": pa.array(ns, type=pa.int64()),
+        "wyckoff_letters": _list_column(letters.astype(str), offsets, pa.string()),
+        "multiplicities": _list_column(mult.astype(np.int64), offsets, pa.int64()),
+        "asu_frac_coords": coord_lists,
+        "a_a": pa.array(lat[rows, 0]), "b_a": pa.array(lat[rows, 1]), "c_a": pa.array(lat[rows, 2]),
+        "alpha_deg": pa.array(lat[rows, 3]), "beta_deg": pa.array(lat[rows, 4]),
+        "gamma_deg": pa.array(lat[rows, 5]),
+        "volume_a3": pa.array(volume[rows]),
+        "n_atoms": pa.array(n_atoms[rows], type=pa.int64()),
+        "number_density_per_a3": pa.array(dens[rows]),
+        "min_distance_a": pa.array(min_d[rows]),
+    })
+    df = pl.from_arrow(tbl)
+    df = df.with_columns(
+        pl.concat_str([pl.col("spacegroup_number").cast(pl.String),
+                       pl.col("wyckoff_letters").list.join(" ")], separator=" ").alias("wyckoff_sequence"),
+    )
+    key = pl.concat_str([
+        pl.col("spacegroup_number").cast(pl.String),
+        pl.col("wyckoff_letters").list.join(","),
+        pl.col("asu_frac_coords").list.eval(
+            pl.element().list.eval(pl.element().round(6).cast(pl.String)).list.join(",")).list.join(";"),
+        pl.concat_str([pl.col(c).round(4).cast(pl.String) for c in
+                       ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")], separator=","),
+    ], separator="|")
+    df = df.with_columns(hash_column(key, prefix="tpl-").alias("template_id"))
+    return df.select(TEMPLATE_COLUMNS)
+
+
+# ------------------------------------------------------------------------------- symmetry check
+@lru_cache(maxsize=1)
+def _hall_numbers() -> dict[int, list[int]]:
+    import spglib
+
+    out: dict[int, list[int]] = {}
+    for h in range(1, 531):
+        out.setdefault(int(spglib.get_spacegroup_type(h).number), []).append(h)
+    return out
+
+
+@lru_cache(maxsize=256)
+def spglib_operations(sg: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rotations, translations, hall_number) from spglib's database for ``sg`` in the setting of
+    the templates (conventional cell, pyxtal's tables).
+
+    spglib's default Hall setting for a group is its smallest Hall number. pyxtal uses the same
+    setting except for the 24 centrosymmetric groups with two origin choices (48, 50, 59, 68, 70,
+    85, 86, 88, 125, 126, 129, 130, 133, 134, 137, 138, 141, 142, 201, 203, 222, 224, 227, 228),
+    where it uses origin choice 2 (the next Hall number). We take the Hall number of the group
+    whose operation set equals pyxtal's general position, and raise if none does.
+    """
+    import spglib
+
+    from lib.wyckoff import letters, position
+
+    halls = _hall_numbers()[sg]
+    general = max((position(sg, letter) for letter in letters(sg)), key=lambda w: w.multiplicity)
+
+    def opset(rot, trans):
+        return sorted((tuple(np.rint(r).astype(int).ravel()), tuple(np.round(np.mod(t, 1.0), 6) % 1.0))
+                      for r, t in zip(rot, trans, strict=True))
+
+    target = opset(general.rot, general.trans)
+    for h in halls:
+        s = spglib.get_symmetry_from_database(h)
+        if opset(s["rotations"], s["translations"]) == target:
+            return np.asarray(s["rotations"], dtype=np.float64), np.asarray(s["translations"]), h
+    raise ValueError(f"no spglib Hall setting of space group {sg} matches pyxtal's general position")
+
+
+def check_symmetry(df: pl.DataFrame, *, tol_a: float = 1e-4, metric_rtol: float = 1e-6) -> pl.DataFrame:
+    """Symmetry exactness of templates, with operations independent of the decoder.
+
+    The cell is rebuilt from the stored columns (each representative expanded through its
+    Wyckoff orbit, as ``lib.wyckoff.expand_asu`` does for every downstream consumer). Then, with
+    the operations (R, t) of the group taken from spglib's database (``spglib_operations``) and
+    the *stored* representative point of each site (not projected):
+
+    1. the lattice metric is invariant under every R: ``Rᵀ G R = G`` (relative ``metric_rtol``);
+    2. the spglib orbit of each stored point equals the set of that site's atoms in the cell:
+       every image (R p + t) lands on one of the site's atoms and every atom is such an image
+       (modulo lattice translations, within ``tol_a`` Å). A point off its Wyckoff position, a
+       wrong letter or a missing orbit point all fail here;
+    3. the atoms of one site are distinct (no two closer than ``tol_a``), their number equals
+       the stored multiplicity and their total equals ``n_atoms`` (when stored).
+
+    Returns ``template_id``, ``is_symmetric``, ``n_ops``, ``max_deviation_a`` (largest distance
+    from a mapped atom to its nearest same-site atom).
+    """
+    out_schema = {"template_id": pl.String, "is_symmetric": pl.Boolean, "n_ops": pl.Int64,
+                  "max_deviation_a": pl.Float64}
+    if df.height == 0:
+        return pl.DataFrame(schema=out_schema)
+    max_sites = int(df["wyckoff_letters"].list.len().max())
+    arrs = template_arrays(df, schema=EncodingSchema(max_sites=max_sites))
+    sg = arrs["sg"]
+    # stored points are expanded as they are (not projected), so a point off its position fails
+    ex = expand_sites(sg, arrs["present"], arrs["letter_index"], arrs["xyz"], project=False)
+    mats = lattice_matrices(arrs["lattice"])
+    n = df.height
+    counts = np.bincount(ex.atom_row, minlength=n)
+    starts = np.cumsum(counts) - counts
+    ok = np.ones(n, dtype=bool)
+    # (3) counts against the stored multiplicities / n_atoms
+    site_counts = np.bincount(ex.atom_site, minlength=len(ex.site_row))
+    if "multiplicities" in df.columns:
+        stored = df["multiplicities"].explode().to_numpy().astype(np.int64)
+        # sites come back ordered by (row, letter index); reorder the stored ones the same way
+        li_flat = arrs["letter_index"][arrs["present"]]  # row-major = exploded order
+        row_flat = np.nonzero(arrs["present"])[0]
+        order = np.lexsort((np.arange(len(stored)), li_flat, row_flat))
+        bad_site = site_counts != stored[order]
+        ok[np.unique(ex.site_row[bad_site])] = False
+    if "n_atoms" in df.columns:
+        ok &= counts == df["n_atoms"].to_numpy()
+    n_ops = np.zeros(n, dtype=np.int64)
+    max_dev = np.full(n, np.nan)
+    _, _, _, row_first_site = _site_layout(ex, n)
+    n_sites = np.bincount(ex.site_row, minlength=n)
+    S = max(1, int(n_sites.max()))
+    for g in np.unique(sg).tolist():
+        rot, trans, _ = spglib_operations(int(g))
+        n_op = len(rot)
+        rows_g = np.flatnonzero(sg == g)
+        n_ops[rows_g] = n_op
+        G = np.einsum("bij,bkj->bik", mats[rows_g], mats[rows_g])
+        RtGR = np.einsum("oji,bjk,okl->boil", rot, G, rot)
+        scale = np.abs(G).max(axis=(1, 2))[:, None, None, None]
+        ok[rows_g] &= np.all(np.abs(RtGR - G[:, None]) <= metric_rtol * scale, axis=(1, 2, 3))
+        for N in np.unique(counts[rows_g]).tolist():
+            rows_n = rows_g[counts[rows_g] == N]
+            step = max(1, 2_000_000 // max(1, S * n_op * N + N * N))
+            eye = np.eye(N, dtype=bool)
+            for k in range(0, len(rows_n), step):
+                rr = rows_n[k:k + step]
+                B = len(rr)
+                atom_idx = starts[rr][:, None] + np.arange(N)[None, :]
+                frac = ex.atom_xyz[atom_idx]  # (B, N, 3): the decoder's cell
+                own = ex.atom_site[atom_idx]
+                site_ok = np.arange(S)[None, :] < n_sites[rr][:, None]
+                site_idx = np.where(site_ok, row_first_site[rr][:, None] + np.arange(S)[None, :], -1)
+                si = np.maximum(site_idx, 0)
+                ref = np.mod(arrs["xyz"][ex.site_row[si], ex.site_slot[si]], 1.0)  # (B, S, 3) stored points
+                # atoms of one site are distinct
+                d0 = frac[:, :, None, :] - frac[:, None, :, :]
+                d0 -= np.round(d0)
+                c0 = np.matmul(d0.reshape(B, -1, 3), mats[rr]).reshape(B, N, N, 3)
+                same0 = own[:, :, None] == own[:, None, :]
+                ok[rr] &= ~np.any((np.einsum("bnmi,bnmi->bnm", c0, c0) < tol_a**2) & same0 & ~eye, axis=(1, 2))
+                # spglib orbit of each reference point vs the decoder's atoms of that site
+                img = np.einsum("oij,bsj->bsoi", rot, ref) + trans[None, None]  # (B, S, O, 3)
+                diff = img[:, :, :, None, :] - frac[:, None, None, :, :]  # (B, S, O, N, 3)
+                diff -= np.round(diff)
+                cart = np.matmul(diff.reshape(B, -1, 3), mats[rr]).reshape(diff.shape)
+                d = np.sqrt(np.einsum("bsoni,bsoni->bson", cart, cart))
+                same = (own[:, None, :] == site_idx[:, :, None])[:, :, None, :]  # (B, S, 1, N)
+                d = np.where(same, d, np.inf)
+                # every image lands on an atom of its site ...
+                img_dev = np.where(site_ok[:, :, None], d.min(axis=3), 0.0).reshape(B, -1).max(axis=1)
+                # ... and every atom of the site is an image (the decoder's orbit = spglib's orbit)
+                atom_dev = np.where(same[:, :, 0, :], d.min(axis=2), -np.inf).max(axis=1)  # (B, N)
+                atom_dev = atom_dev.max(axis=1)
+                dev = np.maximum(img_dev, atom_dev)
+                max_dev[rr] = dev
+                ok[rr] &= dev <= tol_a
+    ids = df["template_id"] if "template_id" in df.columns else pl.Series([""] * n, dtype=pl.String)
+    return pl.DataFrame({"template_id": ids, "is_symmetric": ok, "n_ops": n_ops, "max_deviation_a": max_dev},
+                        schema=out_schema)
+
+
+# ------------------------------------------------------------------------------- quality metrics
+def density_overlap(p_values: np.ndarray, q_values: np.ndarray, *, bins: int = 50,
+                    quantile_range: tuple[float, float] = (0.005, 0.995)) -> float:
+    """Overlap of two distributions (e.g. atomic number densities, atoms/Å^3) as the histogram
+    intersection ``Σ_i min(p_i, q_i)``.
+
+    Both samples are binned on the same ``bins`` equal-width bins spanning the
+    ``quantile_range`` quantiles of the pooled sample (values outside are counted in the end
+    bins), each histogram is normalised to sum 1, and the overlap is the sum of the binwise
+    minima: 1 for identical histograms, 0 for disjoint ones.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    q = np.asarray(q_values, dtype=np.float64)
+    p, q = p[np.isfinite(p)], q[np.isfinite(q)]
+    if p.size == 0 or q.size == 0:
+        return 0.0
+    lo, hi = np.quantile(np.concatenate([p, q]), quantile_range)
+    if hi <= lo:
+        hi = lo + 1e-12
+    edges = np.linspace(lo, hi, bins + 1)
+    hp = np.bincount(np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1), minlength=bins)
+    hq = np.bincount(np.clip(np.searchsorted(edges, q, side="right") - 1, 0, bins - 1), minlength=bins)
+    return float(np.minimum(hp / hp.sum(), hq / hq.sum()).sum())
+
+
+def total_variation(p_values: np.ndarray, q_values: np.ndarray) -> float:
+    """Total-variation distance ``½ Σ |p_k - q_k|`` between the empirical distributions of two
+    samples of discrete labels (0 = identical, 1 = disjoint)."""
+    p_values, q_values = np.asarray(p_values), np.asarray(q_values)
+    labels = np.union1d(p_values, q_values)
+    p = np.searchsorted(labels, p_values)
+    q = np.searchsorted(labels, q_values)
+    hp = np.bincount(p, minlength=len(labels)) / max(len(p), 1)
+    hq = np.bincount(q, minlength=len(labels)) / max(len(q), 1)
+    return float(0.5 * np.abs(hp - hq).sum())
+
+
+def lattice_distances(generated: pl.DataFrame, training: pl.DataFrame) -> dict[str, float]:
+    """1-D Wasserstein distances between generated and training lattice parameters (Å, degrees,
+    Å^3 for the volume; ``scipy.stats.wasserstein_distance``)."""
+    from scipy.stats import wasserstein_distance
+
+    out: dict[str, float] = {}
+    for col in ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg", "volume_a3"):
+        if col in generated.columns and col in training.columns and generated.height and training.height:
+            out[f"wasserstein_{col}"] = float(wasserstein_distance(generated[col].to_numpy(), training[col].to_numpy()))
+    return out
+
+
+def template_fingerprints(df: pl.DataFrame, *, coord_step: float = 0.05, ln_length_step: float = 0.05,
+                          angle_step_deg: float = 2.0) -> pl.Series:
+    """A coarse structural key of each template, for uniqueness and novelty.
+
+    Key = space group ⊕ sorted (letter, canonical representative binned to ``coord_step``) ⊕
+    lattice lengths binned on a log scale (``ln_length_step`` ≈ 5 %) ⊕ angles binned to
+    ``angle_step_deg``. Representatives are made canonical (smallest orbit point in the
+    position's representative form) before binning, so different representatives of the same
+    orbit give one key; origin shifts and other normaliser operations are not folded, so
+    novelty measured with it is an upper bound.
+    """
+    arrs = template_arrays(df, schema=EncodingSchema(max_sites=max(1, int(df["wyckoff_letters"].list.len().max() or 1))))
+    ex = expand_sites(arrs["sg"], arrs["present"], arrs["letter_index"], arrs["xyz"])
+    lat = arrs["lattice"]
+    site_bins = np.floor(np.mod(ex.site_xyz + coord_step / 2, 1.0) / coord_step).astype(np.int64)
+    site_key = (ex.site_letter_index * 10**6 + site_bins[:, 0] * 10**4 + site_bins[:, 1] * 10**2 + site_bins[:, 2])
+    sites = pl.DataFrame({"row": ex.site_row, "k": site_key}).sort(["row", "k"]).group_by(
+        "row", maintain_order=True).agg(pl.col("k").cast(pl.String).str.join(","))
+    lb = np.floor(np.log(lat[:, :3]) / ln_length_step).astype(np.int64)
+    ab = np.floor(lat[:, 3:] / angle_step_deg + 0.5).astype(np.int64)
+    base = pl.DataFrame({"row": np.arange(df.height), "sg": arrs["sg"],
+                         "lat": [",".join(map(str, r)) for r in np.concatenate([lb, ab], axis=1).tolist()]})
+    key = base.join(sites, on="row", how="left").sort("row").select(
+        pl.concat_str([pl.col("sg").cast(pl.String), pl.col("k"), pl.col("lat")], separator="|"))
+    return key.to_series().alias("fingerprint")
+
+
+def training_density(training: pl.DataFrame) -> np.ndarray:
+    """Number density of training templates, computed exactly as for generated ones: the sum of
+    the site multiplicities over the conventional-cell volume from the six lattice parameters."""
+    if "multiplicities" in training.columns:
+        n_atoms = training["multiplicities"].list.sum().to_numpy()
+    else:
+        n_atoms = training["n_atoms"].to_numpy()
+    vol = wyckoff.cell_volume(*(training[c].to_numpy() for c in
+                                ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")))
+    return number_density(n_atoms, vol)
+
+
+def quality_report(result: DecodeResult, training: pl.DataFrame, *, symmetry: pl.DataFrame | None = None
+                   ) -> dict[str, Any]:
+    """Quality metrics of one generation run against the training templates.
+
+    * ``validity``: valid samples / raw samples (decoded and passed every filter);
+    * ``symmetry_exactness``: share of stored templates passing ``check_symmetry``;
+    * ``uniqueness``: distinct fingerprints / valid templates; ``uniqueness_exact``: distinct
+      ``template_id`` / valid;
+    * ``novelty``: share of distinct generated fingerprints absent from the training
+      fingerprints; ``novelty_wyckoff_sequence``: share of templates whose space group + sorted
+      Wyckoff letters never occur in training;
+    * ``density_overlap``: ``density_overlap`` of generated vs training number densities;
+    * ``spacegroup_tv`` / ``n_sites_tv``: total-variation distances; lattice Wasserstein distances.
+    """
+    gen = result.templates
+    out: dict[str, Any] = {
+        "n_samples": result.n_samples, "n_valid": result.n_valid, "n_templates": gen.height,
+        "validity": result.validity, "uniqueness_exact": result.uniqueness_exact,
+        "rejects": result.rejects,
+    }
+    if symmetry is not None:
+        out["symmetry_exactness"] = float(symmetry["is_symmetric"].mean()) if symmetry.height else 0.0
+        out["symmetry_max_deviation_a"] = float(symmetry["max_deviation_a"].max() or 0.0) if symmetry.height else None
+    if gen.height == 0 or training.height == 0:
+        return out
+    fp_gen = template_fingerprints(gen)
+    fp_train = set(template_fingerprints(training).to_list())
+    uniq = fp_gen.unique()
+    out["uniqueness"] = uniq.len() / result.n_valid if result.n_valid else 0.0
+    out["novelty"] = float(np.mean([f not in fp_train for f in uniq.to_list()]))
+    seq_train = set(_sorted_sequences(training).to_list())
+    out["novelty_wyckoff_sequence"] = float(np.mean([s not in seq_train for s in _sorted_sequences(gen).to_list()]))
+    out["density_overlap"] = density_overlap(gen["number_density_per_a3"].to_numpy(), training_density(training))
+    out["spacegroup_tv"] = total_variation(gen["spacegroup_number"].to_numpy(), training["spacegroup_number"].to_numpy())
+    out["n_sites_tv"] = total_variation(gen["wyckoff_letters"].list.len().to_numpy(),
+                                        training["wyckoff_letters"].list.len().to_numpy())
+    tr = training
+    if "volume_a3" not in tr.columns:
+        tr = tr.with_columns(pl.Series("volume_a3", wyckoff.cell_volume(
+            *(tr[c].to_numpy() for c in ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")))))
+    out.update(lattice_distances(gen, tr))
+    return out
+
+
+def _sorted_sequences(df: pl.DataFrame) -> pl.Series:
+    return df.select(pl.concat_str([pl.col("spacegroup_number").cast(pl.String),
+                                    pl.col("wyckoff_letters").list.sort().list.join(" ")],
+                                   separator=" ")).to_series()
+
+
+# ------------------------------------------------------------------------------- plots
+def distributions_figure(gen: pl.DataFrame, training: pl.DataFrame):
+    """Matplotlib figure: number density, space group, ASU sites, a/c, volume (generated vs training)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    dg = gen["number_density_per_a3"].to_numpy()
+    dt = training_density(training)
+    lo, hi = np.quantile(np.concatenate([dg, dt]), [0.005, 0.995])
+    bins = np.linspace(lo, hi, 50)
+    ax = axes[0, 0]
+    ax.hist(dt, bins=bins, density=True, alpha=0.5, label="training")
+    ax.hist(dg, bins=bins, density=True, alpha=0.5, label="generated")
+    ax.set_title(f"number density (overlap {density_overlap(dg, dt):.3f})")
+    ax.set_xlabel("atoms / Å³")
+    ax.legend()
+    ax = axes[0, 1]
+    sb = np.arange(1, 232)
+    ax.hist(training["spacegroup_number"].to_numpy(), bins=sb, density=True, alpha=0.5, label="training")
+    ax.hist(gen["spacegroup_number"].to_numpy(), bins=sb, density=True, alpha=0.5, label="generated")
+    ax.set_title("space group")
+    ax = axes[0, 2]
+    nb = np.arange(0.5, 5.5)
+    ax.hist(training["wyckoff_letters"].list.len().to_numpy(), bins=nb, density=True, alpha=0.5, label="training")
+    ax.hist(gen["n_sites"].to_numpy(), bins=nb, density=True, alpha=0.5, label="generated")
+    ax.set_title("ASU sites")
+    for ax, col in zip(axes[1], ("a_a", "c_a", "n_atoms"), strict=True):
+        t = training[col].to_numpy() if col in training.columns else training["multiplicities"].list.sum().to_numpy()
+        g = gen[col].to_numpy()
+        b = np.linspace(*np.quantile(np.concatenate([t, g]), [0.0, 0.995]), 50)
+        ax.hist(t, bins=b, density=True, alpha=0.5, label="training")
+        ax.hist(g, bins=b, density=True, alpha=0.5, label="generated")
+        ax.set_title(col)
+    fig.tight_layout()
+    return fig
+
+
+def tsne_figure(real_features: np.ndarray, fake_features: np.ndarray, *, seed: int = 0, perplexity: float = 30.0):
+    """t-SNE (sklearn) of critic latent features, real vs generated (paper Figure 3B)."""
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    X = np.concatenate([real_features, fake_features]).astype(np.float64)
+    perplexity = min(perplexity, max(2.0, (len(X) - 1) / 3))
+    emb = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(X)
+    n = len(real_features)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(emb[:n, 0], emb[:n, 1], s=4, alpha=0.5, label=f"training ({n})")
+    ax.scatter(emb[n:, 0], emb[n:, 1], s=4, alpha=0.5, label=f"generated ({len(fake_features)})")
+    ax.set_title("t-SNE of critic latent features")
+    ax.legend()
+    return fig
