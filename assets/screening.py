@@ -1,0 +1,415 @@
+"""Surrogate screening: surrogate_models, prescreen, relaxed, references, phonons, shortlist.
+
+Partitioned by chemical system x surrogate (store partition ``"<chemsys>|<surrogate>"``). The
+compute runs in ``lib.screening`` / ``lib.phonons``; batches go to Ray actors that load the
+surrogate once (``ray_runtime``: local Ray, or a cluster through ``RAY_ADDRESS``) and land in
+``<home>/work/<stage>/<partition>/<batch_id>.parquet`` as they finish, so a rerun resumes.
+"""
+
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from assets.partitions import screening_partitions
+from lib import screening as scr
+from lib.phonons import band_structure_figure
+from lib.plots import figure_markdown
+from lib.store import partition_dirname
+from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
+
+GROUP = "screening"
+_DEDUP = dg.AssetDep("candidates_dedup", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
+    partition_dimension_name="chemical_system"))
+
+
+# ------------------------------------------------------------------------------------ configs
+class RayStageConfig(dg.Config):
+    use_ray: bool = True  # False: compute in the run's own process (no actors)
+    num_actors: int = 0  # 0 = one per CPU of the Ray cluster (at most one per batch)
+    cpus_per_actor: float = 1.0  # torch threads per actor = max(1, int(cpus_per_actor))
+
+
+class PrescreenConfig(RayStageConfig):
+    batch_rows: int = 256  # candidates per resumable batch (one Ray task)
+    batch_size: int = 32  # structures per forward pass
+    max_candidates: int = 0  # 0 = all; else the first N by candidate_id (reduced runs)
+
+
+class RelaxConfig(RayStageConfig):
+    top_k: int = 100  # best K by pre-screen energy per atom
+    fmax: float = scr.DEFAULT_FMAX_EV_PER_A  # eV/Å (paper: 0.05)
+    steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
+    relax_cell: bool = True
+    symprec: float = scr.DEFAULT_SYMPREC
+    batch_rows: int = 4
+
+
+class ReferencesConfig(RayStageConfig):
+    mp_csv_path: str = ""  # MP-20-layout CSV with the system's structures; "" = the mp_structures table
+    max_phase_atoms: int = 0  # 0 = all; skip (and count) MP phases with more atoms per cell
+    fmax: float = scr.DEFAULT_FMAX_EV_PER_A
+    steps: int = scr.DEFAULT_RELAX_STEPS
+    batch_rows: int = 2
+
+
+class PhononsConfig(RayStageConfig):
+    top_n: int = 20  # best N by formation energy (paper: 5,000)
+    threshold_thz: float = -0.5
+    supercell: list[int] = [2, 2, 2]
+    min_length_a: float = 0.0  # > 0: smallest diagonal supercell with every length >= this
+    displacement_a: float = 0.01
+    mesh: list[int] = [8, 8, 8]
+    band_npoints: int = 31
+    batch_size: int = 16
+    batch_rows: int = 2
+
+
+class ShortlistConfig(dg.Config):
+    n_plots: int = 3  # band-structure plots of the top entries with phonons
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _keys(context: dg.AssetExecutionContext) -> tuple[str, str, str]:
+    dims = context.partition_key.keys_by_dimension
+    chemsys, surrogate = dims["chemical_system"], dims["surrogate"]
+    return chemsys, surrogate, scr.store_partition(chemsys, surrogate)
+
+
+def _load_kwargs(reg: SurrogateRegistryResource) -> dict[str, Any]:
+    return {"registry_path": reg.resolved_registry_path or None,
+            "models_dir": reg.resolved_models_dir or None, "device": reg.device}
+
+
+@lru_cache(maxsize=4)
+def _local_surrogate(name: str, registry_path: str | None, models_dir: str | None, device: str):
+    return scr.load_configured_surrogate(name, registry_path=registry_path, models_dir=models_dir, device=device)
+
+
+@contextmanager
+def _compute(config: RayStageConfig, method: str, surrogate: str, reg: SurrogateRegistryResource,
+             ray_runtime: RayResource, n_batches: int, **kwargs) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """A ``compute`` for ``run_batches`` (Ray actors or in-process) and what ran it."""
+    lk = _load_kwargs(reg)
+    if not config.use_ray or n_batches == 0:
+        sur = _local_surrogate(surrogate, lk["registry_path"], lk["models_dir"], lk["device"])
+        yield scr.local_compute(sur, method, **kwargs), {"backend": "local", "actors": 0}
+        return
+    import ray
+
+    ray_runtime.init()
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    n = scr.default_num_actors(n_batches, requested=config.num_actors, cpus=cpus,
+                               cpus_per_actor=config.cpus_per_actor)
+    pool = scr.SurrogatePool(surrogate, num_actors=n, load_kwargs=lk, num_cpus_per_actor=config.cpus_per_actor)
+    try:
+        nodes = {i["node_id"] for i in pool.info()}  # also waits until every actor has loaded the model
+        yield pool.compute(method, **kwargs), {"backend": "ray", "actors": n, "ray_nodes": len(nodes),
+                                               "ray_address": ray_runtime.resolved_address or "local"}
+    finally:
+        pool.shutdown()
+
+
+def _work_dir(home: CgwganHome, stage: str, partition: str) -> Path:
+    return home.subdir("work") / stage / partition_dirname(partition)
+
+
+def _surrogate_identity(surrogate: str, reg: SurrogateRegistryResource) -> tuple[str, str]:
+    from lib.surrogates import load_registry
+
+    spec = load_registry(reg.resolved_registry_path or None, models_dir=reg.resolved_models_dir or None).get(surrogate)
+    if spec is None or not spec.sha256:
+        sur = _local_surrogate(surrogate, *_load_kwargs(reg).values())
+        return sur.name, sur.weights_sha256
+    return spec.name, spec.sha256
+
+
+def _md_table(df: pl.DataFrame, n: int = 10) -> dg.MetadataValue:
+    head = df.head(n)
+    if head.is_empty():
+        return dg.MetadataValue.md("(empty)")
+    cols = head.columns
+    fmt = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in head.iter_rows()]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in fmt]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _unique_check(name: str, df: pl.DataFrame, keys: list[str]) -> dg.AssetCheckResult:
+    dup = int(df.height - df.select(keys).unique().height)
+    return dg.AssetCheckResult(check_name=name, passed=dup == 0,
+                               metadata={"rows": df.height, "duplicate_keys": dup, "key": ", ".join(keys)})
+
+
+# ------------------------------------------------------------------------------------ assets
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=["surrogate_registry"],
+          description="The surrogate registry as a table: name, kind, weights location, sha256, version.")
+def surrogate_models(context: dg.AssetExecutionContext, cgwgan_home: CgwganHome,
+                     surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    from lib.surrogates import load_registry, registry_frame
+
+    reg = load_registry(surrogate_registry.resolved_registry_path or None,
+                        models_dir=surrogate_registry.resolved_models_dir or None)
+    df = registry_frame(reg).rename({"weights": "location"})
+    cgwgan_home.store.write("surrogate_models", df)
+    cgwgan_home.refresh_catalog()
+    available = df.filter(pl.col("location").is_not_null())["surrogate_name"].to_list()
+    context.instance.add_dynamic_partitions("surrogate", available)
+    return dg.MaterializeResult(metadata={"n_surrogates": df.height, "available": ", ".join(available),
+                                          "registry": _md_table(df.drop("description"))})
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions, deps=[_DEDUP],
+          check_specs=[dg.AssetCheckSpec("covers_every_candidate", asset="prescreen"),
+                       dg.AssetCheckSpec("unique_candidate_surrogate", asset="prescreen")],
+          description="Static surrogate energy of every deduplicated candidate, batched on Ray actors; resumable.")
+def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan_home: CgwganHome,
+              ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    chemsys, surrogate, part = _keys(context)
+    store = cgwgan_home.store
+    cands = store.read("candidates_dedup", partition=chemsys)
+    if config.max_candidates > 0:
+        cands = cands.sort("candidate_id").head(config.max_candidates)
+    name, sha = _surrogate_identity(surrogate, surrogate_registry)
+    batches = scr.plan_batches(cands.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=config.batch_rows,
+                               salt={"surrogate_sha256": sha, "stage": "prescreen"})
+    n_batches = batches["batch_id"].n_unique()
+    with _compute(config, "prescreen", surrogate, surrogate_registry, ray_runtime, n_batches,
+                  batch_size=config.batch_size) as (compute, how):
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "prescreen", part))
+    carry = [c for c in ("formula", "reduced_formula", "spacegroup_number", "is_known_in_mp") if c in cands.columns]
+    out = scr.with_lineage(res.join(cands.select("candidate_id", *carry), on="candidate_id", how="left"), cands,
+                           surrogate_name=name, surrogate_sha256=sha)
+    store.write("prescreen", out, partition=part, metadata={"surrogate_sha256": sha, **how})
+    cgwgan_home.refresh_catalog()
+    n_ok = int((out["status"] == "ok").sum())
+    missing = cands.height - out.join(cands.select("candidate_id"), on="candidate_id", how="semi").height
+    errors = out.filter(pl.col("status") == "error")
+    return dg.MaterializeResult(
+        metadata={"rows": out.height, "n_ok": n_ok, "n_error": errors.height, "batches": stats.n_batches,
+                  "batches_skipped_resumed": stats.n_skipped, "batches_run": stats.n_run,
+                  "batches_retried": stats.n_retries, "seconds": round(stats.seconds, 2),
+                  "structures_per_s": round(stats.n_run and out.height / max(stats.seconds, 1e-9), 2),
+                  "backend": how["backend"], "actors": how["actors"], "surrogate": name,
+                  "ray_address": how.get("ray_address", ""), "ray_nodes": how.get("ray_nodes", 0),
+                  "surrogate_sha256": sha, "errors": _md_table(errors.select("candidate_id", "error"), 5),
+                  "lowest_energy": _md_table(scr.select_top(out, 10).select(
+                      "candidate_id", "formula", "energy_per_atom_ev"))},
+        check_results=[
+            dg.AssetCheckResult(check_name="covers_every_candidate", passed=missing == 0 and out.height == cands.height,
+                                metadata={"candidates": cands.height, "rows": out.height, "missing": missing,
+                                          "errors_quarantined": errors.height}),
+            _unique_check("unique_candidate_surrogate", out, ["candidate_id", "surrogate_sha256"]),
+        ])
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
+          deps=["prescreen", _DEDUP],
+          check_specs=[dg.AssetCheckSpec("convergence_rate", asset="relaxed"),
+                       dg.AssetCheckSpec("unique_candidate", asset="relaxed")],
+          description="Best K by pre-screen energy per atom, relaxed (cell + positions) with the surrogate.")
+def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home: CgwganHome,
+            ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    chemsys, surrogate, part = _keys(context)
+    store = cgwgan_home.store
+    pre = store.read("prescreen", partition=part)
+    top = scr.select_top(pre, config.top_k)
+    cands = store.scan("candidates_dedup", partition=chemsys).join(
+        top.select("candidate_id").lazy(), on="candidate_id", how="semi").collect()
+    sha = pre["surrogate_sha256"][0] if pre.height else ""
+    batches = scr.plan_batches(cands.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=config.batch_rows,
+                               salt={"surrogate_sha256": sha, "stage": "relaxed", "fmax": config.fmax,
+                                     "steps": config.steps, "relax_cell": config.relax_cell})
+    kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec}
+    with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
+                  batches["batch_id"].n_unique(), **kw) as (compute, how):
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part))
+    res = res.rename({"key": "candidate_id"}) if res.height else pl.DataFrame(
+        schema={**scr.RELAX_SCHEMA, "batch_id": pl.String}).rename({"key": "candidate_id"})
+    meta_cols = top.select("candidate_id", *[c for c in ("formula", "reduced_formula", "spacegroup_number")
+                                             if c in top.columns],
+                           pl.col("energy_per_atom_ev").alias("prescreen_energy_per_atom_ev"))
+    out = res.join(meta_cols, on="candidate_id", how="left").join(
+        pre.select(*scr.LINEAGE_COLUMNS), on="candidate_id", how="left")
+    out = out.select(*scr.LINEAGE_COLUMNS, *[c for c in out.columns if c not in scr.LINEAGE_COLUMNS])
+    store.write("relaxed", out, partition=part, metadata={**kw, **how})
+    cgwgan_home.refresh_catalog()
+    ok = out.filter(pl.col("status") == "ok")
+    rate = float(ok["is_converged"].mean()) if ok.height else 0.0
+    return dg.MaterializeResult(
+        metadata={"rows": out.height, "n_ok": ok.height, "n_converged": int(ok["is_converged"].sum() or 0),
+                  "convergence_rate": round(rate, 3), "fmax_ev_per_a": config.fmax, "steps": config.steps,
+                  "seconds": round(stats.seconds, 2),
+                  "relaxations_per_min": round(60 * stats.n_run * config.batch_rows / max(stats.seconds, 1e-9), 2)
+                  if stats.n_run else 0.0,
+                  "batches_skipped_resumed": stats.n_skipped, "batches_retried": stats.n_retries,
+                  "backend": how["backend"], "actors": how["actors"],
+                  "lowest_energy": _md_table(ok.sort("energy_per_atom_ev").select(
+                      "candidate_id", "formula", "energy_per_atom_ev", "is_converged", "n_steps",
+                      "spacegroup_number", "spacegroup_number_relaxed"))},
+        check_results=[
+            dg.AssetCheckResult(check_name="convergence_rate", passed=bool(ok.height) and rate >= 0.5,
+                                severity=dg.AssetCheckSeverity.WARN,
+                                metadata={"convergence_rate": rate, "n_ok": ok.height,
+                                          "n_error": out.height - ok.height, "threshold": 0.5}),
+            _unique_check("unique_candidate", out, ["candidate_id"]),
+        ])
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions, deps=["relaxed"],
+          check_specs=[dg.AssetCheckSpec("hull_is_consistent", asset="references")],
+          description="Competing phases relaxed with the surrogate; formation energy and energy above the hull "
+                      "of every relaxed candidate.")
+def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwgan_home: CgwganHome,
+               ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    chemsys, surrogate, part = _keys(context)
+    store = cgwgan_home.store
+    elements = chemsys.split("-")
+    if config.mp_csv_path:
+        mp = scr.mp_csv_cells(config.mp_csv_path, elements=elements)
+    elif store.exists("mp_structures"):
+        mp = scr.mp_table_cells(store.read("mp_structures"), elements=elements)
+    else:
+        mp = None
+        context.log.warning("no mp_structures table and no mp_csv_path: ASE reference states only")
+    n_skipped = 0
+    if mp is not None and config.max_phase_atoms > 0:
+        keep = mp.filter(pl.col("species").list.len() <= config.max_phase_atoms)
+        n_skipped, mp = mp.height - keep.height, keep
+    phases = scr.reference_phases(elements, mp)
+    rel = store.read("relaxed", partition=part)
+    sha = rel["surrogate_sha256"][0] if rel.height else _surrogate_identity(surrogate, surrogate_registry)[1]
+    batches = scr.plan_batches(phases.rename({"phase_id": "candidate_id"}), rows_per_batch=config.batch_rows,
+                               salt={"surrogate_sha256": sha, "stage": "references", "fmax": config.fmax,
+                                     "steps": config.steps})
+    with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
+                  fmax=config.fmax, steps=config.steps) as (compute, how):
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "references", part))
+    refs = phases.select("phase_id", "formula", "source").join(
+        res.rename({"key": "phase_id"}).drop("batch_id"), on="phase_id", how="left")
+    hull = scr.formation_and_hull(refs, rel, elements=elements)
+    name = rel["surrogate_name"][0] if rel.height else surrogate
+    ref_rows = refs.join(hull.references, on="phase_id", how="left").with_columns(
+        pl.lit("reference").alias("kind"), pl.lit(None, pl.String).alias("candidate_id"),
+        pl.lit(None, pl.String).alias("template_id"), pl.lit(None, pl.String).alias("checkpoint_id"),
+        pl.lit(name).alias("surrogate_name"), pl.lit(sha).alias("surrogate_sha256"),
+        pl.lit(scr.CODE_VERSION).alias("code_version"))
+    cand_rows = rel.select(*scr.LINEAGE_COLUMNS, "formula", "n_atoms", "energy_ev", "energy_per_atom_ev",
+                           "is_converged", "n_steps").join(hull.candidates, on="candidate_id", how="left").with_columns(
+        pl.lit("candidate").alias("kind"), pl.col("candidate_id").alias("phase_id"),
+        pl.lit("relaxed").alias("source"))
+    out = pl.concat([ref_rows, cand_rows], how="diagonal_relaxed")
+    out = out.select(*scr.LINEAGE_COLUMNS, "kind", "phase_id",
+                     *[c for c in out.columns if c not in scr.LINEAGE_COLUMNS and c not in ("kind", "phase_id")])
+    store.write(scr.REFERENCES_TABLE, out, partition=part,
+                metadata={"chemical_potentials_ev": hull.chemical_potentials_ev, **how})
+    cgwgan_home.refresh_catalog()
+    refs_ok = out.filter((pl.col("kind") == "reference") & (pl.col("status") == "ok"))
+    worst_ref = float(refs_ok["e_above_hull_ev_per_atom"].min()) if refs_ok.height else 0.0
+    cands_ok = out.filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
+    on_hull = refs_ok.filter(pl.col("e_above_hull_ev_per_atom") < 1e-6)
+    return dg.MaterializeResult(
+        metadata={"n_reference_phases": refs.height, "n_reference_ok": refs_ok.height,
+                  "n_mp_phases_skipped_size": n_skipped, "n_candidates": cands_ok.height,
+                  "n_candidates_below_hull": int((cands_ok["e_above_hull_ev_per_atom"] < 0).sum()),
+                  "chemical_potentials_ev": dg.MetadataValue.json(hull.chemical_potentials_ev),
+                  "seconds": round(stats.seconds, 2), "backend": how["backend"],
+                  "hull_phases": ", ".join(sorted(on_hull["formula"].to_list())),
+                  "references": _md_table(refs_ok.sort("formation_energy_per_atom_ev").select(
+                      "phase_id", "formula", "source", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom",
+                      "is_converged"), 30),
+                  "lowest_e_above_hull": _md_table(cands_ok.sort("e_above_hull_ev_per_atom").select(
+                      "candidate_id", "formula", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom",
+                      "decomposition"))},
+        check_results=[dg.AssetCheckResult(
+            check_name="hull_is_consistent",
+            passed=refs_ok.height > 0 and worst_ref > -1e-6 and all(
+                el in hull.chemical_potentials_ev for el in elements),
+            metadata={"min_reference_e_above_hull": worst_ref, "elements_with_reference":
+                      ", ".join(sorted(hull.chemical_potentials_ev)),
+                      "reference_errors": refs.height - refs_ok.height})])
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
+          deps=["references", "relaxed"],
+          check_specs=[dg.AssetCheckSpec("unique_candidate", asset="phonons")],
+          description="Phonopy finite-displacement screen (surrogate forces) of the best N by formation energy.")
+def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_home: CgwganHome,
+            ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    _, surrogate, part = _keys(context)
+    store = cgwgan_home.store
+    stab = store.read(scr.REFERENCES_TABLE, partition=part).filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
+    best = stab.sort(["formation_energy_per_atom_ev", "candidate_id"]).head(config.top_n).select("candidate_id")
+    rel = store.read("relaxed", partition=part).join(best, on="candidate_id", how="semi")
+    sha = rel["surrogate_sha256"][0] if rel.height else ""
+    kw = {"supercell": list(config.supercell), "min_length_a": config.min_length_a or None,
+          "displacement_a": config.displacement_a, "mesh": list(config.mesh), "band_npoints": config.band_npoints,
+          "threshold_thz": config.threshold_thz, "batch_size": config.batch_size}
+    batches = scr.plan_batches(rel.select("candidate_id", *scr.CELL_COLUMNS), rows_per_batch=config.batch_rows,
+                               salt={"surrogate_sha256": sha, "stage": "phonons", **kw})
+    with _compute(config, "phonons", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
+                  **kw) as (compute, how):
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "phonons", part))
+    if not res.height:
+        from lib.phonons import PHONON_SCHEMA
+
+        res = pl.DataFrame(schema={**PHONON_SCHEMA, "batch_id": pl.String})
+    out = res.rename({"key": "candidate_id"}).join(
+        rel.select(*scr.LINEAGE_COLUMNS, "formula"), on="candidate_id", how="left")
+    out = out.select(*scr.LINEAGE_COLUMNS, *[c for c in out.columns if c not in scr.LINEAGE_COLUMNS])
+    store.write("phonons", out, partition=part, metadata={**{k: str(v) for k, v in kw.items()}, **how})
+    cgwgan_home.refresh_catalog()
+    ok = out.filter(pl.col("status") == "ok")
+    return dg.MaterializeResult(
+        metadata={"rows": out.height, "n_ok": ok.height, "n_stable": int(ok["is_dynamically_stable"].sum() or 0),
+                  "threshold_thz": config.threshold_thz, "seconds": round(stats.seconds, 2),
+                  "screens_per_hour": round(3600 * ok.height / max(stats.seconds, 1e-9), 1) if stats.n_run else 0.0,
+                  "backend": how["backend"], "actors": how["actors"],
+                  "results": _md_table(ok.sort("min_frequency_thz", descending=True).select(
+                      "candidate_id", "formula", "min_frequency_thz", "is_dynamically_stable", "n_displacements"),
+                      20)},
+        check_results=[_unique_check("unique_candidate", out, ["candidate_id"])])
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet", "duckdb"}, partitions_def=screening_partitions,
+          deps=["relaxed", "references", "phonons"],
+          check_specs=[dg.AssetCheckSpec("ranked_and_unique", asset="shortlist")],
+          description="Candidates ranked by energy above hull, then formation energy, with the phonon verdict.")
+def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+    _, _, part = _keys(context)
+    store = cgwgan_home.store
+    t0 = time.perf_counter()
+    rel = store.read("relaxed", partition=part)
+    stab = store.read(scr.REFERENCES_TABLE, partition=part).filter(pl.col("kind") == "candidate")
+    ph = store.read("phonons", partition=part) if store.exists("phonons", part) else None
+    out = scr.build_shortlist(rel, stab, ph)
+    store.write("shortlist", out, partition=part)
+    cgwgan_home.refresh_catalog()
+    plots = []
+    if ph is not None and ph.height:
+        top_ph = out.filter(pl.col("has_phonons")).head(config.n_plots).select("rank", "candidate_id", "formula")
+        rows = {r["candidate_id"]: r for r in ph.filter(pl.col("status") == "ok").iter_rows(named=True)}
+        for r in top_ph.iter_rows(named=True):
+            prow = rows[r["candidate_id"]]
+            title = (f"#{r['rank']} {r['formula']} {r['candidate_id']}  min {prow['min_frequency_thz']:.2f} THz")
+            plots.append(figure_markdown(band_structure_figure(prow, title=title), alt=r["candidate_id"]))
+    sorted_ok = out["rank"].to_list() == list(range(1, out.height + 1))
+    return dg.MaterializeResult(
+        metadata={"rows": out.height, "n_with_phonons": int(out["has_phonons"].sum() or 0),
+                  "n_dynamically_stable": int(out["is_dynamically_stable"].fill_null(False).sum()),
+                  "n_below_0_1_ev": int((out["e_above_hull_ev_per_atom"] <= 0.1).sum()),
+                  "seconds": round(time.perf_counter() - t0, 2),
+                  "top": _md_table(out.select("rank", "candidate_id", "formula", "e_above_hull_ev_per_atom",
+                                              "formation_energy_per_atom_ev", "min_frequency_thz",
+                                              "is_dynamically_stable"), 15),
+                  "band_structures": dg.MetadataValue.md("\n\n".join(plots) or "(no phonon results)")},
+        check_results=[dg.AssetCheckResult(
+            check_name="ranked_and_unique",
+            passed=sorted_ok and out["candidate_id"].n_unique() == out.height and bool(
+                out["e_above_hull_ev_per_atom"].is_sorted()),
+            metadata={"rows": out.height, "ranks_contiguous": sorted_ok})])

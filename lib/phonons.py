@@ -1,0 +1,184 @@
+"""Phonon screen with phonopy finite displacements and surrogate forces.
+
+For each structure: a supercell (``supercell`` diagonal, default 2×2×2, or the smallest diagonal
+whose lengths reach ``min_length_a``), phonopy's symmetry-reduced displacements (0.01 Å), the
+surrogate's forces on every displaced supercell of every structure of the frame in one batched
+``predict`` call (minus the forces of the undisplaced supercell, which removes residual forces of
+a not quite relaxed cell), force constants, frequencies on a Γ-centred ``mesh`` and along a band
+path, the minimum frequency and its q-point (reduced coordinates of the input cell's reciprocal
+basis). Verdict: ``is_dynamically_stable = min_frequency_thz > threshold_thz`` (−0.5 THz as in
+the paper; imaginary frequencies are negative).
+
+Band path: seekpath is not a dependency, so the path is a fixed one through the centre (Γ) and
+the face and corner points of the input cell's reciprocal cell: Γ–X–S–Y–Γ–Z–R–Γ with
+X=(½,0,0), S=(½,½,0), Y=(0,½,0), Z=(0,0,½), R=(½,½,½). For cubic and tetragonal cells these
+are the standard points (S is then M); for others they are the reciprocal-cell points of the same
+names, which is enough to catch instabilities the mesh misses and to draw the bands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+BAND_PATH: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("Γ", (0.0, 0.0, 0.0)), ("X", (0.5, 0.0, 0.0)), ("S", (0.5, 0.5, 0.0)), ("Y", (0.0, 0.5, 0.0)),
+    ("Γ", (0.0, 0.0, 0.0)), ("Z", (0.0, 0.0, 0.5)), ("R", (0.5, 0.5, 0.5)), ("Γ", (0.0, 0.0, 0.0)),
+)
+DEFAULT_THRESHOLD_THZ = -0.5
+
+PHONON_SCHEMA = {
+    "key": pl.String, "n_atoms": pl.Int64, "supercell_matrix": pl.List(pl.Int64), "n_supercell_atoms": pl.Int64,
+    "n_displacements": pl.Int64, "min_frequency_thz": pl.Float64, "min_frequency_qpoint": pl.List(pl.Float64),
+    "min_mesh_frequency_thz": pl.Float64, "min_band_frequency_thz": pl.Float64,
+    "is_dynamically_stable": pl.Boolean, "threshold_thz": pl.Float64,
+    "band_distances": pl.List(pl.Float32), "band_frequencies_thz": pl.List(pl.List(pl.Float32)),
+    "band_labels": pl.List(pl.String), "band_label_distances": pl.List(pl.Float64),
+    "phonon_seconds": pl.Float64, "status": pl.String, "error": pl.String,
+}
+
+
+def supercell_diagonal(lattice_lengths: Sequence[float], *, supercell: Sequence[int] = (2, 2, 2),
+                       min_length_a: float | None = None) -> list[int]:
+    """``supercell`` or, with ``min_length_a``, the smallest multiples reaching that length."""
+    if min_length_a is None:
+        return [int(x) for x in supercell]
+    return [max(1, int(np.ceil(min_length_a / length - 1e-9))) for length in lattice_lengths]
+
+
+def _phonopy_for(structure, diag: list[int], displacement_a: float):
+    from phonopy import Phonopy
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    unit = PhonopyAtoms(symbols=[s.specie.symbol for s in structure], cell=structure.lattice.matrix,
+                        scaled_positions=structure.frac_coords)
+    ph = Phonopy(unit, supercell_matrix=np.diag(diag), primitive_matrix="P")
+    ph.generate_displacements(distance=displacement_a)
+    return ph
+
+
+def _to_structure(cell) -> Any:
+    from pymatgen.core import Lattice, Structure
+
+    return Structure(Lattice(cell.cell), list(cell.symbols), cell.scaled_positions)
+
+
+def phonon_frame(
+    surrogate,
+    frame: pl.DataFrame,
+    *,
+    key: str = "candidate_id",
+    supercell: Sequence[int] = (2, 2, 2),
+    min_length_a: float | None = None,
+    displacement_a: float = 0.01,
+    mesh: Sequence[int] = (8, 8, 8),
+    band_npoints: int = 31,
+    threshold_thz: float = DEFAULT_THRESHOLD_THZ,
+    batch_size: int = 16,
+) -> pl.DataFrame:
+    """Phonon screen of every row (ASU or cell form): :data:`PHONON_SCHEMA` columns."""
+    from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
+
+    from lib.screening import _prepared
+
+    keys, structures = _prepared(surrogate, frame, key)
+    rows: list[dict[str, Any]] = []
+    jobs: list[tuple[int, Any, list[int], float]] = []
+    cells: list[Any] = []
+    spans: list[tuple[int, int]] = []
+    for i, (k, s) in enumerate(zip(keys, structures, strict=True)):
+        empty = {c: None for c in PHONON_SCHEMA} | {"key": k, "threshold_thz": threshold_thz}
+        rows.append(empty)
+        if isinstance(s, str):
+            rows[i] |= {"status": "error", "error": s}
+            continue
+        t0 = time.perf_counter()
+        try:
+            diag = supercell_diagonal(s.lattice.abc, supercell=supercell, min_length_a=min_length_a)
+            ph = _phonopy_for(s, diag, displacement_a)
+            start = len(cells)
+            cells.append(_to_structure(ph.supercell))
+            cells.extend(_to_structure(sc) for sc in ph.supercells_with_displacements)
+            spans.append((start, len(cells)))
+            jobs.append((i, ph, diag, time.perf_counter() - t0))
+        except Exception as exc:  # noqa: BLE001
+            rows[i] |= {"status": "error", "error": f"{key}={k}: phonopy setup failed: {type(exc).__name__}: {exc}"}
+    t_pred = time.perf_counter()
+    preds = surrogate.predict_safe(cells, batch_size=batch_size) if cells else []
+    pred_share = (time.perf_counter() - t_pred) / max(1, len(cells))
+    labels = [p[0] for p in BAND_PATH]
+    path = [[list(p[1]) for p in BAND_PATH]]
+    for (i, ph, diag, setup_s), (a, b) in zip(jobs, spans, strict=True):
+        k = keys[i]
+        t0 = time.perf_counter()
+        try:
+            bad = next((p.error for p in preds[a:b] if p.error is not None), None)
+            if bad is not None:
+                raise RuntimeError(f"surrogate forces failed on a displaced supercell: {bad}")
+            f = [np.asarray(p.forces_ev_per_a) for p in preds[a:b]]
+            ph.forces = np.asarray(f[1:]) - np.asarray(f[0])[None, :, :]
+            ph.produce_force_constants()
+            ph.symmetrize_force_constants()
+            ph.run_mesh(list(mesh), is_gamma_center=True)
+            md = ph.get_mesh_dict()
+            mfreq = np.asarray(md["frequencies"])
+            qi, bi = np.unravel_index(np.argmin(mfreq), mfreq.shape)
+            min_mesh = float(mfreq[qi, bi])
+            qpoints, connections = get_band_qpoints_and_path_connections(path, npoints=band_npoints)
+            ph.run_band_structure(qpoints, path_connections=connections, labels=labels)
+            bd = ph.get_band_structure_dict()
+            bfreq = np.concatenate(bd["frequencies"], axis=0)
+            bq = np.concatenate(bd["qpoints"], axis=0)
+            dist = np.concatenate(bd["distances"])
+            bj = np.unravel_index(np.argmin(bfreq), bfreq.shape)
+            min_band = float(bfreq[bj])
+            if min_band < min_mesh:
+                min_f, min_q = min_band, bq[bj[0]]
+            else:
+                min_f, min_q = min_mesh, np.asarray(md["qpoints"])[qi]
+            seg_ends = [float(d[0]) for d in bd["distances"]] + [float(bd["distances"][-1][-1])]
+            rows[i] |= {
+                "n_atoms": len(structures[i]), "supercell_matrix": diag,
+                "n_supercell_atoms": len(ph.supercell), "n_displacements": b - a - 1,
+                "min_frequency_thz": min_f, "min_frequency_qpoint": [float(x) for x in min_q],
+                "min_mesh_frequency_thz": min_mesh, "min_band_frequency_thz": min_band,
+                "is_dynamically_stable": bool(min_f > threshold_thz),
+                "band_distances": dist.astype(np.float32).tolist(),
+                "band_frequencies_thz": bfreq.astype(np.float32).tolist(),
+                "band_labels": labels, "band_label_distances": seg_ends,
+                "phonon_seconds": setup_s + pred_share * (b - a) + time.perf_counter() - t0,
+                "status": "ok", "error": None,
+            }
+        except Exception as exc:  # noqa: BLE001
+            rows[i] |= {"status": "error",
+                        "error": f"{key}={k}: phonon calculation failed: {type(exc).__name__}: {exc}"}
+    return pl.DataFrame(rows, schema=PHONON_SCHEMA)
+
+
+def band_structure_figure(row: dict[str, Any], *, title: str = ""):
+    """A matplotlib figure of one ``phonons`` row's band structure (frequencies in THz)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dist = np.asarray(row["band_distances"], dtype=float)
+    freq = np.asarray(row["band_frequencies_thz"], dtype=float)
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    ax.plot(dist, freq, color="tab:blue", lw=0.8)
+    ax.axhline(0.0, color="k", lw=0.5)
+    thr = row.get("threshold_thz")
+    if thr is not None:
+        ax.axhline(thr, color="tab:red", lw=0.6, ls="--")
+    ticks = list(row["band_label_distances"])
+    for t in ticks:
+        ax.axvline(t, color="0.7", lw=0.5)
+    ax.set_xticks(ticks, list(row["band_labels"]))
+    ax.set_xlim(dist.min(), dist.max())
+    ax.set_ylabel("frequency (THz)")
+    ax.set_title(title, fontsize=8)
+    return fig

@@ -1,0 +1,781 @@
+"""Surrogate screening: pre-screen, relax, references + hull, shortlist; batched and spread on Ray.
+
+The stages take and give polars frames. Structures travel in one of two compact forms:
+
+* ASU form (``candidates`` / ``candidates_dedup``): ``spacegroup_number``, ``asu_letters``,
+  ``asu_species``, ``asu_frac_coords``, ``a_a … gamma_deg`` (rebuilt by
+  :func:`lib.wyckoff.asu_to_structure`);
+* cell form (``relaxed``, ``references``): ``lattice_matrix`` list[f64] (9, row vectors, Å),
+  ``species`` list[str], ``frac_coords`` list[list[f64]].
+
+Every function that computes takes a surrogate object (``lib.surrogates.Surrogate``:
+``.predict``, ``.relax``, ``.name``, ``.weights_sha256``, ``.supported_elements``). A row that
+cannot be computed (rebuild failure, an element the surrogate does not cover, a model error)
+gets ``status = "error"`` and an ``error`` naming the row and the reason; the other rows proceed.
+
+Tables (partition ``"<chemsys>|<surrogate>"``), each row with the lineage columns
+:data:`LINEAGE_COLUMNS`:
+
+* ``prescreen``: ``n_atoms``, ``energy_ev``, ``energy_per_atom_ev``, ``status``, ``error``,
+  ``batch_id``.
+* ``relaxed``: ``prescreen_energy_per_atom_ev``, ``is_converged``, ``n_steps``, ``energy_ev``,
+  ``energy_per_atom_ev``, ``lattice_matrix``, ``species``, ``frac_coords``, ``a_a … gamma_deg``,
+  ``volume_a3``, ``spacegroup_number`` (input), ``spacegroup_number_relaxed`` (spglib,
+  ``symprec`` 0.1), ``relax_seconds``, ``status``, ``error``, ``batch_id``.
+  Defaults: ``fmax`` 0.05 eV/Å, 300 steps (FIRE, cell and positions) as in the paper.
+* ``reference_energies`` (asset ``references``; ``references`` is reserved in SQL): one row per competing phase (``kind = "reference"``: ``phase_id`` such as
+  ``mp-3597`` or ``ase-Ru``, its relaxed energy, ``formation_energy_per_atom_ev`` and
+  ``e_above_hull_ev_per_atom``, ``is_elemental``) and one row per relaxed candidate
+  (``kind = "candidate"``: formation energy, energy above the hull, ``decomposition``).
+* ``phonons``: see :mod:`lib.phonons`.
+* ``shortlist``: candidates ranked by ``e_above_hull_ev_per_atom`` then
+  ``formation_energy_per_atom_ev``, with the phonon verdict.
+
+Resumability (:func:`run_batches`): work is cut into batches whose id is a content hash of the
+candidate ids, the surrogate's weights hash, the stage settings and :data:`CODE_VERSION`. Each
+finished batch is written at once to ``<work_dir>/<batch_id>.parquet`` (temp file +
+``os.replace``), so a rerun skips finished batches; a batch whose Ray actor dies is re-submitted
+(the actor restarts, ``max_restarts``) up to ``max_attempts`` times. Consolidation reads exactly
+the planned batch files, so nothing is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from lib.ids import content_hash
+
+#: Bump when a change alters screening results (it is part of every batch id and every row).
+CODE_VERSION = "screening-1"
+LINEAGE_COLUMNS: tuple[str, ...] = (
+    "candidate_id", "template_id", "checkpoint_id", "surrogate_name", "surrogate_sha256", "code_version",
+)
+LATTICE_COLUMNS: tuple[str, ...] = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")
+ASU_COLUMNS: tuple[str, ...] = ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords", *LATTICE_COLUMNS)
+CELL_COLUMNS: tuple[str, ...] = ("lattice_matrix", "species", "frac_coords")
+
+#: Table written by the ``references`` asset. Not ``references``: that is a reserved word in
+#: DuckDB's SQL, and the catalog's views are created with unquoted names.
+REFERENCES_TABLE = "reference_energies"
+
+DEFAULT_FMAX_EV_PER_A = 0.05
+DEFAULT_RELAX_STEPS = 300
+DEFAULT_SYMPREC = 0.1
+
+
+def surrogate_id(weights_sha256: str) -> str:
+    """The surrogate id of the naming grammar: ``sur-`` + the first 16 hex of the weights hash."""
+    return f"sur-{weights_sha256[:16]}"
+
+
+def store_partition(chemical_system: str, surrogate: str) -> str:
+    """Store partition key of a screening table: ``"<chemsys>|<surrogate>"``."""
+    return f"{chemical_system}|{surrogate}"
+
+
+# --------------------------------------------------------------------------- structures
+def structure_to_cell(structure) -> dict[str, Any]:
+    """Cell form of a pymatgen Structure (lattice row vectors flattened, species, frac coords)."""
+    return {
+        "lattice_matrix": [float(x) for x in np.asarray(structure.lattice.matrix).ravel()],
+        "species": [site.specie.symbol for site in structure],
+        "frac_coords": [[float(x) for x in fc] for fc in structure.frac_coords],
+    }
+
+
+def cell_to_structure(lattice_matrix: Sequence[float], species: Sequence[str], frac_coords) -> Any:
+    from pymatgen.core import Lattice, Structure
+
+    return Structure(Lattice(np.asarray(lattice_matrix, dtype=float).reshape(3, 3)), list(species),
+                     np.asarray(frac_coords, dtype=float))
+
+
+def frame_structures(frame: pl.DataFrame, *, key: str = "candidate_id") -> list[Any]:
+    """One Structure per row (ASU form or cell form), or a ``str`` error naming the row."""
+    from lib.wyckoff import asu_to_structure
+
+    cols = set(frame.columns)
+    out: list[Any] = []
+    if set(CELL_COLUMNS) <= cols:
+        for row in frame.select(key, *CELL_COLUMNS).iter_rows(named=True):
+            try:
+                out.append(cell_to_structure(row["lattice_matrix"], row["species"], row["frac_coords"]))
+            except Exception as exc:  # noqa: BLE001 - reported per row
+                out.append(f"{key}={row[key]}: cannot build the cell: {type(exc).__name__}: {exc}")
+        return out
+    missing = set(ASU_COLUMNS) - cols
+    if missing:
+        raise ValueError(f"frame has neither cell columns {CELL_COLUMNS} nor ASU columns; missing {sorted(missing)}")
+    for row in frame.select(key, *ASU_COLUMNS).iter_rows(named=True):
+        try:
+            out.append(asu_to_structure(
+                int(row["spacegroup_number"]), list(row["asu_letters"]), list(row["asu_species"]),
+                row["asu_frac_coords"], tuple(float(row[c]) for c in LATTICE_COLUMNS)))
+        except Exception as exc:  # noqa: BLE001 - reported per row
+            out.append(f"{key}={row[key]}: cannot rebuild from the ASU: {type(exc).__name__}: {exc}")
+    return out
+
+
+def check_elements(structures: list[Any], keys: Sequence[str], supported: Iterable[str] | None,
+                   surrogate_name: str, *, key: str = "candidate_id") -> list[Any]:
+    """Replace structures with elements the surrogate does not cover by an error string."""
+    if supported is None:
+        return structures
+    allowed = set(supported)
+    out = []
+    for k, s in zip(keys, structures, strict=True):
+        if isinstance(s, str):
+            out.append(s)
+            continue
+        bad = sorted({sp.symbol for sp in s.composition.elements} - allowed)
+        out.append(f"{key}={k}: element(s) {', '.join(bad)} not covered by surrogate {surrogate_name}"
+                   if bad else s)
+    return out
+
+
+def _prepared(surrogate, frame: pl.DataFrame, key: str) -> tuple[list[str], list[Any]]:
+    keys = frame[key].cast(pl.String).to_list()
+    structures = frame_structures(frame, key=key)
+    return keys, check_elements(structures, keys, getattr(surrogate, "supported_elements", None),
+                                surrogate.name, key=key)
+
+
+# --------------------------------------------------------------------------- prescreen
+PRESCREEN_SCHEMA = {
+    "candidate_id": pl.String, "n_atoms": pl.Int64, "energy_ev": pl.Float64,
+    "energy_per_atom_ev": pl.Float64, "status": pl.String, "error": pl.String,
+}
+
+
+def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) -> list[float | str]:
+    """Energy (eV/cell) of each structure, batched (``Surrogate.predict_safe``, energies only).
+
+    Entries that are error strings on input stay as they are; a structure the model fails on
+    gets an error string, the others their energies.
+    """
+    idx = [i for i, s in enumerate(structures) if not isinstance(s, str)]
+    out: list[float | str] = list(structures)
+    if not idx:
+        return out
+    preds = surrogate.predict_safe([structures[i] for i in idx], batch_size=batch_size, energy_only=True)
+    for i, p in zip(idx, preds, strict=True):
+        if p.error is not None:
+            out[i] = f"model error: {p.error}"
+        elif not np.isfinite(p.energy_ev):
+            out[i] = "model error: non-finite energy"
+        else:
+            out[i] = float(p.energy_ev)
+    return out
+
+
+def load_configured_surrogate(name: str, *, registry_path: str | None = None, models_dir: str | None = None,
+                              device: str = "cpu"):
+    """``lib.surrogates.load_surrogate`` with the registry read from ``registry_path`` (the
+    default loader of :class:`SurrogatePool`; its arguments are plain strings, so they travel to
+    Ray actors)."""
+    from lib.surrogates import load_registry, load_surrogate
+
+    registry = load_registry(registry_path or None, models_dir=models_dir or None)
+    return load_surrogate(name, registry=registry, models_dir=models_dir or None, device=device)
+
+
+def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32) -> pl.DataFrame:
+    """Static energy of every candidate (ASU or cell form): :data:`PRESCREEN_SCHEMA` columns."""
+    keys, structures = _prepared(surrogate, candidates, "candidate_id")
+    energies = predict_energies(surrogate, structures, batch_size=batch_size)
+    n_atoms = [None if isinstance(s, str) else len(s) for s in structures]
+    rows = []
+    for k, n, e in zip(keys, n_atoms, energies, strict=True):
+        if isinstance(e, str):
+            err = e if e.startswith("candidate_id=") else f"candidate_id={k}: {e}"
+            rows.append((k, n, None, None, "error", err))
+        else:
+            rows.append((k, n, e, e / n, "ok", None))
+    return pl.DataFrame(rows, schema=PRESCREEN_SCHEMA, orient="row")
+
+
+# --------------------------------------------------------------------------- relax
+RELAX_SCHEMA = {
+    "key": pl.String, "n_atoms": pl.Int64, "is_converged": pl.Boolean, "n_steps": pl.Int64,
+    "energy_ev": pl.Float64, "energy_per_atom_ev": pl.Float64,
+    "lattice_matrix": pl.List(pl.Float64), "species": pl.List(pl.String),
+    "frac_coords": pl.List(pl.List(pl.Float64)),
+    "a_a": pl.Float64, "b_a": pl.Float64, "c_a": pl.Float64,
+    "alpha_deg": pl.Float64, "beta_deg": pl.Float64, "gamma_deg": pl.Float64, "volume_a3": pl.Float64,
+    "spacegroup_number_relaxed": pl.Int64, "relax_seconds": pl.Float64, "status": pl.String, "error": pl.String,
+}
+
+
+def spacegroup_number(structure, *, symprec: float = DEFAULT_SYMPREC) -> int | None:
+    """Space group number by spglib (through pymatgen), or None when spglib finds none."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        return int(SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number())
+    except Exception:  # noqa: BLE001 - spglib gives up on some distorted cells
+        return None
+
+
+def _relax_result_fields(res) -> tuple[Any, float, bool, int]:
+    """(structure, energy eV, converged, steps) of a ``lib.surrogates.RelaxResult``."""
+    return res.structure, float(res.energy_ev), bool(res.is_converged), int(res.steps)
+
+
+def relax_frame(
+    surrogate,
+    frame: pl.DataFrame,
+    *,
+    key: str = "candidate_id",
+    fmax: float = DEFAULT_FMAX_EV_PER_A,
+    steps: int = DEFAULT_RELAX_STEPS,
+    relax_cell: bool = True,
+    symprec: float = DEFAULT_SYMPREC,
+) -> pl.DataFrame:
+    """Relax every row's structure; :data:`RELAX_SCHEMA` columns (``key`` renamed to ``key``).
+
+    A boolean column ``is_cell_relaxed`` in ``frame``, when present, overrides ``relax_cell``
+    per row (molecules in a box relax positions only).
+    """
+    keys, structures = _prepared(surrogate, frame, key)
+    per_row_cell = frame["is_cell_relaxed"].to_list() if "is_cell_relaxed" in frame.columns else None
+    rows: list[dict[str, Any]] = []
+    for i, (k, s) in enumerate(zip(keys, structures, strict=True)):
+        empty = {c: None for c in RELAX_SCHEMA}
+        if isinstance(s, str):
+            rows.append(empty | {"key": k, "status": "error", "error": s})
+            continue
+        t0 = time.perf_counter()
+        try:
+            cell = relax_cell if per_row_cell is None or per_row_cell[i] is None else bool(per_row_cell[i])
+            res = surrogate.relax(s, fmax=fmax, steps=steps, relax_cell=cell)
+            final, energy, converged, n_steps = _relax_result_fields(res)
+            if not np.isfinite(energy):
+                raise FloatingPointError("non-finite energy after relaxation")
+        except Exception as exc:  # noqa: BLE001 - reported per row
+            rows.append(empty | {"key": k, "n_atoms": len(s), "relax_seconds": time.perf_counter() - t0,
+                                 "status": "error",
+                                 "error": f"{key}={k}: relaxation failed: {type(exc).__name__}: {exc}"})
+            continue
+        lat = final.lattice
+        rows.append({
+            "key": k, "n_atoms": len(final), "is_converged": converged, "n_steps": n_steps,
+            "energy_ev": energy, "energy_per_atom_ev": energy / len(final), **structure_to_cell(final),
+            "a_a": lat.a, "b_a": lat.b, "c_a": lat.c, "alpha_deg": lat.alpha, "beta_deg": lat.beta,
+            "gamma_deg": lat.gamma, "volume_a3": lat.volume,
+            "spacegroup_number_relaxed": spacegroup_number(final, symprec=symprec),
+            "relax_seconds": time.perf_counter() - t0, "status": "ok", "error": None,
+        })
+    return pl.DataFrame(rows, schema=RELAX_SCHEMA)
+
+
+def select_top(prescreen: pl.DataFrame, k: int, *, by: str = "energy_per_atom_ev") -> pl.DataFrame:
+    """The ``k`` ok rows with the lowest ``by`` (ties broken by candidate_id, so reproducible)."""
+    ok = prescreen.filter((pl.col("status") == "ok") & pl.col(by).is_not_null() & pl.col(by).is_finite())
+    return ok.sort([by, "candidate_id"]).head(k)
+
+
+# --------------------------------------------------------------------------- references and hull
+def mp_csv_cells(path: str | Path, *, elements: Iterable[str]) -> pl.DataFrame:
+    """MP structures of a CSV in the MP-20 layout (``material_id``, ``cif``), restricted to phases
+    whose elements are a subset of ``elements``; cell form with ``phase_id``, ``formula``, ``source``.
+
+    A CIF that does not parse raises with the file and row.
+    """
+    from pymatgen.core import Structure
+
+    allowed = set(elements)
+    df = pl.read_csv(path, infer_schema_length=0)
+    rows = []
+    for i, row in enumerate(df.select("material_id", "cif").iter_rows(named=True)):
+        try:
+            s = Structure.from_str(row["cif"], fmt="cif")
+        except Exception as exc:
+            raise ValueError(f"{path} row {i + 2} ({row['material_id']}): CIF does not parse: {exc}") from exc
+        if {e.symbol for e in s.composition.elements} <= allowed:
+            rows.append({"phase_id": row["material_id"], "formula": s.composition.formula.replace(" ", ""),
+                         "source": f"file:{Path(path).name}", **structure_to_cell(s)})
+    return _cells_frame(rows)
+
+
+def mp_table_cells(mp_structures: pl.DataFrame, *, elements: Iterable[str]) -> pl.DataFrame:
+    """Rows of the ``mp_structures`` table whose elements are a subset of ``elements``, cell form."""
+    allowed = sorted(set(elements))
+    sub = mp_structures.filter(pl.col("elements").list.eval(pl.element().is_in(allowed)).list.all())
+    return sub.select(
+        pl.col("material_id").alias("phase_id"), pl.col("formula").str.replace_all(" ", ""),
+        pl.col("source").cast(pl.String), "lattice_matrix", "species", "frac_coords",
+    )
+
+
+def _cells_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={
+        "phase_id": pl.String, "formula": pl.String, "source": pl.String,
+        "lattice_matrix": pl.List(pl.Float64), "species": pl.List(pl.String),
+        "frac_coords": pl.List(pl.List(pl.Float64)),
+    })
+
+
+def ase_reference_structure(element: str, *, box_a: float = 12.0):
+    """ASE's reference state of ``element``: ``ase.build.bulk`` for crystals; for diatomic
+    elements, and crystals ASE cannot build without a basis (e.g. Cl, Br, I), a dimer in a box
+    (bond length from ``reference_states``, else ASE's G2 molecule, else twice the covalent radius).
+
+    Returns ``(Structure, is_molecule)``.
+    """
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.data import atomic_numbers, covalent_radii, reference_states
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    z = atomic_numbers[element]
+    state = reference_states[z] or {}
+    if state.get("symmetry") not in ("diatom", "atom"):
+        try:
+            return AseAtomsAdaptor.get_structure(bulk(element)), False
+        except (ValueError, KeyError, RuntimeError):
+            pass  # no crystal ASE can build: use the molecule
+    if state.get("symmetry") == "atom":
+        atoms = Atoms(element, positions=[[box_a / 2] * 3], cell=[box_a] * 3, pbc=True)
+        return AseAtomsAdaptor.get_structure(atoms), True
+    d = state.get("d")
+    if d is None:
+        try:
+            from ase.build import molecule
+
+            m = molecule(f"{element}2")
+            d = float(m.get_distance(0, 1))
+        except (KeyError, ValueError):
+            d = 2.0 * float(covalent_radii[z])
+    atoms = Atoms(f"{element}2", positions=[[0, 0, 0], [0, 0, float(d)]],
+                  cell=[box_a, box_a * 1.05, box_a * 1.1], pbc=True)
+    atoms.translate([box_a / 2, box_a / 2, box_a / 2])
+    return AseAtomsAdaptor.get_structure(atoms), True
+
+
+def reference_phases(elements: Iterable[str], mp_cells: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Competing phases of a chemical system: the MP cells given, plus ASE's reference state of
+    each element that has no elemental MP phase. Cell form + ``phase_id``, ``formula``, ``source``,
+    ``is_cell_relaxed`` (False for molecules in a box)."""
+    from pymatgen.core import Composition
+
+    elements = sorted(set(elements))
+    frames = []
+    have: set[str] = set()
+    if mp_cells is not None and mp_cells.height:
+        frames.append(mp_cells.with_columns(pl.lit(True).alias("is_cell_relaxed")))
+        for f in mp_cells["formula"].to_list():
+            els = {e.symbol for e in Composition(f).elements}
+            if len(els) == 1:
+                have |= els
+    rows = []
+    for el in elements:
+        if el in have:
+            continue
+        s, is_molecule = ase_reference_structure(el)
+        rows.append({"phase_id": f"ase-{el}", "formula": s.composition.formula.replace(" ", ""),
+                     "source": "ase.data.reference_states", **structure_to_cell(s)})
+        rows[-1]["is_cell_relaxed"] = not is_molecule
+    if rows:
+        extra = _cells_frame([{k: v for k, v in r.items() if k != "is_cell_relaxed"} for r in rows])
+        frames.append(extra.with_columns(pl.Series("is_cell_relaxed", [r["is_cell_relaxed"] for r in rows])))
+    return pl.concat(frames, how="vertical_relaxed") if frames else _cells_frame([]).with_columns(
+        pl.lit(None, pl.Boolean).alias("is_cell_relaxed"))
+
+
+@dataclass(frozen=True)
+class HullResult:
+    references: pl.DataFrame  # phase_id, formula, formation_energy_per_atom_ev, e_above_hull_ev_per_atom, is_elemental
+    candidates: pl.DataFrame  # candidate_id, formation_energy_per_atom_ev, e_above_hull_ev_per_atom, decomposition, status, error
+    chemical_potentials_ev: dict[str, float]
+
+
+def formation_and_hull(
+    references: pl.DataFrame, candidates: pl.DataFrame, *, elements: Iterable[str]
+) -> HullResult:
+    """Formation energy per atom (E − Σ nᵢ μᵢ, μᵢ the lowest elemental energy per atom among the
+    references) and energy above the pymatgen ``PhaseDiagram`` of the references.
+
+    ``references``: ``phase_id``, ``formula``, ``energy_ev``, ``status`` (rows not ``ok`` are left
+    out of the hull). ``candidates``: ``candidate_id``, ``species`` (list) or ``formula``,
+    ``energy_ev``, ``status``. A candidate with an element outside ``elements`` gets an error row.
+    """
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition
+
+    elements = sorted(set(elements))
+    ok_refs = references.filter((pl.col("status") == "ok") & pl.col("energy_ev").is_not_null())
+    entries: list[PDEntry] = []
+    mu: dict[str, float] = {}
+    for row in ok_refs.select("phase_id", "formula", "energy_ev").iter_rows(named=True):
+        comp = Composition(row["formula"])
+        e = PDEntry(comp, row["energy_ev"], name=row["phase_id"])
+        entries.append(e)
+        if len(comp.elements) == 1:
+            el = comp.elements[0].symbol
+            mu[el] = min(mu.get(el, np.inf), row["energy_ev"] / comp.num_atoms)
+    missing = [el for el in elements if el not in mu]
+    if missing:
+        raise ValueError(f"no relaxed elemental reference for {missing}: cannot compute formation energies")
+    pd_ = PhaseDiagram(entries)
+
+    def ef(comp: Composition, energy: float) -> float:
+        return (energy - sum(comp[el] * mu[el.symbol] for el in comp.elements)) / comp.num_atoms
+
+    ref_rows = []
+    for e in entries:
+        ref_rows.append({"phase_id": e.name, "formation_energy_per_atom_ev": ef(e.composition, e.energy),
+                         "e_above_hull_ev_per_atom": float(pd_.get_e_above_hull(e)),
+                         "is_elemental": len(e.composition.elements) == 1})
+    ref_out = pl.DataFrame(ref_rows, schema={"phase_id": pl.String, "formation_energy_per_atom_ev": pl.Float64,
+                                             "e_above_hull_ev_per_atom": pl.Float64, "is_elemental": pl.Boolean})
+    cand_rows = []
+    comp_col = "species" if "species" in candidates.columns else "formula"
+    for row in candidates.select("candidate_id", comp_col, "energy_ev", "status").iter_rows(named=True):
+        base = {"candidate_id": row["candidate_id"], "formation_energy_per_atom_ev": None,
+                "e_above_hull_ev_per_atom": None, "decomposition": None}
+        if row["status"] != "ok" or row["energy_ev"] is None:
+            cand_rows.append(base | {"status": "error", "error": f"candidate_id={row['candidate_id']}: not relaxed"})
+            continue
+        comp = (Composition(dict(zip(*np.unique(row[comp_col], return_counts=True), strict=True)))
+                if comp_col == "species" else Composition(row[comp_col]))
+        extra = sorted({el.symbol for el in comp.elements} - set(elements))
+        if extra:
+            cand_rows.append(base | {"status": "error", "error": f"candidate_id={row['candidate_id']}: "
+                                     f"element(s) {extra} outside the chemical system {'-'.join(elements)}"})
+            continue
+        entry = PDEntry(comp, row["energy_ev"], name=row["candidate_id"])
+        decomp, e_hull = pd_.get_decomp_and_e_above_hull(entry, allow_negative=True)
+        cand_rows.append(base | {
+            "formation_energy_per_atom_ev": ef(comp, row["energy_ev"]),
+            "e_above_hull_ev_per_atom": float(e_hull),
+            "decomposition": " + ".join(f"{amt:.3f} {d.name}" for d, amt in
+                                        sorted(decomp.items(), key=lambda kv: -kv[1])),
+            "status": "ok", "error": None})
+    cand_out = pl.DataFrame(cand_rows, schema={
+        "candidate_id": pl.String, "formation_energy_per_atom_ev": pl.Float64,
+        "e_above_hull_ev_per_atom": pl.Float64, "decomposition": pl.String, "status": pl.String,
+        "error": pl.String})
+    return HullResult(ref_out, cand_out, mu)
+
+
+# --------------------------------------------------------------------------- shortlist
+def build_shortlist(relaxed: pl.DataFrame, stability: pl.DataFrame, phonons: pl.DataFrame | None) -> pl.DataFrame:
+    """Relaxed candidates ranked by energy above hull, then formation energy, with the phonon verdict.
+
+    ``relaxed``: the ``relaxed`` table; ``stability``: the candidate rows of ``references``;
+    ``phonons``: the ``phonons`` table (``candidate_id``, ``min_frequency_thz``,
+    ``is_dynamically_stable``, ``status``) or None. Unscreened candidates get a null verdict.
+    """
+    base = relaxed.filter(pl.col("status") == "ok").join(
+        stability.filter(pl.col("status") == "ok").select(
+            "candidate_id", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom", "decomposition"),
+        on="candidate_id", how="inner")
+    if phonons is not None and phonons.height:
+        ph = phonons.filter(pl.col("status") == "ok").select(
+            "candidate_id", "min_frequency_thz", "is_dynamically_stable")
+        base = base.join(ph, on="candidate_id", how="left")
+    else:
+        base = base.with_columns(pl.lit(None, pl.Float64).alias("min_frequency_thz"),
+                                 pl.lit(None, pl.Boolean).alias("is_dynamically_stable"))
+    keep = [c for c in (*LINEAGE_COLUMNS, "formula", "reduced_formula", "n_atoms", "spacegroup_number",
+                        "spacegroup_number_relaxed", "energy_per_atom_ev", "formation_energy_per_atom_ev",
+                        "e_above_hull_ev_per_atom", "decomposition", "is_converged", "min_frequency_thz",
+                        "is_dynamically_stable", *LATTICE_COLUMNS, "volume_a3") if c in base.columns]
+    out = base.select(keep).sort(["e_above_hull_ev_per_atom", "formation_energy_per_atom_ev", "candidate_id"])
+    return out.with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"),
+        pl.col("is_dynamically_stable").is_not_null().alias("has_phonons"),
+    ).select("rank", *keep, "has_phonons")
+
+
+# --------------------------------------------------------------------------- batches and Ray
+def plan_batches(frame: pl.DataFrame, *, rows_per_batch: int, salt: dict[str, Any], key: str = "candidate_id") -> pl.DataFrame:
+    """Cut ``frame`` into batches of ``rows_per_batch`` rows (sorted by ``key``) and add ``batch_id``:
+    ``bat-`` + a hash of the batch's keys and ``salt`` (surrogate hash, settings, code version)."""
+    if rows_per_batch < 1:
+        raise ValueError("rows_per_batch must be >= 1")
+    if frame[key].is_duplicated().any():
+        dups = frame.filter(pl.col(key).is_duplicated())[key].unique().head(5).to_list()
+        raise ValueError(f"duplicate {key} in the input (e.g. {dups}); deduplicate first")
+    df = frame.sort(key).with_columns((pl.int_range(0, pl.len()) // rows_per_batch).alias("_batch"))
+    ids = (df.group_by("_batch", maintain_order=True).agg(pl.col(key))
+           .with_columns(pl.col(key).map_elements(
+               lambda ks: content_hash({"keys": ks.to_list(), "salt": salt, "code": CODE_VERSION}, prefix="bat-"),
+               return_dtype=pl.String).alias("batch_id")).select("_batch", "batch_id"))
+    return df.join(ids, on="_batch", how="left").drop("_batch")
+
+
+def _write_atomic(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class BatchRunStats:
+    n_batches: int = 0
+    n_skipped: int = 0
+    n_run: int = 0
+    n_retries: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def run_batches(
+    batches: pl.DataFrame,
+    compute: Callable[[Iterable[tuple[str, pl.DataFrame]]], Iterator[tuple[str, pl.DataFrame]]],
+    *,
+    work_dir: Path | None,
+    on_batch_written: Callable[[str], None] | None = None,
+) -> tuple[pl.DataFrame, BatchRunStats]:
+    """Run ``compute`` on every batch of ``batches`` (a frame with ``batch_id``) not yet in
+    ``work_dir``, write each result there as it arrives, and return all planned batches' results.
+
+    ``compute`` maps ``(batch_id, frame)`` pairs to ``(batch_id, result)`` pairs in any order
+    (:meth:`SurrogatePool.map` or :func:`local_compute`).
+    """
+    t0 = time.perf_counter()
+    stats = BatchRunStats()
+    groups = {bid: g for (bid,), g in batches.group_by("batch_id", maintain_order=True)}
+    stats.n_batches = len(groups)
+    results: dict[str, pl.DataFrame] = {}
+    todo = []
+    for bid, g in groups.items():
+        path = work_dir / f"{bid}.parquet" if work_dir is not None else None
+        if path is not None and path.exists():
+            try:
+                results[bid] = pl.read_parquet(path)
+                stats.n_skipped += 1
+                continue
+            except Exception:  # noqa: BLE001 - a torn file: recompute it
+                path.unlink(missing_ok=True)
+        todo.append((bid, g.drop("batch_id")))
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    for bid, res in compute(todo):
+        res = res.with_columns(pl.lit(bid).alias("batch_id"))
+        if work_dir is not None:
+            _write_atomic(res, work_dir / f"{bid}.parquet")
+        results[bid] = res
+        stats.n_run += 1
+        if on_batch_written is not None:
+            on_batch_written(bid)
+    missing = [b for b in groups if b not in results]
+    if missing:
+        raise RuntimeError(f"{len(missing)} batch(es) produced no result: {missing[:5]}")
+    retries = getattr(compute, "n_retries", None)
+    stats.n_retries = int(retries() if callable(retries) else 0)
+    stats.seconds = time.perf_counter() - t0
+    frames = [results[b] for b in groups]
+    return (pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()), stats
+
+
+def local_compute(surrogate, method: str, **kwargs) -> Callable[[Iterable[tuple[str, pl.DataFrame]]], Iterator[tuple[str, pl.DataFrame]]]:
+    """In-process ``compute`` for :func:`run_batches` (no Ray): ``method`` of :class:`SurrogateWorker`."""
+    def compute(items):
+        for bid, frame in items:
+            yield bid, _dispatch(surrogate, method, frame, kwargs)
+    return compute
+
+
+def _dispatch(surrogate, method: str, frame: pl.DataFrame, kwargs: dict[str, Any]) -> pl.DataFrame:
+    if method == "prescreen":
+        return prescreen_frame(surrogate, frame, **kwargs)
+    if method == "relax":
+        return relax_frame(surrogate, frame, **kwargs)
+    if method == "phonons":
+        from lib.phonons import phonon_frame
+
+        return phonon_frame(surrogate, frame, **kwargs)
+    raise ValueError(f"unknown method {method!r}: one of prescreen, relax, phonons")
+
+
+def _import(path: str) -> Callable[..., Any]:
+    mod, _, attr = path.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+class SurrogateWorker:
+    """A Ray actor body: loads the surrogate once, then computes batches."""
+
+    def __init__(self, surrogate: str, load_kwargs: dict[str, Any], loader: str, torch_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.surrogate = _import(loader)(surrogate, **load_kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict[str, str]:
+        import ray
+
+        return {"name": self.surrogate.name, "weights_sha256": self.surrogate.weights_sha256,
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": str(os.getpid())}
+
+    def run(self, method: str, frame: pl.DataFrame, kwargs: dict[str, Any]) -> pl.DataFrame:
+        return _dispatch(self.surrogate, method, frame, kwargs)
+
+
+class SurrogatePool:
+    """Ray actors that each hold one loaded surrogate; :meth:`map` spreads batches over them.
+
+    ``ray`` must already be initialised (``RayResource.init()`` locally or with ``RAY_ADDRESS``).
+    Actors import ``lib.screening``: Ray puts the driver's working directory on the workers' path,
+    which covers a local Ray and nodes with this checkout at the same path; other clusters need the
+    code shipped at job level (``ray.init(runtime_env={"py_modules": [...]})``).
+    """
+
+    def __init__(
+        self,
+        surrogate: str,
+        *,
+        num_actors: int,
+        load_kwargs: dict[str, Any] | None = None,
+        loader: str = "lib.screening:load_configured_surrogate",
+        num_cpus_per_actor: float = 1.0,
+        max_restarts: int = 3,
+    ) -> None:
+        import ray
+
+        if num_actors < 1:
+            raise ValueError("num_actors must be >= 1")
+        opts: dict[str, Any] = {"num_cpus": num_cpus_per_actor, "max_restarts": max_restarts,
+                                "max_task_retries": 0}
+        cls = ray.remote(SurrogateWorker).options(**opts)
+        threads = max(1, int(num_cpus_per_actor))
+        self._ray = ray
+        self.actors = [cls.remote(surrogate, load_kwargs or {}, loader, threads) for _ in range(num_actors)]
+        self._retries = 0
+        self._busy: dict[Any, int] = {}
+
+    def pids(self, *, timeout_s: float = 300.0) -> list[int]:
+        """Process ids of the actors (waits for restarting ones, up to ``timeout_s``)."""
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._ray.get([a.pid.remote() for a in self.actors])
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def info(self) -> list[dict[str, str]]:
+        return self._ray.get([a.info.remote() for a in self.actors])
+
+    def n_retries(self) -> int:
+        return self._retries
+
+    def busy_actors(self) -> list[int]:
+        """Indices of the actors that have a batch in flight now."""
+        return sorted(set(self._busy.values()))
+
+    def compute(self, method: str, *, max_attempts: int = 3, in_flight_per_actor: int = 2, **kwargs):
+        """A ``compute`` callable for :func:`run_batches` running ``method`` on the actors."""
+        def compute(items):
+            yield from self.map(method, items, max_attempts=max_attempts,
+                                in_flight_per_actor=in_flight_per_actor, **kwargs)
+        compute.n_retries = self.n_retries  # type: ignore[attr-defined]
+        return compute
+
+    def map(self, method: str, items: Iterable[tuple[str, pl.DataFrame]], *, max_attempts: int = 3,
+            in_flight_per_actor: int = 2, **kwargs) -> Iterator[tuple[str, pl.DataFrame]]:
+        """Yield ``(batch_id, result)`` as batches finish.
+
+        A batch whose actor died is re-submitted, up to ``max_attempts`` times in all; an actor
+        that failed gets no new batch until a probe shows it is back (Ray restarts it,
+        ``max_restarts``), so the retry goes to a healthy actor when there is one.
+        """
+        ray = self._ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+
+        dead_errors = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+        queue = list(items)
+        queue.reverse()
+        frames = {bid: f for bid, f in queue}
+        attempts: dict[str, int] = {}
+        pending: dict[Any, str] = {}
+        probes: dict[Any, int] = {}
+        healthy = set(range(len(self.actors)))
+        load = dict.fromkeys(range(len(self.actors)), 0)
+        while queue or pending:
+            while queue and healthy:
+                which = min(healthy, key=lambda i: (load[i], i))
+                if load[which] >= in_flight_per_actor:
+                    break
+                bid, frame = queue.pop()
+                attempts[bid] = attempts.get(bid, 0) + 1
+                ref = self.actors[which].run.remote(method, frame, kwargs)
+                pending[ref] = bid
+                self._busy[ref] = which
+                load[which] += 1
+            if not pending and not probes:
+                raise RuntimeError("no Ray actor is alive to run the remaining batches")
+            done, _ = ray.wait([*pending, *probes], num_returns=1)
+            for ref in done:
+                if ref in probes:
+                    which = probes.pop(ref)
+                    try:
+                        ray.get(ref)
+                        healthy.add(which)
+                    except dead_errors:
+                        time.sleep(0.5)  # still restarting: probe again
+                        probes[self.actors[which].pid.remote()] = which
+                    continue
+                bid = pending.pop(ref)
+                which = self._busy.pop(ref)
+                load[which] -= 1
+                try:
+                    result = ray.get(ref)
+                except dead_errors as exc:
+                    if attempts[bid] >= max_attempts:
+                        raise RuntimeError(f"batch {bid} failed {attempts[bid]} times: {exc}") from exc
+                    self._retries += 1
+                    queue.append((bid, frames[bid]))
+                    if which in healthy:
+                        healthy.discard(which)
+                        probes[self.actors[which].pid.remote()] = which
+                    continue
+                yield bid, result
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+def default_num_actors(n_batches: int, *, requested: int = 0, cpus: float | None = None,
+                       cpus_per_actor: float = 1.0) -> int:
+    """``requested`` if set, else as many actors as the cluster's CPUs hold, at most one per batch."""
+    if requested > 0:
+        return max(1, min(requested, max(1, n_batches)))
+    cap = int((cpus or 1) // cpus_per_actor) or 1
+    return max(1, min(cap, n_batches))
+
+
+def with_lineage(frame: pl.DataFrame, lineage: pl.DataFrame, *, surrogate_name: str, surrogate_sha256: str,
+                 code_version: str = CODE_VERSION) -> pl.DataFrame:
+    """Prefix the lineage columns (``candidate_id``, ``template_id``, ``checkpoint_id`` from
+    ``lineage``; surrogate name and hash, code version) to ``frame``."""
+    lin_cols = [c for c in ("candidate_id", "template_id", "checkpoint_id") if c in lineage.columns]
+    lin = lineage.select(lin_cols).unique("candidate_id", keep="first")
+    for c in ("template_id", "checkpoint_id"):
+        if c not in lin.columns:
+            lin = lin.with_columns(pl.lit(None, pl.String).alias(c))
+    out = frame.join(lin, on="candidate_id", how="left").with_columns(
+        pl.lit(surrogate_name).alias("surrogate_name"), pl.lit(surrogate_sha256).alias("surrogate_sha256"),
+        pl.lit(code_version).alias("code_version"))
+    rest = [c for c in out.columns if c not in LINEAGE_COLUMNS]
+    return out.select(*LINEAGE_COLUMNS, *rest)

@@ -1,0 +1,227 @@
+"""lib.screening and lib.phonons with the real CHGNet surrogate (in-process, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from lib import screening as scr
+from lib.phonons import phonon_frame
+
+SURROGATE = "CHGNet-0.3.0"
+
+
+def cand(cid: str, sg: int, letters: list[str], species: list[str], coords: list[list[float]], a: float,
+         c: float | None = None, *, template_id: str = "tpl-test", gamma: float = 90.0) -> dict:
+    """One candidates_dedup-like row (ASU form)."""
+    return {"candidate_id": cid, "template_id": template_id, "checkpoint_id": "ckpt-test",
+            "chemical_system": "-".join(sorted(set(species))), "spacegroup_number": sg, "asu_letters": letters,
+            "asu_species": species, "asu_frac_coords": coords, "a_a": a, "b_a": a, "c_a": c or a,
+            "alpha_deg": 90.0, "beta_deg": 90.0, "gamma_deg": gamma}
+
+
+def ba_ru_o_candidates() -> pl.DataFrame:
+    """A handful of Ba-Ru-O structures in the candidates_dedup layout, plus one bad row (Og)."""
+    rows = [
+        cand("cand-bruo3-cubic", 221, ["a", "b", "d"], ["Ru", "Ba", "O"], [[0, 0, 0], [.5, .5, .5], [.5, 0, 0]], 4.0),
+        cand("cand-bao-rocksalt", 225, ["a", "b"], ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]], 5.5),
+        cand("cand-ruo2-rutile", 136, ["a", "f"], ["Ru", "O"], [[0, 0, 0], [.305, .305, 0]], 4.49, 3.11),
+        cand("cand-bao-cscl", 221, ["a", "b"], ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]], 3.3),
+        cand("cand-og-bad", 221, ["a", "b", "d"], ["Ru", "Og", "O"], [[0, 0, 0], [.5, .5, .5], [.5, 0, 0]], 4.0),
+    ]
+    df = pl.DataFrame(rows)
+    return df.with_columns(pl.lit("Ba-O-Ru").alias("chemical_system"),
+                           pl.Series("formula", ["BaRuO3", "Ba4O4", "Ru2O4", "BaO", "RuOgO3"]),
+                           pl.Series("reduced_formula", ["BaRuO3", "BaO", "RuO2", "BaO", "RuOgO3"]))
+
+
+@pytest.fixture(scope="module")
+def surrogate():
+    import torch
+
+    torch.set_num_threads(1)  # the test machine is shared; one thread is faster than two fighting
+    return scr.load_configured_surrogate(SURROGATE)
+
+
+def test_batched_energies_equal_single_structure(surrogate):
+    df = ba_ru_o_candidates().head(4)
+    batched = scr.prescreen_frame(surrogate, df, batch_size=4)
+    single = pl.concat([scr.prescreen_frame(surrogate, df.slice(i, 1), batch_size=1) for i in range(df.height)])
+    assert batched["status"].to_list() == ["ok"] * 4
+    np.testing.assert_allclose(batched["energy_per_atom_ev"].to_numpy(), single["energy_per_atom_ev"].to_numpy(),
+                               atol=1e-5)
+    # and the same as the library's ASE calculator, one structure at a time (the paper's way)
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    calc = surrogate.calculator()
+    structures = scr.frame_structures(df)
+    ase_e = []
+    for s in structures:
+        atoms = AseAtomsAdaptor.get_atoms(s)
+        atoms.calc = calc
+        ase_e.append(atoms.get_potential_energy() / len(atoms))
+    np.testing.assert_allclose(batched["energy_per_atom_ev"].to_numpy(), ase_e, atol=1e-4)
+
+
+def test_uncovered_element_is_a_row_error_and_the_rest_proceed(surrogate):
+    df = ba_ru_o_candidates()
+    out = scr.prescreen_frame(surrogate, df, batch_size=8)
+    bad = out.filter(pl.col("candidate_id") == "cand-og-bad").row(0, named=True)
+    assert bad["status"] == "error" and bad["energy_ev"] is None
+    assert "cand-og-bad" in bad["error"] and "Og" in bad["error"] and SURROGATE in bad["error"]
+    good = out.filter(pl.col("candidate_id") != "cand-og-bad")
+    assert good["status"].to_list() == ["ok"] * 4 and good["energy_per_atom_ev"].is_finite().all()
+    # relaxation quarantines the same row with the same reason
+    rel = scr.relax_frame(surrogate, df.filter(pl.col("candidate_id") == "cand-og-bad"), steps=5)
+    assert rel["status"].to_list() == ["error"] and "Og" in rel["error"][0]
+
+
+def test_relax_cubic_baruo3_converges_and_keeps_symmetry(surrogate):
+    df = ba_ru_o_candidates().head(1)
+    out = scr.relax_frame(surrogate, df, fmax=0.05, steps=300)
+    row = out.row(0, named=True)
+    assert row["status"] == "ok" and row["is_converged"] and 0 < row["n_steps"] < 300
+    assert row["spacegroup_number_relaxed"] == 221
+    assert 3.9 < row["a_a"] < 4.3 and len(row["frac_coords"]) == 5 and len(row["lattice_matrix"]) == 9
+    s = scr.cell_to_structure(row["lattice_matrix"], row["species"], row["frac_coords"])
+    e = surrogate.predict([s])[0].energy_ev / 5
+    assert abs(e - row["energy_per_atom_ev"]) < 1e-4  # the stored cell is the relaxed one
+
+
+def _nacl_frames(surrogate):
+    """Na-Cl references (ASE reference states: bcc Na, a Cl2 dimer) and two NaCl polymorphs, static."""
+    refs = scr.reference_phases(["Na", "Cl"])
+    assert sorted(refs["phase_id"].to_list()) == ["ase-Cl", "ase-Na"]
+    assert refs.filter(pl.col("phase_id") == "ase-Cl")["is_cell_relaxed"].to_list() == [False]
+    cands = pl.DataFrame([
+        cand("cand-rocksalt", 225, ["a", "b"], ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]], 5.67),
+        cand("cand-cscl", 221, ["a", "b"], ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]], 3.45),
+    ])
+    out = []
+    for frame, key in ((refs, "phase_id"), (cands, "candidate_id")):
+        structures = scr.frame_structures(frame, key=key)
+        e = scr.predict_energies(surrogate, structures)
+        out.append(frame.with_columns(pl.Series("energy_ev", e, dtype=pl.Float64), pl.lit("ok").alias("status"),
+                                      pl.Series("species", [[x.specie.symbol for x in s] for s in structures])))
+    return out
+
+
+def test_formation_energy_and_hull_on_nacl(surrogate):
+    refs, cands = _nacl_frames(surrogate)
+    res = scr.formation_and_hull(refs.with_columns(pl.col("formula")), cands, elements=["Na", "Cl"])
+    mu = res.chemical_potentials_ev
+    e = dict(zip(cands["candidate_id"], cands["energy_ev"], strict=True))
+    # formation energy by hand: (E - 4 mu_Na - 4 mu_Cl) / 8 for the 8-atom rocksalt cell
+    ef_rs = (e["cand-rocksalt"] - 4 * mu["Na"] - 4 * mu["Cl"]) / 8
+    got = dict(zip(res.candidates["candidate_id"], res.candidates["formation_energy_per_atom_ev"], strict=True))
+    assert got["cand-rocksalt"] == pytest.approx(ef_rs, abs=1e-9)
+    # NaCl: MP (GGA + corrections) -2.12 eV/atom, experiment -2.13; CHGNet is fitted to MP energies
+    assert -2.5 < ef_rs < -1.7
+    hull = dict(zip(res.candidates["candidate_id"], res.candidates["e_above_hull_ev_per_atom"], strict=True))
+    # the rocksalt lies below the hull of the elements by -Ef; the CsCl polymorph's energy above
+    # that hull is its formation energy; against a hull containing rocksalt it is Ef(CsCl) - Ef(rocksalt)
+    assert hull["cand-rocksalt"] == pytest.approx(ef_rs, abs=1e-6)
+    refs2 = pl.concat([refs.select("phase_id", "formula", "energy_ev", "status"),
+                       pl.DataFrame({"phase_id": ["rocksalt"], "formula": ["Na4Cl4"],
+                                     "energy_ev": [e["cand-rocksalt"]], "status": ["ok"]})])
+    res2 = scr.formation_and_hull(refs2, cands, elements=["Na", "Cl"])
+    hull2 = dict(zip(res2.candidates["candidate_id"], res2.candidates["e_above_hull_ev_per_atom"], strict=True))
+    ef_cs = (e["cand-cscl"] - mu["Na"] - mu["Cl"]) / 2
+    assert hull2["cand-rocksalt"] == pytest.approx(0.0, abs=1e-6)
+    assert hull2["cand-cscl"] == pytest.approx(ef_cs - ef_rs, abs=1e-6) and hull2["cand-cscl"] > 0
+    on_hull = res2.references.filter(pl.col("e_above_hull_ev_per_atom") < 1e-9)["phase_id"].to_list()
+    assert sorted(on_hull) == ["ase-Cl", "ase-Na", "rocksalt"]
+    # a candidate outside the system is an error row, not a silent drop
+    bad = cands.head(1).with_columns(pl.lit("cand-k").alias("candidate_id"), pl.lit([["K", "Cl"]]).alias("species"))
+    res3 = scr.formation_and_hull(refs, bad, elements=["Na", "Cl"])
+    assert res3.candidates["status"].to_list() == ["error"] and "K" in res3.candidates["error"][0]
+    with pytest.raises(ValueError, match="no relaxed elemental reference"):
+        scr.formation_and_hull(refs.filter(pl.col("phase_id") == "ase-Na"), cands, elements=["Na", "Cl"])
+
+
+def test_phonon_verdict_stable_rocksalt_unstable_cubic_baruo3(surrogate):
+    # lattice constants relaxed with CHGNet 0.3.0 (a = 5.673 Å NaCl, 4.064 Å BaRuO3)
+    frame = pl.DataFrame([
+        cand("nacl", 225, ["a", "b"], ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]], 5.673),
+        cand("bruo3", 221, ["a", "b", "d"], ["Ru", "Ba", "O"], [[0, 0, 0], [.5, .5, .5], [.5, 0, 0]], 4.064),
+    ])
+    out = phonon_frame(surrogate, frame, supercell=(2, 2, 2), mesh=(4, 4, 4), band_npoints=11)
+    r = {row["key"]: row for row in out.iter_rows(named=True)}
+    assert r["nacl"]["status"] == "ok" and r["bruo3"]["status"] == "ok"
+    assert r["nacl"]["is_dynamically_stable"] and r["nacl"]["min_frequency_thz"] > -0.5
+    assert not r["bruo3"]["is_dynamically_stable"] and r["bruo3"]["min_frequency_thz"] < -1.0
+    assert r["bruo3"]["n_supercell_atoms"] == 40 and r["nacl"]["n_supercell_atoms"] == 64
+    nq = len(r["nacl"]["band_distances"])
+    assert nq == 7 * 11 and len(r["nacl"]["band_frequencies_thz"]) == nq
+    assert len(r["nacl"]["band_frequencies_thz"][0]) == 3 * 8 and len(r["nacl"]["band_label_distances"]) == 8
+
+
+def test_supercell_from_min_length():
+    from lib.phonons import supercell_diagonal
+
+    assert supercell_diagonal((4.0, 4.0, 13.0), min_length_a=10.0) == [3, 3, 1]
+    assert supercell_diagonal((4.0, 4.0, 13.0)) == [2, 2, 2]
+
+
+def test_batches_are_content_addressed_and_resumable(surrogate, tmp_path):
+    df = ba_ru_o_candidates()
+    plan = scr.plan_batches(df.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=2,
+                            salt={"surrogate_sha256": surrogate.weights_sha256})
+    again = scr.plan_batches(df.reverse().select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=2,
+                             salt={"surrogate_sha256": surrogate.weights_sha256})
+    assert plan.sort("candidate_id")["batch_id"].to_list() == again.sort("candidate_id")["batch_id"].to_list()
+    other = scr.plan_batches(df.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=2,
+                             salt={"surrogate_sha256": "0" * 64})
+    assert set(other["batch_id"]).isdisjoint(plan["batch_id"])
+    assert plan["batch_id"].n_unique() == 3
+    with pytest.raises(ValueError, match="duplicate candidate_id"):
+        scr.plan_batches(pl.concat([df, df.head(1)]), rows_per_batch=2, salt={})
+
+    compute = scr.local_compute(surrogate, "prescreen", batch_size=8)
+    written: list[str] = []
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(bid: str) -> None:
+        written.append(bid)
+        raise Crash  # the driver dies after the first batch is on disk
+
+    with pytest.raises(Crash):
+        scr.run_batches(plan, compute, work_dir=tmp_path, on_batch_written=crash_after_first)
+    assert len(list(tmp_path.glob("bat-*.parquet"))) == 1
+    res, stats = scr.run_batches(plan, compute, work_dir=tmp_path)
+    assert (stats.n_batches, stats.n_skipped, stats.n_run) == (3, 1, 2)
+    assert res.height == df.height and res["candidate_id"].n_unique() == df.height
+    res2, stats2 = scr.run_batches(plan, compute, work_dir=tmp_path)
+    assert (stats2.n_skipped, stats2.n_run) == (3, 0)
+    assert res2.sort("candidate_id").equals(res.sort("candidate_id"))
+
+
+def test_shortlist_ranks_by_hull_then_formation():
+    rel = pl.DataFrame({"candidate_id": ["a", "b", "c", "d"], "status": ["ok", "ok", "ok", "error"],
+                        "formula": ["X", "Y", "Z", "W"]})
+    stab = pl.DataFrame({"candidate_id": ["a", "b", "c", "d"], "formation_energy_per_atom_ev": [-1.0, -2.0, -0.5, None],
+                         "e_above_hull_ev_per_atom": [0.1, 0.1, 0.0, None], "decomposition": ["", "", "", None],
+                         "status": ["ok", "ok", "ok", "error"]})
+    ph = pl.DataFrame({"candidate_id": ["b"], "min_frequency_thz": [-3.0], "is_dynamically_stable": [False],
+                       "status": ["ok"]})
+    out = scr.build_shortlist(rel, stab, ph)
+    assert out["candidate_id"].to_list() == ["c", "b", "a"] and out["rank"].to_list() == [1, 2, 3]
+    assert out["has_phonons"].to_list() == [False, True, False]
+    assert out["is_dynamically_stable"].to_list() == [None, False, None]
+
+
+def test_reference_phases_from_mp_file_and_table(ba_ru_o_dir):
+    cells = scr.mp_csv_cells(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", elements=["Ba", "O"])
+    assert set(cells["formula"].map_elements(lambda f: "".join(c for c in f if c.isalpha()), return_dtype=pl.String)) \
+        <= {"Ba", "O", "BaO"}  # Ba, O2, BaO, BaO2, BaO6: no Ru phase in the Ba-O subsystem
+    assert cells.height == 15 and "mp-1342" in cells["phase_id"].to_list()
+    phases = scr.reference_phases(["Ba", "O", "Ru"], cells)
+    assert phases.filter(pl.col("source") == "ase.data.reference_states")["phase_id"].to_list() == ["ase-Ru"]
+    table = pl.DataFrame({"material_id": ["mp-1", "mp-2"], "formula": ["Ba1 O1", "Na1 Cl1"], "source": ["f", "f"],
+                          "elements": [["Ba", "O"], ["Cl", "Na"]], "lattice_matrix": [[4.0, 0, 0, 0, 4, 0, 0, 0, 4]] * 2,
+                          "species": [["Ba", "O"], ["Na", "Cl"]], "frac_coords": [[[0, 0, 0], [.5, .5, .5]]] * 2})
+    sub = scr.mp_table_cells(table, elements=["Ba", "O", "Ru"])
+    assert sub["phase_id"].to_list() == ["mp-1"] and sub["formula"].to_list() == ["Ba1O1"]

@@ -1,0 +1,116 @@
+"""The pre-screen asset, unchanged, on a two-node Ray cluster started on this machine.
+
+A head (``ray start --head --num-cpus 1``) and a second node (``ray start --address ...
+--num-cpus 1``) are started with ``--block`` in their own process groups and a private temp dir;
+``RAY_ADDRESS`` points the platform's ``RayResource`` at the head. Two actors of one CPU each can
+only be placed one per node. The cluster is torn down in ``finally`` by signalling exactly the
+processes this test started (``ray stop --force`` would also stop other Ray sessions on a shared
+machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from assets.screening import prescreen
+from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
+from tests.lib.test_screening import SURROGATE, ba_ru_o_candidates
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray head did not open port {port} in {timeout_s} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the `ray start --block` process group (it stops its own raylet/GCS), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this group only
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def test_prescreen_runs_on_a_two_node_cluster(home, store, monkeypatch):
+    import ray
+
+    port = _free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    # one auth mode for the cluster and this driver (the test's cluster listens on 127.0.0.1 only)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0",
+                                                                         "RAY_AUTH_MODE": "disabled"}
+    common = ["--num-cpus", "1", "--object-store-memory", str(150 * 1024**2), "--block",
+              "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen(
+            [RAY, "start", "--head", "--port", str(port), "--temp-dir", str(tmp), "--include-dashboard", "false",
+             *common], env=env, start_new_session=True, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT))
+        _wait_port(port, 120)
+        address = f"127.0.0.1:{port}"
+        procs.append(subprocess.Popen(
+            [RAY, "start", "--address", address, *common], env=env, start_new_session=True,
+            stdout=open(tmp / "node2.log", "w"), stderr=subprocess.STDOUT))
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        RayResource().init()
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.monotonic() < deadline, (tmp / "node2.log").read_text()[-2000:]
+            time.sleep(1)
+        assert ray.cluster_resources().get("CPU") == 2
+
+        store.write("candidates_dedup", ba_ru_o_candidates(), partition="Ba-O-Ru")
+        inst = dg.DagsterInstance.ephemeral()
+        inst.add_dynamic_partitions("chemical_system", ["Ba-O-Ru"])
+        inst.add_dynamic_partitions("surrogate", [SURROGATE])
+        res = dg.materialize(
+            [prescreen], instance=inst,
+            partition_key=dg.MultiPartitionKey({"chemical_system": "Ba-O-Ru", "surrogate": SURROGATE}),
+            resources={"cgwgan_home": CgwganHome(home=str(home)), "ray_runtime": RayResource(),
+                       "surrogate_registry": SurrogateRegistryResource()},
+            run_config={"ops": {"prescreen": {"config": {"num_actors": 2, "batch_rows": 2, "batch_size": 4}}}})
+        assert res.success
+        meta = res.asset_materializations_for_node("prescreen")[0].metadata
+        assert meta["backend"].value == "ray" and meta["ray_address"].value == address
+        assert meta["actors"].value == 2 and meta["ray_nodes"].value == 2  # one actor on each node
+        out = store.read("prescreen", partition=f"Ba-O-Ru|{SURROGATE}")
+        assert out.height == 5 and out["candidate_id"].n_unique() == 5
+        assert out.filter(pl.col("status") == "ok").height == 4
+    finally:
+        ray.shutdown()
+        for p in reversed(procs):
+            _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
