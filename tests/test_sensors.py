@@ -1,0 +1,283 @@
+"""Sensors and schedules with real Dagster instances: DFT results folder, surrogate registry, weekly re-screen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from assets.dft import dft_results, discoveries
+from assets.registry import registered_surrogates, registry_version, surrogate_registry
+from lib.store import TableStore
+from orchestration import schedules, sensors
+from orchestration.resources import CgwganHome, SurrogateRegistryResource
+from orchestration.schedules import DFT_INGEST_JOB, weekly_rescreen
+from orchestration.sensors import dft_ingest_request, make_dft_results_sensor, make_surrogate_registry_sensor
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+MP = "M3GNet-MP-2021.2.8-PES"
+MATPES = "M3GNet-MatPES-PBE-v2025.1-PES"
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    for p in [dest, *dest.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest
+
+
+def test_sensors_and_schedule_are_registered() -> None:
+    assert {s.name for s in sensors.SENSORS} == {"dft_results_sensor", "surrogate_registry_sensor"}
+    assert [s.name for s in schedules.SCHEDULES] == ["weekly_rescreen"]
+    assert schedules.SCHEDULES[0].cron_schedule == "0 3 * * 1"
+
+
+def test_dft_results_sensor_requests_each_folder_once_and_the_run_ingests(
+        home: Path, fixtures_dir: Path, tmp_path: Path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    cg = CgwganHome(home=str(home))
+    results = home / "dft" / "results"
+    _copy(fixtures_dir / "Si", results / "Si")
+    (results / "still-copying").mkdir()
+    (results / "still-copying" / "INCAR").write_text("ENCUT = 520\n")  # no outputs yet: not ready
+    _copy(fixtures_dir / "Si", tmp_path / "outside")
+    (results / "escape").symlink_to(tmp_path / "outside", target_is_directory=True)
+    sensor = make_dft_results_sensor(settle_seconds=0)
+
+    r1 = sensor(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}))
+    assert len(r1.run_requests) == 1
+    req = r1.run_requests[0]
+    assert req.run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si", "escape"]
+    r2 = sensor(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}, cursor=r1.cursor))
+    assert not r2.run_requests and "0 new to ingest, 0 retried" in r2.skip_reason.skip_message
+
+    # the requested run, executed for real
+    defs = dg.Definitions(assets=[dft_results, discoveries], jobs=[DFT_INGEST_JOB], resources={"cgwgan_home": cg})
+    run = defs.resolve_job_def("dft_ingest").execute_in_process(run_config=req.run_config, instance=instance)
+    assert run.success
+    rows = {r["run_name"]: r for r in TableStore(home).read("dft_results").to_dicts()}
+    assert rows["Si"]["status"] == "unlinked" and rows["Si"]["min_frequency_thz"] > -0.1
+    assert rows["escape"]["status"] == "refused"
+
+    # after the retry period: ingested folders are confirmed from the store; a request whose run
+    # never landed (here: never launched) is made again, under a new run key
+    _copy(fixtures_dir / "Si", results / "Si-lost")
+    lost, cur, _ = dft_ingest_request(cg, r2.cursor, settle_seconds=0)
+    assert lost.run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si-lost"]
+    later = time.time() + 4000
+    again, cur2, line = dft_ingest_request(cg, cur, settle_seconds=0, now=later)
+    assert again.run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si-lost"]
+    assert again.run_key != lost.run_key and "1 retried" in line
+    confirmed = json.loads(cur2)
+    assert confirmed["Si"][2] is True and confirmed["escape"][2] is True and confirmed["Si-lost"][2] is False
+    shutil.rmtree(results / "Si-lost")
+
+    # a folder that finishes later, and a folder that changes, are requested on the next tick only
+    (results / "still-copying" / "FORCE_CONSTANTS").write_text("garbage\n")
+    (results / "Si" / "OUTCAR").write_text("truncated OUTCAR\n")
+    r3 = sensor(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}, cursor=r2.cursor))
+    assert r3.run_requests[0].run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si", "still-copying"]
+    assert r3.run_requests[0].run_key != req.run_key
+
+    # settling: a folder written just now is not ready under a 1-hour settle time
+    slow = make_dft_results_sensor(name="slow", settle_seconds=3600)
+    r4 = slow(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}))
+    assert [r.run_config["ops"]["dft_results"]["config"]["run_names"] for r in r4.run_requests] == [["escape"]]
+    old = time.time() - 7200
+    for p in (results / "Si").rglob("*"):
+        os.utime(p, (old, old))
+    r5 = slow(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}, cursor=r4.cursor))
+    assert r5.run_requests[0].run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si"]
+
+
+def _registry(path: Path, names: list[str]) -> None:
+    path.write_text(json.dumps({"surrogates": [{"name": n, "kind": "m3gnet"} for n in names]}))
+
+
+def _shortlist(store: TableStore, surrogate: str, ids: list[str]) -> None:
+    store.write("shortlist", pl.DataFrame({
+        "rank": list(range(1, len(ids) + 1)), "candidate_id": ids, "surrogate_name": [surrogate] * len(ids),
+        "surrogate_sha256": ["x" * 64] * len(ids), "is_dynamically_stable": [True] * len(ids)}),
+        partition=f"Ba-O-Ru|{surrogate}")
+
+
+def test_registering_a_surrogate_adds_partitions_and_requests_rescreening(
+        home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:  # persistent (temporary): schedules need one
+        _registration_flow(instance, home, m3gnet_dir, tmp_path)
+
+
+def _registration_flow(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+    store = TableStore(home)
+    reg = tmp_path / "surrogates.json"
+    _registry(reg, [MP])
+    resources = {"cgwgan_home": CgwganHome(home=str(home)),
+                 "surrogate_registry": SurrogateRegistryResource(registry_path=str(reg), models_dir=str(m3gnet_dir))}
+    sensor = make_surrogate_registry_sensor()
+
+    def tick(cursor):
+        res = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+        for req in res.dynamic_partitions_requests or []:  # what the daemon does with them
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        return res
+
+    r0 = tick(None)  # no candidates yet: partitions are added, nothing is screened
+    assert not r0.run_requests and instance.get_dynamic_partitions("surrogate") == [MP]
+    r0 = tick(r0.cursor)
+    assert not r0.run_requests and "no candidates_dedup yet for Ba-O-Ru" in r0.skip_reason.skip_message
+    store.write("candidates_dedup", pl.DataFrame({"candidate_id": ["c1", "c2", "c3"]}), partition="Ba-O-Ru")
+    r1 = tick(r0.cursor)
+    assert [str(r.partition_key) for r in r1.run_requests] == [f"Ba-O-Ru|{MP}"]
+    assert {r.job_name for r in r1.run_requests} == {"rescreen_surrogate"}
+    assert instance.get_dynamic_partitions("surrogate") == [MP]
+    assert instance.get_dynamic_partitions("chemical_system") == ["Ba-O-Ru"]
+    r2 = tick(r1.cursor)
+    assert not r2.run_requests and "nothing new" in r2.skip_reason.skip_message
+
+    # register the newer surrogate next to it: a registry entry (its folder is already there)
+    _registry(reg, [MP, MATPES])
+    r3 = tick(r2.cursor)
+    assert [str(r.partition_key) for r in r3.run_requests] == [f"Ba-O-Ru|{MATPES}"]
+    assert r3.run_requests[0].tags["cgwgan/surrogate_sha256"].startswith("9f710eac")
+    assert sorted(instance.get_dynamic_partitions("surrogate")) == [MP, MATPES]
+
+    # once both shortlists exist, one churn run; again only when a shortlist changes
+    _shortlist(store, MP, ["c1", "c2", "c3"])
+    _shortlist(store, MATPES, ["c2", "c1", "c3"])
+    r4 = tick(r3.cursor)
+    assert [r.job_name for r in r4.run_requests] == ["surrogate_churn_job"]
+    assert not tick(r4.cursor).run_requests
+    _shortlist(store, MATPES, ["c3", "c1", "c2"])
+    r6 = tick(r4.cursor)
+    assert [r.job_name for r in r6.run_requests] == ["surrogate_churn_job"]
+    assert r6.run_requests[0].run_key != r4.run_requests[0].run_key
+
+    # the weekly schedule re-screens every (system, surrogate) partition
+    monday = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
+    sched = weekly_rescreen(dg.build_schedule_context(instance=instance, scheduled_execution_time=monday))
+    assert {r.run_key.split(":")[0] for r in sched} == {"weekly-2026-11-30"}
+    assert sorted(str(r.partition_key) for r in sched) == [f"Ba-O-Ru|{MP}", f"Ba-O-Ru|{MATPES}"]
+
+
+def test_registry_sensor_never_crashes(home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+        _never_crashes(instance, home, m3gnet_dir, tmp_path)
+
+
+def _never_crashes(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+    sensor = make_surrogate_registry_sensor()
+    cg = CgwganHome(home=str(home))
+    none = sensor(dg.build_sensor_context(instance=instance, resources={
+        "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(models_dir=str(m3gnet_dir))}))
+    assert not none.run_requests and "no surrogate registry file" in none.skip_reason.skip_message
+    broken = tmp_path / "broken.json"
+    broken.write_text("{oops")
+    res = sensor(dg.build_sensor_context(instance=instance, resources={
+        "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(broken))}))
+    assert isinstance(res, dg.SkipReason) and "broken.json" in res.skip_message
+    # registered but without weights here: listed, not screened
+    reg = tmp_path / "reg.json"
+    _registry(reg, [MATPES])
+    res = sensor(dg.build_sensor_context(instance=instance, resources={
+        "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(reg),
+                                                                           models_dir=str(tmp_path))}))
+    assert not res.run_requests
+    assert instance.get_dynamic_partitions("surrogate") == []
+    assert weekly_rescreen(dg.build_schedule_context(instance=instance)).skip_message
+
+
+def test_registry_observation_data_version_is_the_weights_hash(m3gnet_dir: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "reg.json"
+    _registry(reg, [MP])
+    one, _ = registered_surrogates(str(reg), str(m3gnet_dir))
+    _registry(reg, [MP, MATPES])
+    two, _ = registered_surrogates(str(reg), str(m3gnet_dir))
+    assert registry_version(one) != registry_version(two)
+    resource = SurrogateRegistryResource(registry_path=str(reg), models_dir=str(m3gnet_dir))
+    defs = dg.Definitions(assets=[surrogate_registry], jobs=[dg.define_asset_job("observe_registry",
+                                                                                 selection=[surrogate_registry])],
+                          resources={"surrogate_registry": resource})
+    instance = dg.DagsterInstance.ephemeral()
+    run = defs.resolve_job_def("observe_registry").execute_in_process(instance=instance)
+    assert run.success
+    obs = [e for e in run.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    assert obs[0].event_specific_data.asset_observation.tags["dagster/data_version"] == registry_version(two)
+    assert two[MP].sha256.startswith("a9aa7237") and two[MATPES].sha256.startswith("9f710eac")
+
+
+@pytest.mark.slow
+def test_new_surrogate_rescreens_ba_ru_o_through_the_sensor_and_churn_compares(
+        home: Path, m3gnet_dir: Path, ba_ru_o_dir: Path, tmp_path: Path) -> None:
+    """Done-when of issue 6: registering M3GNet-MatPES next to M3GNet-MP re-screens a small Ba–Ru–O
+    shortlist through the sensor's run requests alone, and the churn report shows both rankings."""
+    import torch
+
+    from assets.dft import surrogate_churn
+    from assets.screening import phonons, prescreen, references, relaxed, shortlist
+    from orchestration.resources import RayResource
+    from orchestration.schedules import CHURN_JOB, RESCREEN_JOB
+    from tests.lib.test_screening import ba_ru_o_candidates
+
+    torch.set_num_threads(1)
+    store = TableStore(home)
+    cands = ba_ru_o_candidates().with_columns(pl.lit(1).alias("n_folded"), pl.lit(False).alias("is_known_in_mp"),
+                                              pl.lit(None, pl.String).alias("mp_material_id"))
+    store.write("candidates_dedup", cands, partition="Ba-O-Ru")
+    mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
+    csv = tmp_path / "ba_ru_o_small.csv"
+    mp.filter(pl.col("material_id").is_in(["mp-1342", "mp-1009490", "mp-1977763"])).write_csv(csv)
+    small = {"ops": {
+        "prescreen": {"config": {"use_ray": False, "batch_rows": 8, "batch_size": 8}},
+        "relaxed": {"config": {"use_ray": False, "top_k": 2, "steps": 60}},
+        "references": {"config": {"use_ray": False, "mp_csv_path": str(csv), "steps": 40}},
+        "phonons": {"config": {"use_ray": False, "top_n": 2, "supercell": [1, 1, 1], "mesh": [4, 4, 4],
+                               "band_npoints": 5}},
+        "shortlist": {"config": {"n_plots": 0}},
+    }}
+    reg = tmp_path / "surrogates.json"
+    _registry(reg, [MP])
+    resources = {"cgwgan_home": CgwganHome(home=str(home)),
+                 "surrogate_registry": SurrogateRegistryResource(registry_path=str(reg), models_dir=str(m3gnet_dir)),
+                 "ray_runtime": RayResource(num_cpus=1, object_store_mb=256)}
+    defs = dg.Definitions(assets=[prescreen, relaxed, references, phonons, shortlist, surrogate_churn],
+                          jobs=[RESCREEN_JOB, CHURN_JOB], resources=resources)
+    sensor = make_surrogate_registry_sensor(rescreen_run_config=small)
+
+    with dg.instance_for_test() as instance:
+        def tick_and_run(cursor):
+            """One sensor tick, then what the daemon would do: add partitions, launch the runs."""
+            res = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+            for req in res.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            for req in res.run_requests:
+                job = defs.resolve_job_def(req.job_name)
+                run = job.execute_in_process(run_config=req.run_config, instance=instance,
+                                             partition_key=str(req.partition_key) if req.partition_key else None)
+                assert run.success
+            return res
+
+        r1 = tick_and_run(None)
+        assert [str(r.partition_key) for r in r1.run_requests] == [f"Ba-O-Ru|{MP}"]
+        _registry(reg, [MP, MATPES])
+        r2 = tick_and_run(r1.cursor)
+        assert [str(r.partition_key) for r in r2.run_requests] == [f"Ba-O-Ru|{MATPES}"]
+        r3 = tick_and_run(r2.cursor)
+        assert [r.job_name for r in r3.run_requests] == ["surrogate_churn_job"]
+
+    sl_mp = store.read("shortlist", partition=f"Ba-O-Ru|{MP}")
+    sl_new = store.read("shortlist", partition=f"Ba-O-Ru|{MATPES}")
+    assert sl_mp.height == sl_new.height == 2
+    assert set(sl_new["surrogate_sha256"]) == {registered_surrogates(str(reg), str(m3gnet_dir))[0][MATPES].sha256}
+    churn = store.read("surrogate_churn").row(0, named=True)
+    assert (churn["chemical_system"], churn["surrogate_a"], churn["surrogate_b"]) == ("Ba-O-Ru", MP, MATPES)
+    assert churn["n_common"] == 2 and -1.0 <= churn["spearman_rho"] <= 1.0
+    side = dict(zip(churn["candidate_ids"], zip(churn["ranks_a"], churn["ranks_b"], strict=True), strict=True))
+    assert side == {r["candidate_id"]: (r["rank"], sl_new.filter(pl.col("candidate_id") == r["candidate_id"])
+                                        ["rank"][0]) for r in sl_mp.iter_rows(named=True)}
