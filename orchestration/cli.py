@@ -1,0 +1,360 @@
+"""``cgwgan``: the scientist's command line.
+
+    cgwgan main                      run the whole pipeline (the main job) on CGWGAN_HOME
+    cgwgan tables                    tables and views with their row counts
+    cgwgan sql "SELECT ..."          a read-only query over the tables, printed as a table
+    cgwgan sql -f sql/examples/x.sql the queries of a file
+    cgwgan export --format cif --out shortlist/              the shortlist as CIF files
+    cgwgan export --table relaxed --where "e_above_hull_ev_per_atom < 0.1" --format ase-db --out r.db
+    cgwgan export --ids cand-0123 cand-4567 --format poscar --out picked/
+
+``--home`` (or ``CGWGAN_HOME``, else ``.cgwgan`` in the checkout) says where the tables are.
+Queries are read-only: only SELECT-like statements are accepted (SELECT, WITH, FROM, VALUES,
+DESCRIBE, SHOW, SUMMARIZE, EXPLAIN), and the DuckDB connection may read nothing but the tables'
+Parquet files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from lib.store import TableStore
+
+#: Tables searched, in order, for ``cgwgan export --ids`` without ``--table``: the most processed
+#: version of a candidate first (discovered, shortlisted, relaxed), then the generated cell.
+ID_LOOKUP_TABLES = ("discoveries", "shortlist", "relaxed", "candidates_dedup", "candidates")
+DEFAULT_EXPORT_TABLE = "shortlist"
+#: Where rows without a cell (shortlist, phonons, ...) get their structure, in order.
+STRUCTURE_SOURCES = ("relaxed", "candidates_dedup", "candidates")
+_READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_home(home: str | None) -> Path:
+    from orchestration.resources import DEFAULT_HOME
+
+    return Path(home or os.environ.get("CGWGAN_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def check_read_only(sql: str) -> list[str]:
+    """Split ``sql`` into statements and refuse anything but queries; returns the statements."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise CliError(f"cannot parse SQL: {exc}") from None
+    if not statements:
+        raise CliError("no SQL statement given")
+    for st in statements:
+        kind = st.type.name
+        if kind not in _READ_ONLY_TYPES:
+            raise CliError(
+                f"refused: {kind} statement ({st.query.strip()[:80]!r}); `cgwgan sql` is read-only "
+                "(SELECT / WITH / FROM / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN). Tables are written "
+                "only by the pipeline's assets."
+            )
+    return [st.query.strip() for st in statements]
+
+
+def read_only_connection(home: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with a view per table and the derived views, locked to the tables' files."""
+    from orchestration.resources import view_statements
+
+    store = TableStore(home)
+    con = store.connect(extra_sql=view_statements())
+    files = [str(f) for t in store.tables() for f in store.files(t)]
+    # Reading stays possible only for the Parquet files behind the views; nothing can be written
+    # or read elsewhere, and the settings cannot be changed back.
+    con.execute("SET allowed_paths = $1", [files])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
+    try:
+        return con.sql(sql)
+    except duckdb.Error as exc:
+        raise CliError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _printable(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """Nested columns (lists, structs) as text, so CSV and tables print them readably."""
+    nested = ("[]", "STRUCT", "MAP", "UNION", "[")
+    exprs = []
+    for name, typ in zip(rel.columns, rel.types, strict=True):
+        q = '"' + name.replace('"', '""') + '"'
+        exprs.append(f"CAST({q} AS VARCHAR) AS {q}" if any(t in str(typ) for t in nested) else q)
+    return rel.select(", ".join(exprs)) if exprs else rel
+
+
+def print_relation(rel: duckdb.DuckDBPyRelation, *, fmt: str, max_rows: int, out=None) -> int:
+    out = out or sys.stdout
+    if fmt == "table":
+        df = _printable(rel).limit(max_rows + 1).pl()
+        # Count the whole result only when it does not fit (that runs the query a second time).
+        n = df.height if df.height <= max_rows else rel.aggregate("count(*)").fetchall()[0][0]
+        df = df.head(max_rows)
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200,
+                       tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=False):
+            print(df, file=out)
+        shown = min(n, max_rows)
+        print(f"({n} row{'s' if n != 1 else ''}" + (f", first {shown} shown; --max-rows to see more)"
+                                                     if n > shown else ")"), file=out)
+        return n
+    df = _printable(rel).pl() if fmt == "csv" else rel.pl()
+    if fmt == "csv":
+        out.write(df.write_csv())
+    else:
+        out.write(df.write_ndjson())
+    return df.height
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_sql(args: argparse.Namespace) -> int:
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise CliError(f"SQL file not found: {path}")
+        sql = path.read_text()
+    elif args.query:
+        sql = " ".join(args.query)
+    else:
+        raise CliError('give a query (cgwgan sql "SELECT ...") or a file (cgwgan sql -f FILE)')
+    statements = check_read_only(sql)
+    home = resolve_home(args.home)
+    con = read_only_connection(home)
+    try:
+        for i, st in enumerate(statements):
+            if len(statements) > 1 and args.format == "table":
+                print(("\n" if i else "") + "-- " + " ".join(st.split())[:100])
+            rel = run_query(con, st)
+            if rel is not None:
+                print_relation(rel, fmt=args.format, max_rows=args.max_rows)
+    finally:
+        con.close()
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from orchestration.resources import view_statements
+
+    home = resolve_home(args.home)
+    store = TableStore(home)
+    names = store.tables()
+    rows = []
+    for t in names:
+        parts = store.partitions(t)
+        rows.append({"name": t, "kind": "table", "partitions": len(parts), "rows": store.rows(t),
+                     "columns": len(pl.read_parquet_schema(store.files(t)[0])) if parts else 0})
+    con = store.connect(extra_sql=view_statements())
+    try:
+        views = con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'"
+        ).fetchall()
+        for (v,) in sorted(views):
+            if v in names:
+                continue
+            try:
+                rel = con.sql(f'SELECT * FROM "{v}"')
+                n = rel.aggregate("count(*)").fetchall()[0][0]
+                rows.append({"name": v, "kind": "view", "partitions": None, "rows": n,
+                             "columns": len(rel.columns)})
+            except duckdb.Error as exc:
+                rows.append({"name": v, "kind": f"view (error: {str(exc)[:60]})", "partitions": None,
+                             "rows": None, "columns": None})
+    finally:
+        con.close()
+    if not rows:
+        print(f"no tables under {home} yet: run `cgwgan main` (or materialise assets in `dagster dev`)")
+        return 0
+    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        print(pl.DataFrame(rows, schema={"name": pl.String, "kind": pl.String, "partitions": pl.Int64,
+                                         "rows": pl.Int64, "columns": pl.Int64}))
+    print(f"home: {home}")
+    return 0
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    from orchestration.jobs import run_main  # lazy: imports the whole pipeline
+
+    home = resolve_home(args.home)
+    try:
+        run_main(home=str(home))
+    except Exception as exc:  # a failed step: say which and why; --traceback for the whole story
+        if args.traceback:
+            raise
+        raise CliError(f"the main job failed ({type(exc).__name__}): {str(exc)[:2000]}\n"
+                       "rerun with --traceback for the full trace, or inspect the run in "
+                       "`dagster dev -w workspace.yaml`") from None
+    return 0
+
+
+def select_rows(args: argparse.Namespace, con: duckdb.DuckDBPyConnection, home: Path) -> tuple[pl.DataFrame, str]:
+    """The rows ``cgwgan export`` writes, and a description of the selection."""
+    store = TableStore(home)
+    available = set(store.tables()) | {
+        v for (v,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    }
+    limit = f" LIMIT {int(args.limit)}" if args.limit else ""
+    if args.ids:
+        ids = list(dict.fromkeys(args.ids))
+        tables = [args.table] if args.table else [t for t in ID_LOOKUP_TABLES if t in available]
+        if not tables:
+            raise CliError(f"none of the tables {', '.join(ID_LOOKUP_TABLES)} exists under {home}")
+        found: list[pl.DataFrame] = []
+        missing = set(ids)
+        used = []
+        for t in tables:
+            if not missing:
+                break
+            _require_table(t, available, home)
+            cols = run_query(con, f'SELECT * FROM "{t}" LIMIT 0').columns
+            key = next((c for c in ("candidate_id", "material_id") if c in cols), None)
+            if key is None:
+                continue
+            df = con.sql(f'SELECT * FROM "{t}" WHERE list_contains($ids, "{key}"){limit}',
+                         params={"ids": sorted(missing)}).pl()
+            if df.height:
+                found.append(with_structures(df, home))
+                used.append(t)
+                missing -= set(df[key].to_list())
+        if missing:
+            raise CliError(f"ids not found in {', '.join(tables)}: {', '.join(sorted(missing))}")
+        return pl.concat(found, how="diagonal_relaxed"), f"{len(ids)} ids from {', '.join(used)}"
+    table = args.table or DEFAULT_EXPORT_TABLE
+    _require_table(table, available, home)
+    where = f" WHERE {args.where}" if args.where else ""
+    sql = f'SELECT * FROM "{table}"{where}{limit}'
+    check_read_only(sql)
+    if len(duckdb.extract_statements(sql)) != 1:
+        raise CliError(f"--where must be one filter expression, got {args.where!r}")
+    df = run_query(con, sql).pl()
+    return (with_structures(df, home) if df.height else df), f"{table}{where}{limit}"
+
+
+def with_structures(df: pl.DataFrame, home: Path) -> pl.DataFrame:
+    """Rows without structure columns get them from ``relaxed`` (or the generated candidates)."""
+    from lib.export import attach_structures, has_structure_columns
+
+    if has_structure_columns(df) or "candidate_id" not in df.columns:
+        return df
+    store = TableStore(home)
+    ids = df["candidate_id"].unique().implode()
+    sources = [store.scan(t).filter(pl.col("candidate_id").is_in(ids)).collect()
+               for t in STRUCTURE_SOURCES if store.exists(t)]
+    out = attach_structures(df, sources)
+    if not has_structure_columns(out):
+        raise CliError(f"the selection has no structure columns and none of {', '.join(STRUCTURE_SOURCES)} "
+                       f"holds its candidates under {home}")
+    return out
+
+
+def _require_table(table: str, available: set[str], home: Path) -> None:
+    if table not in available:
+        have = ", ".join(sorted(available)) or "none"
+        raise CliError(f"table {table!r} not found under {home} (tables: {have}); "
+                       "materialise it first (cgwgan main, or dagster dev)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lib.export import SUFFIX, export_structures
+
+    if args.ids and args.where:
+        raise CliError("give either --ids or --where, not both")
+    home = resolve_home(args.home)
+    con = read_only_connection(home)
+    try:
+        df, what = select_rows(args, con, home)
+    finally:
+        con.close()
+    if df.height == 0:
+        raise CliError(f"the selection ({what}) has no rows; nothing exported")
+    out = Path(args.out) if args.out else Path(
+        home, "exports", time.strftime("export-%Y%m%dT%H%M%S")
+        + ("" if args.format in ("poscar", "cif") else SUFFIX[args.format]))
+    try:
+        res = export_structures(df, fmt=args.format, out=out, layout=args.layout,
+                                overwrite=args.overwrite, cif_symprec=args.cif_symprec)
+    except (ValueError, FileExistsError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"exported {res.n_structures} of {df.height} rows ({what}; {res.layout} layout) "
+          f"as {res.format} to {res.path}")
+    for rid, reason in res.failures:
+        print(f"  not exported: {rid}: {reason}", file=sys.stderr)
+    if res.failures:
+        print(f"{len(res.failures)} row(s) could not be rebuilt (listed above)", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cgwgan", description="CGWGAN crystal discovery platform.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_home(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--home", help="CGWGAN_HOME (default: $CGWGAN_HOME, else .cgwgan in the checkout)")
+        return sp
+
+    sp = with_home(sub.add_parser("main", help="run the whole pipeline (the main job)"))
+    sp.add_argument("--traceback", action="store_true", help="show the full Python trace of a failure")
+    sp.set_defaults(func=cmd_main)
+
+    sp = with_home(sub.add_parser("tables", help="tables and views with their row counts"))
+    sp.set_defaults(func=cmd_tables)
+
+    sp = with_home(sub.add_parser("sql", help="run read-only SQL over the tables"))
+    sp.add_argument("query", nargs="*", help="SQL text (quote it)")
+    sp.add_argument("-f", "--file", help="a .sql file (statements separated by ';')")
+    sp.add_argument("--max-rows", type=int, default=40, help="rows printed per result (table format)")
+    sp.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sp.set_defaults(func=cmd_sql)
+
+    sp = with_home(sub.add_parser("export", help="write structures as CIF, POSCAR, extended XYZ or an ASE db"))
+    sp.add_argument("--format", required=True, choices=("cif", "poscar", "extxyz", "ase-db"))
+    sp.add_argument("--out", help="file (extxyz, ase-db, a .cif) or folder (cif, poscar); "
+                                  "default: <home>/exports/export-<time>")
+    sp.add_argument("--table", help=f"table or view to select from (default: {DEFAULT_EXPORT_TABLE}; "
+                                    f"with --ids: the first of {', '.join(ID_LOOKUP_TABLES)} holding them)")
+    sp.add_argument("--where", help="SQL filter, e.g. \"e_above_hull_ev_per_atom < 0.1\"")
+    sp.add_argument("--ids", nargs="+", help="candidate (or material) ids")
+    sp.add_argument("--shortlist", action="store_true", help="the shortlist (the default selection)")
+    sp.add_argument("--limit", type=int, help="at most this many rows")
+    sp.add_argument("--layout", choices=("auto", "cell", "asu"), default="auto",
+                    help="cell: stored (relaxed) cell; asu: rebuild from the Wyckoff ASU; auto: cell if present")
+    sp.add_argument("--cif-symprec", type=float, default=None, help="write symmetrised CIFs with this tolerance")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sp.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "shortlist", False):
+        if args.table and args.table != "shortlist" or args.ids:
+            print("cgwgan: error: --shortlist cannot be combined with --table or --ids", file=sys.stderr)
+            return 1
+        args.table = "shortlist"
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"cgwgan: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `cgwgan sql ... | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
