@@ -120,6 +120,20 @@ def _work_dir(home: CgwganHome, stage: str, partition: str) -> Path:
     return home.subdir("work") / stage / partition_dirname(partition)
 
 
+def _progress(context: dg.AssetExecutionContext, stage: str, batches):
+    """A callback that reports each finished batch in the run log (long stages show progress)."""
+    total = batches["batch_id"].n_unique()
+    done = [0]
+    t0 = time.perf_counter()
+
+    def report(batch_id: str) -> None:
+        done[0] += 1
+        context.log.info(f"{stage}: batch {done[0]}/{total} written ({batch_id}, "
+                         f"{time.perf_counter() - t0:.0f} s)")
+
+    return report
+
+
 def _surrogate_identity(surrogate: str, reg: SurrogateRegistryResource) -> tuple[str, str]:
     from lib.surrogates import load_registry
 
@@ -181,7 +195,8 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     n_batches = batches["batch_id"].n_unique()
     with _compute(config, "prescreen", surrogate, surrogate_registry, ray_runtime, n_batches,
                   batch_size=config.batch_size) as (compute, how):
-        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "prescreen", part))
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "prescreen", part),
+                                        on_batch_written=_progress(context, "prescreen", batches))
     carry = [c for c in ("formula", "reduced_formula", "spacegroup_number", "is_known_in_mp") if c in cands.columns]
     out = scr.with_lineage(res.join(cands.select("candidate_id", *carry), on="candidate_id", how="left"), cands,
                            surrogate_name=name, surrogate_sha256=sha)
@@ -228,7 +243,8 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec}
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
                   batches["batch_id"].n_unique(), **kw) as (compute, how):
-        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part))
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part),
+                                        on_batch_written=_progress(context, "relaxed", batches))
     res = res.rename({"key": "candidate_id"}) if res.height else pl.DataFrame(
         schema={**scr.RELAX_SCHEMA, "batch_id": pl.String}).rename({"key": "candidate_id"})
     meta_cols = top.select("candidate_id", *[c for c in ("formula", "reduced_formula", "spacegroup_number")
@@ -289,7 +305,8 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
                                      "steps": config.steps})
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
                   fmax=config.fmax, steps=config.steps) as (compute, how):
-        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "references", part))
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "references", part),
+                                        on_batch_written=_progress(context, "references", batches))
     refs = phases.select("phase_id", "formula", "source").join(
         res.rename({"key": "phase_id"}).drop("batch_id"), on="phase_id", how="left")
     hull = scr.formation_and_hull(refs, rel, elements=elements)
@@ -354,7 +371,8 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
                                salt={"surrogate_sha256": sha, "stage": "phonons", **kw})
     with _compute(config, "phonons", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
                   **kw) as (compute, how):
-        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "phonons", part))
+        res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "phonons", part),
+                                        on_batch_written=_progress(context, "phonons", batches))
     if not res.height:
         from lib.phonons import PHONON_SCHEMA
 

@@ -42,9 +42,8 @@ screening_job = dg.define_asset_job(
     description="Surrogate pre-screen, relaxation, hull, phonons and shortlist for one system x surrogate.",
 )
 dft_handoff_job = dg.define_asset_job(
-    "dft_handoff_job", selection=dg.AssetSelection.assets("dft_inputs"),
-    partitions_def=screening_partitions,
-    description="VASP + phonopy input folders for a shortlist.",
+    "dft_handoff_job", selection=dg.AssetSelection.assets("dft_inputs", "xrd_patterns"),
+    description="VASP + phonopy input folders for the shortlists, and their simulated XRD patterns.",
 )
 
 JOBS = [mp_job, generator_job, infill_job, screening_job, dft_handoff_job]
@@ -59,7 +58,7 @@ class MainSettings:
 
     chemical_system: str = DEFAULT_CHEMICAL_SYSTEM
     surrogate: str = ""  # "" = M3GNet when CGWGAN_M3GNET_DIR is set, else CHGNet (offline)
-    gan_epochs: int = 60
+    gan_epochs: int = 500
     n_templates: int = 3000
     # The embedded default trains on ~150 prototypes, so the demo's templates cannot match the
     # training density distribution as a model trained on MP does (the asset's default gate is
@@ -129,7 +128,7 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         ("generator_job", None),
         ("infill_job", s.chemical_system),
         ("screening_job", screening_key),
-        ("dft_handoff_job", screening_key),
+        ("dft_handoff_job", None),
     ]
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -11,7 +11,8 @@ EXPECTED_GROUPS = {
     "generator": {"wgan_checkpoint", "templates"},
     "infill": {"candidates", "candidates_dedup"},
     "screening": {"surrogate_models", "prescreen", "relaxed", "references", "phonons", "shortlist"},
-    "dft": {"dft_inputs", "dft_results", "discoveries"},
+    "dft": {"dft_inputs", "dft_results", "discoveries", "surrogate_churn"},
+    "reports": {"xrd_patterns"},
 }
 
 
