@@ -136,20 +136,25 @@ class InfillResult:
         return self.rejects.height
 
     def counts(self) -> dict[str, int | float | str]:
-        return {
-            "chemical_system": self.chemical_system,
-            "volume_mode": self.volume_mode,
-            "n_templates": self.n_templates,
-            "n_templates_rejected": self.n_rejected,
-            "n_templates_filtered_max_atoms": self.n_templates_filtered_max_atoms,
-            "n_templates_too_few_sites": self.n_templates_too_few_sites,
-            "n_templates_with_site_symmetry": self.n_templates_with_site_symmetry,
-            "n_assignments": self.n_assignments,
-            "n_folded_symmetry": self.n_folded_symmetry,
-            "n_folded_fingerprint": self.n_folded_fingerprint,
-            "n_candidates": self.n_candidates,
-            "seconds": round(self.seconds, 3),
-        }
+        return _infill_counts(self)
+
+
+def _infill_counts(r: InfillResult | InfillTotals) -> dict[str, int | float | str]:
+    """The counts an infill run reports (one batch or the running totals of a stream)."""
+    return {
+        "chemical_system": r.chemical_system,
+        "volume_mode": r.volume_mode,
+        "n_templates": r.n_templates,
+        "n_templates_rejected": r.n_rejected,
+        "n_templates_filtered_max_atoms": r.n_templates_filtered_max_atoms,
+        "n_templates_too_few_sites": r.n_templates_too_few_sites,
+        "n_templates_with_site_symmetry": r.n_templates_with_site_symmetry,
+        "n_assignments": r.n_assignments,
+        "n_folded_symmetry": r.n_folded_symmetry,
+        "n_folded_fingerprint": r.n_folded_fingerprint,
+        "n_candidates": r.n_candidates,
+        "seconds": round(r.seconds, 3),
+    }
 
 
 @dataclass
@@ -181,20 +186,7 @@ class InfillTotals:
             self.rejects.append(r.rejects)
 
     def counts(self) -> dict[str, int | float | str]:
-        return {
-            "chemical_system": self.chemical_system,
-            "volume_mode": self.volume_mode,
-            "n_templates": self.n_templates,
-            "n_templates_rejected": self.n_rejected,
-            "n_templates_filtered_max_atoms": self.n_templates_filtered_max_atoms,
-            "n_templates_too_few_sites": self.n_templates_too_few_sites,
-            "n_templates_with_site_symmetry": self.n_templates_with_site_symmetry,
-            "n_assignments": self.n_assignments,
-            "n_folded_symmetry": self.n_folded_symmetry,
-            "n_folded_fingerprint": self.n_folded_fingerprint,
-            "n_candidates": self.n_candidates,
-            "seconds": round(self.seconds, 3),
-        }
+        return _infill_counts(self)
 
     def rejects_frame(self) -> pl.DataFrame:
         return pl.concat(self.rejects) if self.rejects else pl.DataFrame(schema=REJECT_SCHEMA)
