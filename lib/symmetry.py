@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+import spglib
+import spglib.error
 
 from lib import wyckoff as W
 
@@ -130,8 +132,11 @@ def asymmetric_unit(
     Raises :class:`SymmetryError` with a reason when no consistent ASU exists.
     """
     numbers = np.array([_atomic_number(s) for s in species], dtype=np.intc)
-    ds = dataset_in_pyxtal_setting(np.asarray(lattice, float), np.asarray(frac, float), numbers,
-                                   symprec=symprec)
+    try:
+        ds = dataset_in_pyxtal_setting(np.asarray(lattice, float), np.asarray(frac, float), numbers,
+                                       symprec=symprec)
+    except spglib.error.SpglibError as exc:  # spglib >= 2.5 raises instead of returning None
+        raise SymmetryError("symmetry_failed", f"spglib: {exc} (symprec={symprec})") from exc
     if ds is None:
         raise SymmetryError("symmetry_failed", f"spglib found no symmetry at symprec={symprec}")
     sg = int(ds.number)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -33,6 +34,8 @@ def _copy(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     for p in [dest, *dest.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
+        if not p.is_symlink():
+            os.utime(p)  # a fresh copy, as a finished calculation would be (copytree keeps old mtimes)
     return dest
 
 
