@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from lib import wyckoff
+from lib.wyckoff import LATTICE_COLUMNS
 
 ENCODING_VERSION = "wyckoff-asu-v1"
 
@@ -59,7 +60,6 @@ REQUIRED_COLUMNS = (
     "gamma_deg",
 )
 
-LATTICE_COLUMNS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")
 
 
 @dataclass(frozen=True)

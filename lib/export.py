@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
+from lib.wyckoff import LATTICE_COLUMNS
+
 if TYPE_CHECKING:  # pragma: no cover
     from pymatgen.core import Structure
 
@@ -40,7 +42,7 @@ FORMATS: tuple[str, ...] = ("cif", "poscar", "extxyz", "ase-db")
 SUFFIX: dict[str, str] = {"cif": ".cif", "poscar": ".vasp", "extxyz": ".extxyz", "ase-db": ".db"}
 #: Columns tried, in order, as a row's identifier.
 ID_COLUMNS: tuple[str, ...] = ("candidate_id", "material_id", "template_id", "dft_id", "id")
-LATTICE_PARAM_COLUMNS: tuple[str, ...] = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")
+LATTICE_PARAM_COLUMNS: tuple[str, ...] = LATTICE_COLUMNS
 
 _CELL_PREFIXES = ("", "relaxed_", "final_")
 _ASU_ALIASES = {

@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from lib import wyckoff
 from lib.ids import hash_column
+from lib.wyckoff import LATTICE_COLUMNS
 
 VolumeMode = Literal["template", "rescaled"]
 
@@ -54,7 +55,6 @@ TEMPLATE_COLUMNS = (
     "template_id", "checkpoint_id", "spacegroup_number", "wyckoff_letters", "multiplicities",
     "asu_frac_coords", "a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg",
 )
-LATTICE_COLUMNS = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")
 
 CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "candidate_id": pl.String,

@@ -54,13 +54,13 @@ import numpy as np
 import polars as pl
 
 from lib.ids import content_hash
+from lib.wyckoff import LATTICE_COLUMNS
 
 #: Bump when a change alters screening results (it is part of every batch id and every row).
 CODE_VERSION = "screening-1"
 LINEAGE_COLUMNS: tuple[str, ...] = (
     "candidate_id", "template_id", "checkpoint_id", "surrogate_name", "surrogate_sha256", "code_version",
 )
-LATTICE_COLUMNS: tuple[str, ...] = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")
 ASU_COLUMNS: tuple[str, ...] = ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords", *LATTICE_COLUMNS)
 CELL_COLUMNS: tuple[str, ...] = ("lattice_matrix", "species", "frac_coords")
 

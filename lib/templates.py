@@ -42,6 +42,7 @@ import pyarrow as pa
 from lib import wyckoff
 from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, decode_vectors, letter_counts, template_arrays
 from lib.ids import hash_column
+from lib.wyckoff import LATTICE_COLUMNS
 
 REJECT_REASONS = (
     "no_sites",
@@ -425,7 +426,7 @@ def _template_frame(ex: ExpandedSites, keep: np.ndarray, sg, lat, volume, n_atom
         pl.col("asu_frac_coords").list.eval(
             pl.element().list.eval(pl.element().round(6).cast(pl.String)).list.join(",")).list.join(";"),
         pl.concat_str([pl.col(c).round(4).cast(pl.String) for c in
-                       ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")], separator=","),
+                       LATTICE_COLUMNS], separator=","),
     ], separator="|")
     df = df.with_columns(hash_column(key, prefix="tpl-").alias("template_id"))
     return df.select(TEMPLATE_COLUMNS)
@@ -656,7 +657,7 @@ def training_density(training: pl.DataFrame) -> np.ndarray:
     else:
         n_atoms = training["n_atoms"].to_numpy()
     vol = wyckoff.cell_volume(*(training[c].to_numpy() for c in
-                                ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")))
+                                LATTICE_COLUMNS))
     return number_density(n_atoms, vol)
 
 
@@ -699,7 +700,7 @@ def quality_report(result: DecodeResult, training: pl.DataFrame, *, symmetry: pl
     tr = training
     if "volume_a3" not in tr.columns:
         tr = tr.with_columns(pl.Series("volume_a3", wyckoff.cell_volume(
-            *(tr[c].to_numpy() for c in ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")))))
+            *(tr[c].to_numpy() for c in LATTICE_COLUMNS))))
     out.update(lattice_distances(gen, tr))
     return out
 

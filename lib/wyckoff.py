@@ -27,6 +27,9 @@ CRYSTAL_SYSTEMS: tuple[tuple[str, int, int], ...] = (
     ("cubic", 195, 230),
 )
 
+#: Lattice-parameter columns of every table (Å and degrees), in pymatgen's order.
+LATTICE_COLUMNS: tuple[str, ...] = ("a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg")
+
 #: Largest number of Wyckoff positions in one space group (Pmmm, No. 47).
 MAX_WYCKOFF_LETTERS = 27
 
