@@ -8,14 +8,19 @@ Stages, by module:
 - ``lib.mp_sources``     MP structures from a file, a folder, the MP API or the embedded default
 - ``lib.wyckoff``        Wyckoff-position tables (pyxtal), projection and orbit expansion
 - ``lib.symmetry``       symmetry analysis and the asymmetric unit of each structure
+- ``lib.training``       the GAN's training table (filters, hold-outs, encoding)
 - ``lib.encoding``       the versioned vector encoding of crystal templates
 - ``lib.gan``            the Wasserstein GAN with gradient penalty (generator + critic)
 - ``lib.templates``      decoding, filters and quality metrics of generated templates
 - ``lib.infill``         atom infill of templates with a chemical system
 - ``lib.dedup``          within-system dedup and matching against MP
 - ``lib.surrogates``     surrogate registry and batched energies/forces/stresses
-- ``lib.screening``      pre-screen, relaxation, hull, phonons, shortlist
-- ``lib.dft``            VASP/phonopy hand-off and ingest
+- ``lib.screening``      pre-screen, relaxation, references + hull, shortlist (Ray actors)
+- ``lib.phonons``        phonopy finite displacements with surrogate forces
+- ``lib.dft_inputs``     VASP + phonopy hand-off folders (``lib.dft`` re-exports)
+- ``lib.dft_ingest``     ingest of VASP and phonopy results
+- ``lib.lineage``, ``lib.churn``  lineage joins and surrogate churn reports
+- ``lib.export``, ``lib.xrd``     structure export and simulated powder XRD
 - ``lib.store``          atomic Parquet tables and the DuckDB catalog
 """
 
