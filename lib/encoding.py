@@ -6,7 +6,7 @@ the vector carries no species. Layout (``EncodingSchema.layout()`` gives the sli
 
     [ space group one-hot (230) |
       site 0: presence (1), letter one-hot (27), x y z (3) | ... | site max_sites-1 |
-      lattice (6): log a, log b, log c (scaled), alpha beta gamma (scaled) ]
+      lattice (6): ln(V/N), ln(b/a), ln(c/a) (scaled), alpha beta gamma (scaled) ]
 
 Every entry lies in [-1, 1] so that the generator's tanh output layer can produce it:
 
@@ -16,9 +16,17 @@ Every entry lies in [-1, 1] so that the generator's tanh output layer can produc
 * a letter is the *index* of the Wyckoff letter within its group's alphabetical letters
   (``lib.wyckoff.letters``: index 0 is the most special position 'a'), over 27 slots (Pmmm has
   the most positions, 27);
-* lattice lengths are encoded as ``(ln L - ln_length_center) / ln_length_halfwidth`` clipped to
-  [-1, 1] (default window 1.5 Å .. 60 Å, geometric centre 9.49 Å), angles as
-  ``(deg - 90) / 90`` (so 0°..180° -> -1..1).
+* the lattice (``lattice_encoding = "vpa_ratios"``, version ``wyckoff-asu-v2``) is the volume per
+  atom ``V/N`` (N = the sum of the sites' Wyckoff multiplicities, i.e. the atoms of the
+  conventional cell), scaled as ``(ln(V/N) - centre) / halfwidth`` over a window of
+  3..120 Å^3/atom, and the axis ratios ``ln(b/a)``, ``ln(c/a)`` divided by ``ln(max_axis_ratio)``
+  (30), all clipped to [-1, 1]; angles as ``(deg - 90) / 90`` (so 0°..180° -> -1..1). Decoding
+  applies the crystal system's constraints to ratios and angles first and then scales the cell to
+  ``V = (V/N) * N`` for the decoded sites, so a template's atomic number density is exactly
+  ``1 / (V/N)`` of the generator's output: the generator learns the density as one value instead
+  of having to tie three lengths to the multiplicities of its letters. The v1 layout
+  (``lattice_encoding = "ln_abc"``: ln a, ln b, ln c over 1.5..60 Å) is still decoded for old
+  checkpoints.
 
 Sites are stored in a canonical order: by letter index, then by x, y, z of the representative
 (a template's site order carries no meaning, so sorting removes a permutation symmetry the GAN
@@ -43,7 +51,9 @@ import polars as pl
 from lib import wyckoff
 from lib.wyckoff import LATTICE_COLUMNS
 
-ENCODING_VERSION = "wyckoff-asu-v1"
+ENCODING_VERSION = "wyckoff-asu-v2"
+#: Versions whose lattice block is ``ln a, ln b, ln c`` (``lattice_encoding = "ln_abc"``).
+LEGACY_LN_ABC_VERSIONS = ("wyckoff-asu-v1",)
 
 N_SPACEGROUPS = 230
 
@@ -74,6 +84,14 @@ class EncodingSchema:
     max_length_a: float = 60.0
     site_order: str = "letter_index,x,y,z"
     extra: dict[str, Any] = field(default_factory=dict)
+    lattice_encoding: str = "vpa_ratios"  # or "ln_abc" (v1)
+    min_volume_per_atom_a3: float = 3.0
+    max_volume_per_atom_a3: float = 120.0
+    max_axis_ratio: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.lattice_encoding not in ("vpa_ratios", "ln_abc"):
+            raise ValueError(f"unknown lattice_encoding {self.lattice_encoding!r}")
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -100,6 +118,18 @@ class EncodingSchema:
     def ln_length_halfwidth(self) -> float:
         return 0.5 * (math.log(self.max_length_a) - math.log(self.min_length_a))
 
+    @property
+    def ln_vpa_center(self) -> float:
+        return 0.5 * (math.log(self.min_volume_per_atom_a3) + math.log(self.max_volume_per_atom_a3))
+
+    @property
+    def ln_vpa_halfwidth(self) -> float:
+        return 0.5 * (math.log(self.max_volume_per_atom_a3) - math.log(self.min_volume_per_atom_a3))
+
+    @property
+    def ln_ratio_halfwidth(self) -> float:
+        return math.log(self.max_axis_ratio)
+
     def site_slice(self, j: int) -> slice:
         start = self.sites_offset + j * self.site_width
         return slice(start, start + self.site_width)
@@ -112,7 +142,8 @@ class EncodingSchema:
             out[f"site{j}_presence"] = [s, s + 1]
             out[f"site{j}_letter_onehot"] = [s + 1, s + 1 + self.n_letters]
             out[f"site{j}_xyz"] = [s + 1 + self.n_letters, s + self.site_width]
-        out["lattice_ln_abc"] = [self.lattice_offset, self.lattice_offset + 3]
+        name = "lattice_ln_abc" if self.lattice_encoding == "ln_abc" else "lattice_ln_vpa_ba_ca"
+        out[name] = [self.lattice_offset, self.lattice_offset + 3]
         out["lattice_angles"] = [self.lattice_offset + 3, self.lattice_offset + 6]
         return out
 
@@ -124,9 +155,15 @@ class EncodingSchema:
         d["scaling"] = {
             "onehot_and_presence": "0/1",
             "frac_coords": "2*x - 1, x in [0, 1)",
-            "lengths": "clip((ln L - ln_length_center) / ln_length_halfwidth, -1, 1)",
-            "ln_length_center": self.ln_length_center,
-            "ln_length_halfwidth": self.ln_length_halfwidth,
+            **({"lengths": "clip((ln L - ln_length_center) / ln_length_halfwidth, -1, 1)",
+                "ln_length_center": self.ln_length_center,
+                "ln_length_halfwidth": self.ln_length_halfwidth}
+               if self.lattice_encoding == "ln_abc" else
+               {"volume_per_atom": "clip((ln(V/N) - ln_vpa_center) / ln_vpa_halfwidth, -1, 1), "
+                                   "N = sum of the sites' multiplicities",
+                "ln_vpa_center": self.ln_vpa_center,
+                "ln_vpa_halfwidth": self.ln_vpa_halfwidth,
+                "axis_ratios": "clip(ln(b/a) / ln(max_axis_ratio), -1, 1), same for c/a"}),
             "angles": "(deg - 90) / 90",
             "letter_index": "position in lib.wyckoff.letters(sg) (alphabetical, 'a' first)",
         }
@@ -143,8 +180,12 @@ class EncodingSchema:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncodingSchema:
         keys = {"version", "max_sites", "n_spacegroups", "n_letters", "min_length_a", "max_length_a",
-                "site_order", "extra"}
-        schema = cls(**{k: v for k, v in d.items() if k in keys})
+                "site_order", "extra", "lattice_encoding", "min_volume_per_atom_a3",
+                "max_volume_per_atom_a3", "max_axis_ratio"}
+        kw = {k: v for k, v in d.items() if k in keys}
+        if "lattice_encoding" not in kw and kw.get("version") in LEGACY_LN_ABC_VERSIONS:
+            kw["lattice_encoding"] = "ln_abc"
+        schema = cls(**kw)
         if "dim" in d and int(d["dim"]) != schema.dim:
             raise ValueError(f"encoding schema dim {d['dim']} disagrees with its sizes ({schema.dim})")
         return schema
@@ -169,6 +210,23 @@ def letter_counts() -> np.ndarray:
     for sg in range(1, N_SPACEGROUPS + 1):
         out[sg] = len(wyckoff.letters(sg))
     return out
+
+
+@lru_cache(maxsize=1)
+def multiplicity_table() -> np.ndarray:
+    """(231, MAX_WYCKOFF_LETTERS) multiplicity of each group's letter index (0 where none)."""
+    out = np.zeros((N_SPACEGROUPS + 1, wyckoff.MAX_WYCKOFF_LETTERS), dtype=np.int64)
+    for sg in range(1, N_SPACEGROUPS + 1):
+        mult = {wp.letter: int(wp.multiplicity) for wp in wyckoff._group(sg).Wyckoff_positions}
+        for i, letter in enumerate(wyckoff.letters(sg)):
+            out[sg, i] = mult[letter]
+    return out
+
+
+def atoms_per_cell(sg: np.ndarray, letter_index: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(n,) atoms of the conventional cell: the sum of the present sites' multiplicities."""
+    m = multiplicity_table()[np.asarray(sg, dtype=np.int64)[:, None], np.asarray(letter_index, dtype=np.int64)]
+    return np.where(np.asarray(present, dtype=bool), m, 0).sum(axis=1)
 
 
 def _letter_lookup(sgs: np.ndarray) -> pl.DataFrame:
@@ -238,7 +296,16 @@ def encode_arrays(
     lat = np.asarray(lattice, dtype=np.float64)
     lo = schema.lattice_offset
     with np.errstate(divide="ignore", invalid="ignore"):
-        ln = (np.log(lat[:, :3]) - schema.ln_length_center) / schema.ln_length_halfwidth
+        if schema.lattice_encoding == "ln_abc":
+            ln = (np.log(lat[:, :3]) - schema.ln_length_center) / schema.ln_length_halfwidth
+        else:
+            n_atoms = atoms_per_cell(sg, letter_index, present)
+            vpa = wyckoff.cell_volume(*(lat[:, i] for i in range(6))) / n_atoms
+            ln = np.column_stack([
+                (np.log(vpa) - schema.ln_vpa_center) / schema.ln_vpa_halfwidth,
+                np.log(lat[:, 1] / lat[:, 0]) / schema.ln_ratio_halfwidth,
+                np.log(lat[:, 2] / lat[:, 0]) / schema.ln_ratio_halfwidth,
+            ])
     out[:, lo:lo + 3] = np.clip(ln, -1.0, 1.0)
     out[:, lo + 3:lo + 6] = np.clip((lat[:, 3:6] - 90.0) / 90.0, -1.0, 1.0)
     return out
@@ -382,7 +449,10 @@ def decode_vectors(
     * letter: argmax over the letter slots that exist in the decoded group (slots >= the
       group's letter count are masked before the argmax);
     * x, y, z: ``(v + 1) / 2`` wrapped into [0, 1);
-    * lattice: inverse of the scalings in the module docstring.
+    * lattice: inverse of the scalings in the module docstring; for ``vpa_ratios`` the crystal
+      system's constraints are applied to the ratios and angles, then the cell is scaled to
+      ``(V/N) * N`` with N the decoded sites' multiplicities (NaN lengths where the angles form
+      no cell).
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != schema.dim:
@@ -411,10 +481,21 @@ def decode_vectors(
         xyz[:, j] = np.mod((x[:, c0:c0 + 3].astype(np.float64) + 1.0) / 2.0, 1.0)
     lo = schema.lattice_offset
     lat = x[:, lo:lo + 6].astype(np.float64)
-    lengths = np.exp(np.clip(lat[:, :3], -1, 1) * schema.ln_length_halfwidth + schema.ln_length_center)
     angles = np.clip(lat[:, 3:6], -1, 1) * 90.0 + 90.0
-    return DecodedArrays(sg=sg, present=present, letter_index=letter_index, xyz=xyz,
-                         lattice=np.column_stack([lengths, angles]))
+    if schema.lattice_encoding == "ln_abc":
+        lengths = np.exp(np.clip(lat[:, :3], -1, 1) * schema.ln_length_halfwidth + schema.ln_length_center)
+        lattice = np.column_stack([lengths, angles])
+    else:
+        vpa = np.exp(np.clip(lat[:, 0], -1, 1) * schema.ln_vpa_halfwidth + schema.ln_vpa_center)
+        ratios = np.exp(np.clip(lat[:, 1:3], -1, 1) * schema.ln_ratio_halfwidth)
+        shape = wyckoff.constrain_lattices(sg, np.column_stack([np.ones(n), ratios, angles]))
+        shape = shape / np.column_stack([shape[:, :1]] * 3 + [np.ones((n, 3))])  # a = 1
+        unit_volume = wyckoff.cell_volume(*(shape[:, i] for i in range(6)))
+        volume = vpa * atoms_per_cell(sg, letter_index, present)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.cbrt(volume / unit_volume)
+        lattice = np.column_stack([shape[:, :3] * scale[:, None], shape[:, 3:]])
+    return DecodedArrays(sg=sg, present=present, letter_index=letter_index, xyz=xyz, lattice=lattice)
 
 
 def spacegroup_onehot(sg: np.ndarray, *, n_spacegroups: int = N_SPACEGROUPS) -> np.ndarray:

@@ -42,7 +42,7 @@ import pyarrow as pa
 from lib import wyckoff
 from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, decode_vectors, letter_counts, template_arrays
 from lib.ids import hash_column
-from lib.wyckoff import LATTICE_COLUMNS
+from lib.wyckoff import LATTICE_COLUMNS, constrain_lattices
 
 REJECT_REASONS = (
     "no_sites",
@@ -105,22 +105,6 @@ class DecodeResult:
 def crystal_systems(sg: np.ndarray) -> np.ndarray:
     """Crystal-system names of space-group numbers (vectorised)."""
     return _SYSTEM_NAMES[np.searchsorted(_SYSTEM_HI, np.asarray(sg))]
-
-
-def constrain_lattices(sg: np.ndarray, lattice: np.ndarray) -> np.ndarray:
-    """(n, 6) lattice parameters obeying each row's crystal system (``wyckoff.constrain_lattice``)."""
-    sg = np.asarray(sg)
-    lat = np.asarray(lattice, dtype=np.float64)
-    out = np.empty_like(lat)
-    system_idx = np.searchsorted(_SYSTEM_HI, sg)
-    for k, (_, lo, _) in enumerate(wyckoff.CRYSTAL_SYSTEMS):
-        m = system_idx == k
-        if not m.any():
-            continue
-        cols = wyckoff.constrain_lattice(lo, *(lat[m, i] for i in range(6)))
-        out[m] = np.column_stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (int(m.sum()),))
-                                  for c in cols])
-    return out
 
 
 def lattice_matrices(params: np.ndarray) -> np.ndarray:

@@ -172,6 +172,22 @@ def constrain_lattice(sg: int, a: float, b: float, c: float, alpha: float, beta:
     return a, b, c, alpha, beta, gamma
 
 
+def constrain_lattices(sg: np.ndarray, lattice: np.ndarray) -> np.ndarray:
+    """(n, 6) lattice parameters obeying each row's crystal system (``wyckoff.constrain_lattice``)."""
+    sg = np.asarray(sg)
+    lat = np.asarray(lattice, dtype=np.float64)
+    out = np.empty_like(lat)
+    system_idx = np.searchsorted(np.array([c[2] for c in CRYSTAL_SYSTEMS]), sg)
+    for k, (_, lo, _) in enumerate(CRYSTAL_SYSTEMS):
+        m = system_idx == k
+        if not m.any():
+            continue
+        cols = constrain_lattice(lo, *(lat[m, i] for i in range(6)))
+        out[m] = np.column_stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (int(m.sum()),))
+                                  for c in cols])
+    return out
+
+
 def expand_asu(
     sg: int, letters_: list[str], asu_frac_coords: list[list[float]] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from lib.encoding import (
     DEFAULT_SCHEMA,
     ENCODING_VERSION,
     EncodingSchema,
+    atoms_per_cell,
     decode_vectors,
     encode_templates,
     encodings_to_numpy,
@@ -112,8 +113,35 @@ def test_decode_masks_groups_and_letters() -> None:
     assert set(np.unique(d.sg).tolist()) <= {2, 225}
     assert np.all(d.letter_index < letter_counts()[d.sg][:, None])
     assert np.all((d.xyz >= 0) & (d.xyz < 1))
-    assert np.all((d.lattice[:, :3] >= 1.5 - 1e-9) & (d.lattice[:, :3] <= 60 + 1e-6))
+    # v2 lattice: the cell is scaled to (V/N) * N inside the 3..120 A^3/atom window, after the
+    # crystal system's constraints (cubic a = b = c, 90 deg); only triclinic rows whose random
+    # angles form no cell come out NaN
+    from lib.wyckoff import cell_volume
+    finite = np.isfinite(d.lattice).all(axis=1)
+    assert np.all(finite[d.sg == 225]) and finite.mean() > 0.5
+    vpa = cell_volume(*(d.lattice[finite, i] for i in range(6))) / atoms_per_cell(
+        d.sg[finite], d.letter_index[finite], d.present[finite])
+    assert np.all((vpa >= 3.0 - 1e-6) & (vpa <= 120.0 + 1e-6))
+    cub = d.lattice[d.sg == 225]
+    np.testing.assert_allclose(cub[:, 1], cub[:, 0])
+    np.testing.assert_allclose(cub[:, 2], cub[:, 0])
+    np.testing.assert_allclose(cub[:, 3:], 90.0)
     with pytest.raises(ValueError):
         decode_vectors(x, allowed_spacegroups=[0])
     with pytest.raises(ValueError):
         decode_vectors(x[:, :10])
+
+
+def test_v1_schema_json_still_decodes_lengths() -> None:
+    """Old checkpoints' schema (no lattice_encoding key) keep the ln a, ln b, ln c layout."""
+    import json
+    d = json.loads(EncodingSchema().to_json())
+    d["version"] = "wyckoff-asu-v1"
+    d.pop("lattice_encoding")
+    v1 = EncodingSchema.from_dict(d)
+    assert v1.lattice_encoding == "ln_abc"
+    x = np.zeros((1, v1.dim), dtype=np.float32)
+    x[0, 224] = 1.0  # Fm-3m
+    x[0, v1.lattice_offset + 3:] = 0.0
+    out = decode_vectors(x, schema=v1)
+    np.testing.assert_allclose(out.lattice[0, :3], np.exp(v1.ln_length_center))
