@@ -26,14 +26,14 @@ GROUP = "generator"
 
 class WganCheckpointConfig(dg.Config):
     seed: int = 0
-    epochs: int = 80
+    epochs: int = 120
     batch_size: int = 128
     latent_dim: int = 64
     generator_hidden: int = 256
     critic_hidden: int = 256
     n_critic: int = 5
     gp_lambda: float = 10.0
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     cpu_threads: int = 1  # torch threads on CPU (1 is fastest on a busy 2-core machine)
     device: str = ""  # "" = cuda when available, else cpu
     max_training_rows: int = 0  # 0 = all rows of training_templates

@@ -19,8 +19,8 @@ Every entry lies in [-1, 1] so that the generator's tanh output layer can produc
 * the lattice (``lattice_encoding = "vpa_ratios"``, version ``wyckoff-asu-v2``) is the volume per
   atom ``V/N`` (N = the sum of the sites' Wyckoff multiplicities, i.e. the atoms of the
   conventional cell), scaled as ``(ln(V/N) - centre) / halfwidth`` over a window of
-  3..120 Å^3/atom, and the axis ratios ``ln(b/a)``, ``ln(c/a)`` divided by ``ln(max_axis_ratio)``
-  (30), all clipped to [-1, 1]; angles as ``(deg - 90) / 90`` (so 0°..180° -> -1..1). Decoding
+  6..72 Å^3/atom, and the axis ratios ``ln(b/a)``, ``ln(c/a)`` divided by ``ln(max_axis_ratio)``
+  (15), all clipped to [-1, 1]; angles as ``(deg - 90) / 90`` (so 0°..180° -> -1..1). Decoding
   applies the crystal system's constraints to ratios and angles first and then scales the cell to
   ``V = (V/N) * N`` for the decoded sites, so a template's atomic number density is exactly
   ``1 / (V/N)`` of the generator's output: the generator learns the density as one value instead
@@ -85,9 +85,9 @@ class EncodingSchema:
     site_order: str = "letter_index,x,y,z"
     extra: dict[str, Any] = field(default_factory=dict)
     lattice_encoding: str = "vpa_ratios"  # or "ln_abc" (v1)
-    min_volume_per_atom_a3: float = 3.0
-    max_volume_per_atom_a3: float = 120.0
-    max_axis_ratio: float = 30.0
+    min_volume_per_atom_a3: float = 6.0
+    max_volume_per_atom_a3: float = 72.0
+    max_axis_ratio: float = 15.0
 
     def __post_init__(self) -> None:
         if self.lattice_encoding not in ("vpa_ratios", "ln_abc"):

@@ -70,12 +70,12 @@ class GanConfig:
     attn_tokens: int = 16
     leaky_slope: float = 0.2
     conditioning: Literal["spacegroup"] = "spacegroup"
-    epochs: int = 80
+    epochs: int = 120
     batch_size: int = 128
     n_critic: int = 5
     gp_lambda: float = 10.0
-    lr_generator: float = 2e-4
-    lr_critic: float = 2e-4
+    lr_generator: float = 5e-4
+    lr_critic: float = 5e-4
     adam_betas: tuple[float, float] = (0.5, 0.9)
 
     def to_dict(self) -> dict[str, Any]:

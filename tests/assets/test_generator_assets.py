@@ -42,9 +42,9 @@ def test_training_templates_to_templates(home: Path, mp_file: Path) -> None:
     assert train.height >= 50
     resources = {"cgwgan_home": CgwganHome(home=str(home))}
     run_config = dg.RunConfig(ops={
-        "wgan_checkpoint": gen_assets.WganCheckpointConfig(epochs=3, batch_size=32, latent_dim=16,
+        "wgan_checkpoint": gen_assets.WganCheckpointConfig(epochs=40, batch_size=32, latent_dim=16,
                                                            generator_hidden=64, critic_hidden=64, seed=1),
-        "templates": gen_assets.TemplatesConfig(n_samples=400, seed=2, tsne_points=40,
+        "templates": gen_assets.TemplatesConfig(n_samples=1500, seed=2, tsne_points=40,
                                                 min_density_overlap=0.0, crystal_system="cubic"),
     })
     result = dg.materialize(

@@ -113,7 +113,7 @@ def test_decode_masks_groups_and_letters() -> None:
     assert set(np.unique(d.sg).tolist()) <= {2, 225}
     assert np.all(d.letter_index < letter_counts()[d.sg][:, None])
     assert np.all((d.xyz >= 0) & (d.xyz < 1))
-    # v2 lattice: the cell is scaled to (V/N) * N inside the 3..120 A^3/atom window, after the
+    # v2 lattice: the cell is scaled to (V/N) * N inside the 6..72 A^3/atom window, after the
     # crystal system's constraints (cubic a = b = c, 90 deg); only triclinic rows whose random
     # angles form no cell come out NaN
     from lib.wyckoff import cell_volume
@@ -121,7 +121,7 @@ def test_decode_masks_groups_and_letters() -> None:
     assert np.all(finite[d.sg == 225]) and finite.mean() > 0.5
     vpa = cell_volume(*(d.lattice[finite, i] for i in range(6))) / atoms_per_cell(
         d.sg[finite], d.letter_index[finite], d.present[finite])
-    assert np.all((vpa >= 3.0 - 1e-6) & (vpa <= 120.0 + 1e-6))
+    assert np.all((vpa >= 6.0 - 1e-6) & (vpa <= 72.0 + 1e-6))
     cub = d.lattice[d.sg == 225]
     np.testing.assert_allclose(cub[:, 1], cub[:, 0])
     np.testing.assert_allclose(cub[:, 2], cub[:, 0])
