@@ -48,7 +48,8 @@ class RelaxConfig(RayStageConfig):
     steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
     relax_cell: bool = True
     symprec: float = scr.DEFAULT_SYMPREC
-    batch_rows: int = 4
+    batch_rows: int = 16  # candidates per resumable batch (one Ray task), relaxed together
+    batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
 
 
 class ReferencesConfig(RayStageConfig):
@@ -56,7 +57,8 @@ class ReferencesConfig(RayStageConfig):
     max_phase_atoms: int = 0  # 0 = all; skip (and count) MP phases with more atoms per cell
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A
     steps: int = scr.DEFAULT_RELAX_STEPS
-    batch_rows: int = 2
+    batch_rows: int = 8  # phases per resumable batch, relaxed together
+    batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
 
 
 class PhononsConfig(RayStageConfig):
@@ -240,7 +242,8 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     batches = scr.plan_batches(cands.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "relaxed", "fmax": config.fmax,
                                      "steps": config.steps, "relax_cell": config.relax_cell})
-    kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec}
+    kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec,
+          "batch_size": config.batch_size}
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
                   batches["batch_id"].n_unique(), **kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part),
@@ -304,7 +307,7 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
                                salt={"surrogate_sha256": sha, "stage": "references", "fmax": config.fmax,
                                      "steps": config.steps})
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
-                  fmax=config.fmax, steps=config.steps) as (compute, how):
+                  fmax=config.fmax, steps=config.steps, batch_size=config.batch_size) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "references", part),
                                         on_batch_written=_progress(context, "references", batches))
     refs = phases.select("phase_id", "formula", "source").join(

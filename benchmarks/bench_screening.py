@@ -91,6 +91,10 @@ def ray_timings(args, *, attempts: int = 3, timeout_s: int = 900) -> dict:
     sessions a local Ray can be stopped from outside (``ray stop``), which leaves a driver hanging."""
     import subprocess
 
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        return {"ray_status": f"skipped: ray not importable ({exc})"}
     cmd = [sys.executable, __file__, "--ray-part", "--surrogate", args.surrogate, "--n", str(args.n),
            "--seed", str(args.seed)] + (["--models-dir", args.models_dir] if args.models_dir else [])
     for i in range(attempts):
@@ -154,7 +158,9 @@ def main() -> None:
     res["max_abs_diff_batched_vs_loop_ev_per_atom"] = float(max(
         abs(p.energy_ev - e) / len(s) for p, e, s in zip(batched[:n_loop], loop_e, structures[:n_loop], strict=True)))
 
-    if not args.skip_ray:
+    if args.skip_ray:
+        res["ray_status"] = "skipped: --skip-ray"
+    else:
         res.update(ray_timings(args))
 
     rel_structs = structures[: args.n_relax]
@@ -192,7 +198,7 @@ def main() -> None:
           f"{res['atoms_per_cell_mean']:.1f} atoms on average", "",
           f"Machine: {res['machine']} (numbers are pessimistic); torch threads {res['torch_threads']}; "
           f"CPU only.", "", "| measure | value |", "|---|---|"]
-    md += [f"| {k} | {v:.3g} |" for k, v in rows]
+    md += [f"| {k} | {v:.3g} |" if v == v else f"| {k} | {res.get('ray_status', 'failed')} |" for k, v in rows]
     md += ["", f"Relaxations: {res['relaxations_converged']}/{res['relaxations']} converged, "
            f"{res['relax_steps_mean']:.0f} steps on average. Max |batched − loop| "
            f"{res['max_abs_diff_batched_vs_loop_ev_per_atom']:.1e} eV/atom."]

@@ -89,6 +89,24 @@ def test_relax_cubic_baruo3_converges_and_keeps_symmetry(surrogate):
     assert abs(e - row["energy_per_atom_ev"]) < 1e-4  # the stored cell is the relaxed one
 
 
+def test_relax_frame_batched_equals_one_row_at_a_time(surrogate):
+    """Rows relaxed together in lockstep (relax_many) give the one-row results; the bad row is
+    quarantined and the schema is the same."""
+    df = ba_ru_o_candidates().filter(pl.col("candidate_id") != "cand-bruo3-cubic")  # 3 small + Og
+    together = scr.relax_frame(surrogate, df, fmax=0.05, steps=60, batch_size=4)
+    assert together.schema == pl.Schema(scr.RELAX_SCHEMA)
+    assert together["key"].to_list() == df["candidate_id"].to_list()
+    assert together["status"].to_list() == ["ok", "ok", "ok", "error"]
+    assert "Og" in together["error"][3]
+    alone = pl.concat([scr.relax_frame(surrogate, df.slice(i, 1), fmax=0.05, steps=60, batch_size=1)
+                       for i in range(3)])
+    assert together.head(3)["n_steps"].to_list() == alone["n_steps"].to_list()
+    assert together.head(3)["is_converged"].to_list() == alone["is_converged"].to_list()
+    np.testing.assert_allclose(together.head(3)["energy_per_atom_ev"].to_numpy(),
+                               alone["energy_per_atom_ev"].to_numpy(), atol=1e-4)
+    assert (together.head(3)["relax_seconds"] > 0).all()
+
+
 def _nacl_frames(surrogate):
     """Na-Cl references (ASE reference states: bcc Na, a Cl2 dimer) and two NaCl polymorphs, static."""
     refs = scr.reference_phases(["Na", "Cl"])

@@ -316,3 +316,146 @@ def test_relax_cubic_baruo3_converges(m3gnet) -> None:
     assert abs(a - b) < 1e-3 and abs(a - c) < 1e-3 and 3.8 < a < 4.3  # stays cubic
     assert res.structure.composition.reduced_formula == "BaRuO3"
     assert res.structure.get_space_group_info(symprec=0.01)[1] == 221
+
+
+def _rattled_mp(mp_file: Path, n: int, *, max_sites: int = 8, seed: int = 0) -> list[Structure]:
+    """``n`` small real MP structures (the first of the file with <= ``max_sites`` sites), rattled."""
+    import polars as pl
+
+    rows = pl.read_csv(mp_file, n_rows=3000).filter(pl.col("nsites").is_between(4, max_sites)).head(n)
+    rng = np.random.default_rng(seed)
+    out = []
+    for cif in rows["cif"]:
+        s = Structure.from_str(cif, fmt="cif")
+        out.append(Structure(s.lattice, s.species, s.cart_coords + rng.normal(0, 0.05, (len(s), 3)),
+                             coords_are_cartesian=True))
+    return out
+
+
+@pytest.mark.parametrize("which", ["M3GNet-MP-2021.2.8-PES", DEFAULT_SURROGATE])
+def test_relax_many_equals_relax_one_at_a_time(which: str, m3gnet, chgnet, mp_file: Path) -> None:
+    """Lockstep relaxation with batched forward passes follows each structure's own ASE
+    trajectory: same steps, same verdict, same energies as ``relax`` through the library's
+    calculator; a bad structure gets its error and the others finish."""
+    sur = chgnet if which == DEFAULT_SURROGATE else m3gnet[which]
+    structures = _rattled_mp(mp_file, 4)
+    bad = _americium_oxide()
+    mixed = [structures[0], bad, *structures[1:]]
+    many = sur.relax_many(mixed, fmax=0.05, steps=150, batch_size=3)  # a window smaller than the set
+    assert len(many) == 5
+    assert not many[1].ok and "Am" in many[1].error and np.isnan(many[1].energy_ev)
+    stats = sur.last_relax_stats
+    assert stats["on_demand_evaluations"] == 0  # FIRE only ever asks for the batched states
+    assert stats["max_structures_per_pass"] == 3
+    for s, m in zip(structures, [many[0], *many[2:]], strict=True):
+        one = sur.relax(s, fmax=0.05, steps=150)
+        assert m.ok and m.error is None
+        assert m.steps == one.steps and m.is_converged == one.is_converged
+        assert abs(m.energy_ev - one.energy_ev) / len(s) < 1e-4
+        assert abs(m.initial_energy_ev - one.initial_energy_ev) / len(s) < 1e-5
+        assert len(m.trajectory_energies_ev) == len(one.trajectory_energies_ev) == one.steps + 1
+        np.testing.assert_allclose(m.structure.lattice.matrix, one.structure.lattice.matrix, atol=1e-3)
+        assert m.seconds > 0
+    # per-structure cell flags (positions only: the cell stays)
+    fixed = sur.relax_many(structures[:2], fmax=0.05, steps=20, relax_cell=[False, True])
+    np.testing.assert_allclose(fixed[0].structure.lattice.matrix, structures[0].lattice.matrix, atol=1e-9)
+
+
+def test_m3gnet_split_first_layer_equals_matgl_formulation(m3gnet, mp_file: Path) -> None:
+    """The per-atom first layer of the convolutions' gated MLPs gives matgl's numbers."""
+    sur = m3gnet["M3GNet-MP-2021.2.8-PES"]
+    structures = _rattled_mp(mp_file, 6, max_sites=12)
+    fast = sur.predict(structures, batch_size=6)
+    try:
+        _m3gnet_legacy.SPLIT_FIRST_LAYER = False
+        plain = sur.predict(structures, batch_size=6)
+    finally:
+        _m3gnet_legacy.SPLIT_FIRST_LAYER = True
+    for s, a, b in zip(structures, fast, plain, strict=True):
+        assert abs(a.energy_ev - b.energy_ev) / len(s) < 1e-5
+        np.testing.assert_allclose(a.forces_ev_per_a, b.forces_ev_per_a, atol=1e-4)
+        np.testing.assert_allclose(a.stress_ev_per_a3, b.stress_ev_per_a3, atol=1e-6)
+
+
+def test_chgnet_single_backward_equals_predict_graph(chgnet, mp_file: Path) -> None:
+    structures = _rattled_mp(mp_file, 5, max_sites=12)
+    fast = chgnet.predict(structures, batch_size=5)
+    energies = chgnet.predict(structures, batch_size=5, energy_only=True)
+    try:
+        chgnet.single_backward = False
+        lib_path = chgnet.predict(structures, batch_size=5)
+    finally:
+        chgnet.single_backward = True
+    for s, a, e, b in zip(structures, fast, energies, lib_path, strict=True):
+        assert abs(a.energy_ev - b.energy_ev) / len(s) < 1e-6
+        assert abs(e.energy_ev - b.energy_ev) / len(s) < 1e-6
+        np.testing.assert_allclose(a.forces_ev_per_a, b.forces_ev_per_a, atol=2e-4)
+        np.testing.assert_allclose(a.stress_ev_per_a3, b.stress_ev_per_a3, atol=1e-6)
+
+
+def test_torch_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from lib.surrogates import TORCH_THREADS_ENV, set_torch_threads
+
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.delenv(TORCH_THREADS_ENV, raising=False)
+        assert set_torch_threads() == saved  # nothing asked: torch's setting stays
+        monkeypatch.setenv(TORCH_THREADS_ENV, "2")
+        assert set_torch_threads() == 2
+        assert set_torch_threads(1) == 1  # an explicit number wins over the variable
+        monkeypatch.setenv(TORCH_THREADS_ENV, "many")
+        with pytest.raises(SurrogateError, match=TORCH_THREADS_ENV):
+            set_torch_threads()
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_bench_surrogates_imports_no_dagster_or_duckdb() -> None:
+    """The surrogate benchmark runs on a GPU machine that has torch and the model wheels only."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('bench', {str(repo / 'benchmarks' / 'bench_surrogates.py')!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "import lib.screening, lib.phonons, lib.surrogates, lib._m3gnet_legacy\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'dagster', 'duckdb', 'ray'})\n"
+        "print('BAD', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BAD []" in out.stdout, out.stdout
+
+
+def test_cell_filter_equals_ase_frechet_cell_filter() -> None:
+    """The relaxations' cell filter (forces cached per state, one expm_frechet and one logm per
+    state) gives ASE's FrechetCellFilter numbers and the same FIRE trajectory (ASE's EMT)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+
+    from lib.surrogates import _cell_filter
+
+    atoms = bulk("Cu", "fcc", a=3.7).repeat((2, 1, 1))
+    rng = np.random.default_rng(0)
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + rng.uniform(-0.05, 0.05, (3, 3))), scale_atoms=True)
+    atoms.positions += rng.normal(0, 0.1, atoms.positions.shape)
+    atoms.calc = EMT()
+    ref, ours = FrechetCellFilter(atoms), _cell_filter(atoms)
+    for _ in range(4):
+        np.testing.assert_allclose(ours.get_positions(), ref.get_positions(), atol=1e-12)
+        np.testing.assert_allclose(ours.get_forces(), ref.get_forces(), atol=1e-12)
+        np.testing.assert_allclose(ours.stress, ref.stress, atol=1e-14)
+        ref.set_positions(ref.get_positions() + rng.normal(0, 0.02, (len(atoms) + 3, 3)))
+    a1, a2 = atoms.copy(), atoms.copy()
+    a1.calc, a2.calc = EMT(), EMT()
+    o1, o2 = FIRE(FrechetCellFilter(a1), logfile=None), FIRE(_cell_filter(a2), logfile=None)
+    assert o1.run(fmax=0.01, steps=300) and o2.run(fmax=0.01, steps=300)
+    assert o1.nsteps == o2.nsteps
+    assert abs(a1.get_potential_energy() - a2.get_potential_energy()) < 1e-10
+    np.testing.assert_allclose(a1.cell.array, a2.cell.array, atol=1e-10)
