@@ -1,11 +1,12 @@
 """Group ``infill``: templates -> candidates of a chemical system -> deduplicated, MP-flagged candidates.
 
 Thin wrappers around :mod:`lib.infill` (columnar infill, streamed into the store shard by shard)
-and :mod:`lib.dedup` (fingerprint + bucketed StructureMatcher + MP matching). Both assets are
-partitioned by chemical system (``Ba-O-Ru``); the store partition is the same string.
+and :mod:`lib.dedup` (fingerprint + bucketed StructureMatcher in worker processes + MP matching).
+Both assets are partitioned by chemical system (``Ba-O-Ru``); the store partition is the same string.
 """
 
 
+import os
 import time
 from pathlib import Path
 
@@ -35,11 +36,14 @@ class CandidatesConfig(dg.Config):
 class CandidatesDedupConfig(dg.Config):
     mp_reference_path: str = ""  # a CSV/Parquet/folder in an MP layout; "" = the mp_structures table
     # within the system: near-identical duplicates (lib.dedup.MATCHER_DEFAULTS); MP: pymatgen defaults
-    distance_window: float = 0.05  # StructureMatcher pre-screen window (scaled orbit distances)
     ltol: float = 0.05
     stol: float = 0.05
     angle_tol: float = 1.0
-    use_ray: bool = False  # match buckets as Ray tasks (measured: in-process is as fast on 2 cores)
+    # pre-screen: 0 = the bound derived from ltol/stol/angle_tol (skips only pairs that cannot
+    # match); > 0 = a fixed window on the scaled orbit distances (faster, misses matches)
+    distance_window: float = 0.0
+    workers: int = 0  # local worker processes for the matcher; 0 = every CPU of the machine
+    use_ray: bool = False  # match buckets as Ray tasks on the Ray runtime instead of local processes
 
 
 def _elements_for(context: dg.AssetExecutionContext, override: list[str]) -> list[str]:
@@ -153,7 +157,8 @@ def candidates_dedup(context: dg.AssetExecutionContext, config: CandidatesDedupC
     t0 = time.perf_counter()
     res = dedup_candidates(store.scan("candidates", chemsys), mp_structures=mp, elements=elements,
                            matcher={"ltol": config.ltol, "stol": config.stol, "angle_tol": config.angle_tol},
-                           distance_window=config.distance_window)
+                           distance_window=config.distance_window or None,
+                           workers=config.workers or os.cpu_count() or 1)
     unique = res.unique
 
     def frames():
@@ -176,7 +181,12 @@ def candidates_dedup(context: dg.AssetExecutionContext, config: CandidatesDedupC
         "n_buckets": res.n_buckets,
         "largest_bucket": res.largest_bucket,
         "structure_matcher_pairs_compared": res.n_pairs_compared,
+        "pairs_in_buckets": res.n_pairs_in_buckets,
         "pairs_screened_out": res.n_pairs_screened_out,
+        "pairs_skipped_primitive_or_folded": res.n_pairs_skipped_primitive + res.n_pairs_skipped_folded,
+        "structures_reduced": res.n_structures_reduced,
+        "prescreen": res.prescreen,
+        "matcher_backend": f"{res.backend} x{res.workers}",
         "mp_reference": mp_label,
         "n_mp_references": res.n_mp_references,
         "mp_pairs_compared": res.n_mp_pairs_compared,

@@ -1,4 +1,5 @@
-"""Map a pure DataFrame -> DataFrame function over row chunks: Ray tasks when Ray is up, else in-process.
+"""Map a pure DataFrame -> DataFrame function over row chunks: Ray tasks when Ray is up, else local
+worker processes (``processes > 1``), else in-process.
 
 The function must be importable (module level), take a ``pl.DataFrame`` as its first argument and
 keyword settings after it, and return a ``pl.DataFrame`` whose rows belong to that chunk. Results
@@ -19,7 +20,7 @@ import polars as pl
 class MapStats:
     """How a ``map_row_chunks`` call ran."""
 
-    backend: str  # "ray" or "local"
+    backend: str  # "ray", "processes" or "local"
     n_chunks: int
     n_rows: int
     workers: int
@@ -68,24 +69,30 @@ def map_row_chunks(
     use_ray: bool | None = None,
     chunks_per_cpu: int = 4,
     max_parallel: int = 0,
+    processes: int = 0,
     **kwargs: Any,
 ) -> tuple[pl.DataFrame, MapStats]:
     """Apply ``fn(chunk, **kwargs)`` to row chunks of ``df`` and concatenate the results in order.
 
     ``use_ray=None`` uses Ray when it is initialised (``ray.init`` is the caller's business);
-    ``n_chunks=None`` gives ``chunks_per_cpu`` chunks per Ray CPU (load balance) or one chunk
-    in-process. ``max_parallel > 0`` keeps at most that many Ray tasks in flight (a worker
-    limit below the cluster's CPUs). Returns the result and a :class:`MapStats`.
+    ``n_chunks=None`` gives ``chunks_per_cpu`` chunks per Ray CPU or worker process (load
+    balance) or one chunk in-process. ``max_parallel > 0`` keeps at most that many Ray tasks in
+    flight (a worker limit below the cluster's CPUs). Without Ray, ``processes > 1`` runs the
+    chunks in that many local worker processes (spawned, so ``fn`` and its arguments must
+    pickle; chunks are handed out as workers free up). Returns the result and a :class:`MapStats`.
     """
     ray_on = ray_is_running() if use_ray is None else use_ray
     if ray_on and not ray_is_running():
         raise RuntimeError("use_ray=True but Ray is not initialised: call ray.init() first")
-    workers = ray_cpus() if ray_on else 1
+    pool = 0 if ray_on or processes <= 1 else int(processes)
+    workers = ray_cpus() if ray_on else max(1, pool)
     if ray_on and max_parallel > 0:
         workers = min(workers, max_parallel)
     if n_chunks is None:
-        n_chunks = workers * chunks_per_cpu if ray_on else 1
+        n_chunks = workers * chunks_per_cpu if ray_on or pool else 1
     chunks = row_chunks(df, n_chunks)
+    if pool:
+        pool = min(pool, len(chunks))
     t0 = time.perf_counter()
     if ray_on:
         import ray
@@ -99,9 +106,17 @@ def map_row_chunks(
                 ray.wait(refs, num_returns=len(refs) - workers + 1)
             refs.append(remote.remote(fn_ref, c, kw_ref))
         parts = ray.get(refs)
+    elif pool > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=pool, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [ex.submit(_call, fn, c, kwargs) for c in chunks]
+            parts = [f.result() for f in futures]
     else:
         parts = [fn(c, **kwargs) for c in chunks]
     out = pl.concat(parts, how="vertical_relaxed") if len(parts) > 1 else parts[0]
-    stats = MapStats("ray" if ray_on else "local", len(chunks), df.height, workers,
+    backend = "ray" if ray_on else ("processes" if pool > 1 else "local")
+    stats = MapStats(backend, len(chunks), df.height, workers if ray_on else max(1, pool),
                      time.perf_counter() - t0)
     return out, stats
