@@ -16,12 +16,19 @@ Three stages, each cheap enough for the 1.35 M Ba-Ru-O candidates of 120,000 tem
      ``(V/N)^(1/3)`` within the change the matcher allows (``|x1 - x2| <= a + b max(x1, x2)``
      with ``a = 2 stol (1 + ltol)`` for two atoms each displaced by up to ``stol`` and
      ``b = (1 + ltol)(1 + angle_tol) - 1`` for the strain of the cell). Pairs are found with a
-     KD-tree in that (log-transformed) space. A fixed ``distance_window`` (the earlier, tighter
-     screen) is still accepted, and is faster, but it skips pairs that do match;
+     KD-tree in that (log-transformed) space. The bound assumes that a match maps Wyckoff orbits
+     onto orbits and the cells onto each other (up to the normalizer), which holds unless a
+     structure is within tolerance of a higher symmetry. A fixed ``distance_window`` (the earlier,
+     tighter screen) is still accepted and is much faster, but it skips pairs that do match
+     (on the full Ba-Ru-O set it keeps 7,121 more candidates; ``benchmarks/bench_dedup.py``);
    * each structure is rebuilt and **reduced once** (primitive cell, then Niggli): the centring
-     of the space group gives the primitive cell directly; pymatgen's own reduction runs only when
-     pymatgen's candidate-translation filter (mirrored here, same 0.25 A tolerance) finds a
-     translation beyond the centring;
+     of the space group gives the primitive cell directly; when pymatgen's candidate-translation
+     filter (mirrored here, same 0.25 A tolerance) finds translations beyond the centring, exact
+     ones go to spglib's primitive cell (positions not idealised) and near-translations to
+     pymatgen's own reduction of the centred cell. pymatgen's reduction depends on the input
+     cell at its tolerance, so for such near-translation cases the primitive cell can differ from
+     the one StructureMatcher's reduction of the conventional cell gives (3 of 3,000 sampled
+     candidates; 2 of 2,000 sampled pair verdicts);
    * representatives are chosen like pymatgen's ``StructureMatcher.group_structures``: members in
      ``candidate_id`` order, each compared (``fit(representative, member)``) with the earlier
      representatives that passed the pre-screen and have as many atoms in the primitive cell,
@@ -43,8 +50,10 @@ descriptions of one crystal in the same group differ by an element of the group'
 which maps Wyckoff letters onto Wyckoff letters (the label is minimised over those) and keeps
 the atom count. What the key does not cover, by construction: the same crystal reached from
 templates of *different* space groups (a structure whose real symmetry is higher than its
-template's, e.g. P4/mmm with c = a), or from monoclinic/triclinic cells in different cell
-choices (not in pyxtal's normalizer table). Those stay separate candidates.
+template's, e.g. P4/mmm with c = a), from monoclinic/triclinic cells in different cell
+choices (not in pyxtal's normalizer table), or from a template whose sites happen to repeat
+with a translation beyond the centring (a smaller crystal described in a larger cell, bucketed
+by the larger atom count). Those stay separate candidates.
 
 Buckets are matched through :func:`lib.parallel.map_row_chunks` (Ray tasks when Ray is up, else
 ``workers`` local processes); the work is dealt by cost so that the chunks are even, and every
