@@ -47,6 +47,8 @@ class RelaxConfig(RayStageConfig):
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A  # eV/Å (paper: 0.05)
     steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
     relax_cell: bool = True
+    optimizer: str = scr.DEFAULT_OPTIMIZER  # "FIRE" or "BFGS" (ASE); BFGS stops at symmetric saddles
+    primitive: bool = False  # relax each candidate's primitive cell (faster; misses cell-doubling distortions)
     symprec: float = scr.DEFAULT_SYMPREC
     batch_rows: int = 16  # candidates per resumable batch (one Ray task), relaxed together
     batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
@@ -57,6 +59,7 @@ class ReferencesConfig(RayStageConfig):
     max_phase_atoms: int = 0  # 0 = all; skip (and count) MP phases with more atoms per cell
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A
     steps: int = scr.DEFAULT_RELAX_STEPS
+    optimizer: str = scr.DEFAULT_OPTIMIZER  # the same as the candidates' relaxations
     batch_rows: int = 8  # phases per resumable batch, relaxed together
     batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
 
@@ -64,6 +67,7 @@ class ReferencesConfig(RayStageConfig):
 class PhononsConfig(RayStageConfig):
     top_n: int = 20  # best N by formation energy (paper: 5,000)
     threshold_thz: float = -0.5
+    symprec: float = 1e-2  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
     min_length_a: float = 0.0  # > 0: smallest diagonal supercell with every length >= this
     displacement_a: float = 0.01
@@ -241,9 +245,11 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     sha = pre["surrogate_sha256"][0] if pre.height else ""
     batches = scr.plan_batches(cands.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "relaxed", "fmax": config.fmax,
-                                     "steps": config.steps, "relax_cell": config.relax_cell})
+                                     "steps": config.steps, "relax_cell": config.relax_cell,
+                                     "optimizer": config.optimizer, "primitive": config.primitive,
+                                     "code_version": scr.CODE_VERSION})
     kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec,
-          "batch_size": config.batch_size}
+          "batch_size": config.batch_size, "optimizer": config.optimizer, "primitive": config.primitive}
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
                   batches["batch_id"].n_unique(), **kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part),
@@ -305,9 +311,11 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
     sha = rel["surrogate_sha256"][0] if rel.height else _surrogate_identity(surrogate, surrogate_registry)[1]
     batches = scr.plan_batches(phases.rename({"phase_id": "candidate_id"}), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "references", "fmax": config.fmax,
-                                     "steps": config.steps})
+                                     "steps": config.steps, "optimizer": config.optimizer,
+                                     "code_version": scr.CODE_VERSION})
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
-                  fmax=config.fmax, steps=config.steps, batch_size=config.batch_size) as (compute, how):
+                  fmax=config.fmax, steps=config.steps, batch_size=config.batch_size,
+                  optimizer=config.optimizer) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "references", part),
                                         on_batch_written=_progress(context, "references", batches))
     refs = phases.select("phase_id", "formula", "source").join(
@@ -369,7 +377,8 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
     sha = rel["surrogate_sha256"][0] if rel.height else ""
     kw = {"supercell": list(config.supercell), "min_length_a": config.min_length_a or None,
           "displacement_a": config.displacement_a, "mesh": list(config.mesh), "band_npoints": config.band_npoints,
-          "threshold_thz": config.threshold_thz, "batch_size": config.batch_size}
+          "threshold_thz": config.threshold_thz, "batch_size": config.batch_size,
+          "symprec": config.symprec or None}
     batches = scr.plan_batches(rel.select("candidate_id", *scr.CELL_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "phonons", **kw})
     with _compute(config, "phonons", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
@@ -392,7 +401,8 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
                   "screens_per_hour": round(3600 * ok.height / max(stats.seconds, 1e-9), 1) if stats.n_run else 0.0,
                   "backend": how["backend"], "actors": how["actors"],
                   "results": _md_table(ok.sort("min_frequency_thz", descending=True).select(
-                      "candidate_id", "formula", "min_frequency_thz", "is_dynamically_stable", "n_displacements"),
+                      "candidate_id", "formula", "min_frequency_thz", "is_dynamically_stable", "phonon_spacegroup_number",
+                      "n_primitive_atoms", "n_supercell_atoms", "n_displacements"),
                       20)},
         check_results=[_unique_check("unique_candidate", out, ["candidate_id"])])
 

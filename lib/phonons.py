@@ -1,16 +1,22 @@
 """Phonon screen with phonopy finite displacements and surrogate forces.
 
-For each structure: a supercell (``supercell`` diagonal, default 2×2×2, or the smallest diagonal
-whose lengths reach ``min_length_a``), phonopy's symmetry-reduced displacements (0.01 Å), the
+For each structure: the cell is first symmetrised and reduced to its standard primitive cell
+(spglib at ``symprec``, default 0.01 Å). Relaxed cells keep their symmetry only approximately:
+of the 200 M3GNet relaxations of the 20k Ba-Ru-O run, none kept its space group at phonopy's own
+1e-5 Å tolerance, 99 at 1e-3 Å and 126 at 1e-2 Å. Without the symmetrisation phonopy sees a
+lower group and asks for up to 12× more displacements. The idealisation moves no atom by more
+than ``symprec``, and the forces of the undisplaced supercell are subtracted (below); then a
+supercell of it (``supercell`` diagonal, default 2×2×2, or the smallest diagonal whose lengths
+reach ``min_length_a``), phonopy's symmetry-reduced displacements (0.01 Å), the
 surrogate's forces on every displaced supercell of every structure of the frame in one batched
 ``predict`` call (minus the forces of the undisplaced supercell, which removes residual forces of
 a not quite relaxed cell), force constants, frequencies on a Γ-centred ``mesh`` and along a band
-path, the minimum frequency and its q-point (reduced coordinates of the input cell's reciprocal
+path, the minimum frequency and its q-point (reduced coordinates of the primitive cell's reciprocal
 basis). Verdict: ``is_dynamically_stable = min_frequency_thz > threshold_thz`` (−0.5 THz as in
 the paper; imaginary frequencies are negative).
 
 Band path: seekpath is not a dependency, so the path is a fixed one through the centre (Γ) and
-the face and corner points of the input cell's reciprocal cell: Γ–X–S–Y–Γ–Z–R–Γ with
+the face and corner points of the primitive cell's reciprocal cell: Γ–X–S–Y–Γ–Z–R–Γ with
 X=(½,0,0), S=(½,½,0), Y=(0,½,0), Z=(0,0,½), R=(½,½,½). For cubic and tetragonal cells these
 are the standard points (S is then M); for others they are the reciprocal-cell points of the same
 names, which is enough to catch instabilities the mesh misses and to draw the bands.
@@ -30,9 +36,12 @@ BAND_PATH: tuple[tuple[str, tuple[float, float, float]], ...] = (
     ("Γ", (0.0, 0.0, 0.0)), ("Z", (0.0, 0.0, 0.5)), ("R", (0.5, 0.5, 0.5)), ("Γ", (0.0, 0.0, 0.0)),
 )
 DEFAULT_THRESHOLD_THZ = -0.5
+#: spglib tolerance (Å) of the symmetrisation before the displacements (None: none).
+DEFAULT_SYMPREC = 1e-2
 
 PHONON_SCHEMA = {
-    "key": pl.String, "n_atoms": pl.Int64, "supercell_matrix": pl.List(pl.Int64), "n_supercell_atoms": pl.Int64,
+    "key": pl.String, "n_atoms": pl.Int64, "n_primitive_atoms": pl.Int64, "phonon_spacegroup_number": pl.Int64,
+    "symprec": pl.Float64, "supercell_matrix": pl.List(pl.Int64), "n_supercell_atoms": pl.Int64,
     "n_displacements": pl.Int64, "min_frequency_thz": pl.Float64, "min_frequency_qpoint": pl.List(pl.Float64),
     "min_mesh_frequency_thz": pl.Float64, "min_band_frequency_thz": pl.Float64,
     "is_dynamically_stable": pl.Boolean, "threshold_thz": pl.Float64,
@@ -48,6 +57,17 @@ def supercell_diagonal(lattice_lengths: Sequence[float], *, supercell: Sequence[
     if min_length_a is None:
         return [int(x) for x in supercell]
     return [max(1, int(np.ceil(min_length_a / length - 1e-9))) for length in lattice_lengths]
+
+
+def symmetrized_primitive(structure, symprec: float | None):
+    """(standard primitive cell idealised by spglib at ``symprec``, its space-group number);
+    with ``symprec`` None the structure itself and the group phonopy's 1e-5 tolerance sees."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    if symprec is None:
+        return structure, SpacegroupAnalyzer(structure, symprec=1e-5).get_space_group_number()
+    sga = SpacegroupAnalyzer(structure, symprec=symprec)
+    return sga.find_primitive(), sga.get_space_group_number()
 
 
 def _phonopy_for(structure, diag: list[int], displacement_a: float):
@@ -79,6 +99,7 @@ def phonon_frame(
     band_npoints: int = 31,
     threshold_thz: float = DEFAULT_THRESHOLD_THZ,
     batch_size: int = 16,
+    symprec: float | None = DEFAULT_SYMPREC,
 ) -> pl.DataFrame:
     """Phonon screen of every row (ASU or cell form): :data:`PHONON_SCHEMA` columns."""
     from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
@@ -87,24 +108,25 @@ def phonon_frame(
 
     keys, structures = _prepared(surrogate, frame, key)
     rows: list[dict[str, Any]] = []
-    jobs: list[tuple[int, Any, list[int], float]] = []
+    jobs: list[tuple[int, Any, list[int], float, Any, int]] = []
     cells: list[Any] = []
     spans: list[tuple[int, int]] = []
     for i, (k, s) in enumerate(zip(keys, structures, strict=True)):
-        empty = {c: None for c in PHONON_SCHEMA} | {"key": k, "threshold_thz": threshold_thz}
+        empty = {c: None for c in PHONON_SCHEMA} | {"key": k, "threshold_thz": threshold_thz, "symprec": symprec}
         rows.append(empty)
         if isinstance(s, str):
             rows[i] |= {"status": "error", "error": s}
             continue
         t0 = time.perf_counter()
         try:
-            diag = supercell_diagonal(s.lattice.abc, supercell=supercell, min_length_a=min_length_a)
-            ph = _phonopy_for(s, diag, displacement_a)
+            prim, sg = symmetrized_primitive(s, symprec)
+            diag = supercell_diagonal(prim.lattice.abc, supercell=supercell, min_length_a=min_length_a)
+            ph = _phonopy_for(prim, diag, displacement_a)
             start = len(cells)
             cells.append(_to_structure(ph.supercell))
             cells.extend(_to_structure(sc) for sc in ph.supercells_with_displacements)
             spans.append((start, len(cells)))
-            jobs.append((i, ph, diag, time.perf_counter() - t0))
+            jobs.append((i, ph, diag, time.perf_counter() - t0, prim, sg))
         except Exception as exc:  # noqa: BLE001
             rows[i] |= {"status": "error", "error": f"{key}={k}: phonopy setup failed: {type(exc).__name__}: {exc}"}
     t_pred = time.perf_counter()
@@ -112,7 +134,7 @@ def phonon_frame(
     pred_share = (time.perf_counter() - t_pred) / max(1, len(cells))
     labels = [p[0] for p in BAND_PATH]
     path = [[list(p[1]) for p in BAND_PATH]]
-    for (i, ph, diag, setup_s), (a, b) in zip(jobs, spans, strict=True):
+    for (i, ph, diag, setup_s, prim, sg), (a, b) in zip(jobs, spans, strict=True):
         k = keys[i]
         t0 = time.perf_counter()
         try:
@@ -142,7 +164,8 @@ def phonon_frame(
                 min_f, min_q = min_mesh, np.asarray(md["qpoints"])[qi]
             seg_ends = [float(d[0]) for d in bd["distances"]] + [float(bd["distances"][-1][-1])]
             rows[i] |= {
-                "n_atoms": len(structures[i]), "supercell_matrix": diag,
+                "n_atoms": len(structures[i]), "n_primitive_atoms": len(prim), "phonon_spacegroup_number": sg,
+                "supercell_matrix": diag,
                 "n_supercell_atoms": len(ph.supercell), "n_displacements": b - a - 1,
                 "min_frequency_thz": min_f, "min_frequency_qpoint": [float(x) for x in min_q],
                 "min_mesh_frequency_thz": min_mesh, "min_band_frequency_thz": min_band,

@@ -57,7 +57,7 @@ from lib.ids import content_hash
 from lib.wyckoff import LATTICE_COLUMNS
 
 #: Bump when a change alters screening results (it is part of every batch id and every row).
-CODE_VERSION = "screening-2"  # 2: batched lockstep relaxations (relax_many)
+CODE_VERSION = "screening-3"  # 2: batched lockstep relaxations (relax_many); 3: phonons on the symmetrised primitive cell
 LINEAGE_COLUMNS: tuple[str, ...] = (
     "candidate_id", "template_id", "checkpoint_id", "surrogate_name", "surrogate_sha256", "code_version",
 )
@@ -71,6 +71,11 @@ REFERENCES_TABLE = "reference_energies"
 DEFAULT_FMAX_EV_PER_A = 0.05
 DEFAULT_RELAX_STEPS = 300
 DEFAULT_SYMPREC = 0.1
+#: ASE optimiser of the relaxations. FIRE, not BFGS, although BFGS is ~2.7× faster: on the 48
+#: lowest pre-screen Ba-Ru-O candidates (M3GNet-MP, fmax 0.05, 300 steps) BFGS stopped in 15 of
+#: them at a symmetric stationary point 0.1-1.0 eV/atom above the minimum FIRE reached (FIRE's
+#: momentum leaves such saddles; benchmarks/results/relax_optimizer.md).
+DEFAULT_OPTIMIZER = "FIRE"
 
 
 def surrogate_id(weights_sha256: str) -> str:
@@ -226,6 +231,21 @@ def spacegroup_number(structure, *, symprec: float = DEFAULT_SYMPREC) -> int | N
         return None
 
 
+def primitive_cell(structure, *, symprec: float = 1e-3):
+    """The primitive cell of ``structure`` (spglib's, same lattice orientation convention as
+    pymatgen's ``SpacegroupAnalyzer.find_primitive``); the structure itself when it already is
+    primitive or spglib finds none."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        prim = SpacegroupAnalyzer(structure, symprec=symprec).find_primitive()
+    except Exception:  # noqa: BLE001 - keep the cell as it is
+        return structure
+    if prim is None or len(prim) >= len(structure):
+        return structure
+    return type(structure)(prim.lattice, prim.species, prim.frac_coords)
+
+
 def _relax_result_fields(res) -> tuple[Any, float, bool, int]:
     """(structure, energy eV, converged, steps) of a ``lib.surrogates.RelaxResult``."""
     return res.structure, float(res.energy_ev), bool(res.is_converged), int(res.steps)
@@ -245,8 +265,17 @@ def relax_frame(
     relax_cell: bool = True,
     symprec: float = DEFAULT_SYMPREC,
     batch_size: int = DEFAULT_RELAX_BATCH_SIZE,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    primitive: bool = False,
 ) -> pl.DataFrame:
     """Relax every row's structure; :data:`RELAX_SCHEMA` columns (``key`` renamed to ``key``).
+
+    With ``primitive`` each structure is first reduced to its primitive cell (spglib, 1e-3 Å;
+    candidates are exactly symmetric, so nothing moves): a centred template's conventional cell
+    has 2 to 4 times the atoms, so this is ~2.5× faster, but a distortion that needs the
+    conventional cell is then out of reach (4 of 48 candidates ended 0.1-0.9 eV/atom higher;
+    benchmarks/results/relax_optimizer.md). Off by default. ``n_atoms`` and the stored cell are
+    the relaxed cell's.
 
     The rows are relaxed together by ``surrogate.relax_many`` (one ASE FIRE optimiser on a
     cell filter per row, stepped in lockstep, ``batch_size`` structures per batched forward
@@ -255,13 +284,18 @@ def relax_frame(
     (molecules in a box relax positions only). ``relax_seconds`` is the row's share of the
     compute time.
     """
+    if optimizer not in ("FIRE", "BFGS"):
+        raise ValueError(f"optimizer must be 'FIRE' or 'BFGS', not {optimizer!r}")
     keys, structures = _prepared(surrogate, frame, key)
+    if primitive:
+        structures = [s if isinstance(s, str) else primitive_cell(s) for s in structures]
     per_row_cell = frame["is_cell_relaxed"].to_list() if "is_cell_relaxed" in frame.columns else None
     cells = [relax_cell if per_row_cell is None or per_row_cell[i] is None else bool(per_row_cell[i])
              for i in range(len(keys))]
     todo = [i for i, s in enumerate(structures) if not isinstance(s, str)]
     results = surrogate.relax_many([structures[i] for i in todo], fmax=fmax, steps=steps,
-                                   relax_cell=[cells[i] for i in todo], batch_size=batch_size)
+                                   relax_cell=[cells[i] for i in todo], batch_size=batch_size,
+                                   optimizer=optimizer)
     outcomes: dict[int, Any] = dict(zip(todo, results, strict=True))
     rows: list[dict[str, Any]] = []
     for i, (k, s) in enumerate(zip(keys, structures, strict=True)):

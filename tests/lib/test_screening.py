@@ -169,10 +169,32 @@ def test_phonon_verdict_stable_rocksalt_unstable_cubic_baruo3(surrogate):
     assert r["nacl"]["status"] == "ok" and r["bruo3"]["status"] == "ok"
     assert r["nacl"]["is_dynamically_stable"] and r["nacl"]["min_frequency_thz"] > -0.5
     assert not r["bruo3"]["is_dynamically_stable"] and r["bruo3"]["min_frequency_thz"] < -1.0
-    assert r["bruo3"]["n_supercell_atoms"] == 40 and r["nacl"]["n_supercell_atoms"] == 64
+    # the conventional rock-salt cell (8 atoms) is screened as its 2-atom primitive cell
+    assert r["nacl"]["n_atoms"] == 8 and r["nacl"]["n_primitive_atoms"] == 2
+    assert r["nacl"]["phonon_spacegroup_number"] == 225 and r["bruo3"]["phonon_spacegroup_number"] == 221
+    assert r["bruo3"]["n_supercell_atoms"] == 40 and r["nacl"]["n_supercell_atoms"] == 16
     nq = len(r["nacl"]["band_distances"])
     assert nq == 7 * 11 and len(r["nacl"]["band_frequencies_thz"]) == nq
-    assert len(r["nacl"]["band_frequencies_thz"][0]) == 3 * 8 and len(r["nacl"]["band_label_distances"]) == 8
+    assert len(r["nacl"]["band_frequencies_thz"][0]) == 3 * 2 and len(r["nacl"]["band_label_distances"]) == 8
+
+
+def test_phonon_symmetrisation_restores_the_displacement_count(surrogate):
+    # a relaxed cell keeps its symmetry only to ~1e-4 Å; phonopy's 1e-5 tolerance then sees a
+    # lower group and asks for more displacements. Symmetrised at 1e-3 Å, the noisy cell needs
+    # exactly the displacements of the clean one and gives the same lowest frequency.
+    rng = np.random.default_rng(3)
+    clean = cand("bruo3", 221, ["a", "b", "d"], ["Ru", "Ba", "O"], [[0, 0, 0], [.5, .5, .5], [.5, 0, 0]], 4.064)
+    struct = scr.frame_structures(pl.DataFrame([clean]))[0]
+    noisy = type(struct)(struct.lattice, struct.species, struct.cart_coords + rng.normal(0, 2e-4, (len(struct), 3)),
+                         coords_are_cartesian=True)
+    frame = pl.DataFrame([{"candidate_id": k, **scr.structure_to_cell(s)} for k, s in (("clean", struct), ("noisy", noisy))])
+    kw = {"supercell": (2, 2, 2), "mesh": (4, 4, 4), "band_npoints": 5}
+    sym = {r["key"]: r for r in phonon_frame(surrogate, frame, **kw).iter_rows(named=True)}
+    raw = {r["key"]: r for r in phonon_frame(surrogate, frame, symprec=None, **kw).iter_rows(named=True)}
+    assert raw["noisy"]["n_displacements"] > raw["clean"]["n_displacements"] == sym["clean"]["n_displacements"]
+    assert sym["noisy"]["n_displacements"] == sym["clean"]["n_displacements"]
+    assert sym["noisy"]["phonon_spacegroup_number"] == 221 and raw["noisy"]["phonon_spacegroup_number"] != 221
+    assert sym["noisy"]["min_frequency_thz"] == pytest.approx(sym["clean"]["min_frequency_thz"], abs=0.05)
 
 
 def test_supercell_from_min_length():
