@@ -125,6 +125,22 @@ def _nacl_frames(surrogate):
     return out
 
 
+def test_relax_on_the_primitive_cell_and_optimizer_choice(surrogate):
+    # rock-salt BaO as its 8-atom conventional cell: relaxed as the 2-atom primitive cell it
+    # reaches the same energy per atom; BFGS agrees with FIRE on this symmetric minimum
+    df = ba_ru_o_candidates().filter(pl.col("candidate_id") == "cand-bao-rocksalt")
+    conv = scr.relax_frame(surrogate, df, fmax=0.05, steps=200)
+    prim = scr.relax_frame(surrogate, df, fmax=0.05, steps=200, primitive=True)
+    bfgs = scr.relax_frame(surrogate, df, fmax=0.05, steps=200, primitive=True, optimizer="BFGS")
+    assert conv["n_atoms"][0] == 8 and prim["n_atoms"][0] == 2 and bfgs["n_atoms"][0] == 2
+    assert conv["is_converged"][0] and prim["is_converged"][0] and bfgs["is_converged"][0]
+    e = [f["energy_per_atom_ev"][0] for f in (conv, prim, bfgs)]
+    assert max(e) - min(e) < 2e-3
+    assert prim["spacegroup_number_relaxed"][0] == 225
+    with pytest.raises(ValueError, match="optimizer must be"):
+        scr.relax_frame(surrogate, df, optimizer="LBFGS")
+
+
 def test_formation_energy_and_hull_on_nacl(surrogate):
     refs, cands = _nacl_frames(surrogate)
     res = scr.formation_and_hull(refs.with_columns(pl.col("formula")), cands, elements=["Na", "Cl"])
