@@ -6,6 +6,15 @@ A head (``ray start --head --num-cpus 1``) and a second node (``ray start --addr
 only be placed one per node. The cluster is torn down in ``finally`` by signalling exactly the
 processes this test started (``ray stop --force`` would also stop other Ray sessions on a shared
 machine).
+
+The driver side runs in a fresh pytest process (``CGWGAN_RAY_CLUSTER_CHILD=1``), as a Dagster run
+process would. In a process that has already started and stopped a local Ray (the other Ray
+tests), joining the cluster fails: the actors are "cancelled before they started". Cause, narrowed
+down with a 40-line script: a local ``ray.init()`` without ``RAY_AUTH_MODE`` switches the process
+to token authentication (it sets ``RAY_AUTH_MODE=token`` in ``os.environ`` and refreshes Ray's
+cached config); setting the variable back and re-initialising ``ray._raylet.Config`` does not
+undo it, and the cluster here runs with authentication disabled. A fresh process started with
+``RAY_AUTH_MODE=disabled`` (not the parent's "token" it would otherwise inherit) joins it fine.
 """
 
 from __future__ import annotations
@@ -63,7 +72,24 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+CHILD_ENV = "CGWGAN_RAY_CLUSTER_CHILD"
+
+
 def test_prescreen_runs_on_a_two_node_cluster(home, store, monkeypatch):
+    if os.environ.get(CHILD_ENV) != "1":
+        # the driver in a fresh process (see the module docstring)
+        # RAY_AUTH_MODE: a local ray.init() in this process may have set it to "token" here
+        env = {**os.environ, CHILD_ENV: "1", "RAY_AUTH_MODE": "disabled"}
+        node = f"{Path(__file__).resolve()}::test_prescreen_runs_on_a_two_node_cluster"
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+        assert "1 passed" in res.stdout, res.stdout[-3000:]
+        return
+    _run_on_a_two_node_cluster(home, store, monkeypatch)
+
+
+def _run_on_a_two_node_cluster(home, store, monkeypatch):
     import ray
 
     port = _free_port()
