@@ -65,7 +65,8 @@ class ReferencesConfig(RayStageConfig):
 
 
 class PhononsConfig(RayStageConfig):
-    top_n: int = 20  # best N by formation energy (paper: 5,000)
+    top_n: int = 20  # best N (paper: 5,000, by formation energy)
+    rank_by: str = "formation_energy"  # or "e_above_hull": the shortlist's own order
     threshold_thz: float = -0.5
     symprec: float = 1e-2  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
@@ -366,13 +367,18 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
 @dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
           deps=["references", "relaxed"],
           check_specs=[dg.AssetCheckSpec("unique_candidate", asset="phonons")],
-          description="Phonopy finite-displacement screen (surrogate forces) of the best N by formation energy.")
+          description="Phonopy finite-displacement screen (surrogate forces) of the best N by formation energy "
+                      "(or by energy above the hull: rank_by).")
 def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_home: CgwganHome,
             ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
     _, surrogate, part = _keys(context)
     store = cgwgan_home.store
     stab = store.read(scr.REFERENCES_TABLE, partition=part).filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
-    best = stab.sort(["formation_energy_per_atom_ev", "candidate_id"]).head(config.top_n).select("candidate_id")
+    order = {"formation_energy": ["formation_energy_per_atom_ev", "candidate_id"],
+             "e_above_hull": ["e_above_hull_ev_per_atom", "formation_energy_per_atom_ev", "candidate_id"]}
+    if config.rank_by not in order:
+        raise dg.Failure(f"phonons: rank_by must be one of {sorted(order)}, not {config.rank_by!r}")
+    best = stab.sort(order[config.rank_by]).head(config.top_n).select("candidate_id")
     rel = store.read("relaxed", partition=part).join(best, on="candidate_id", how="semi")
     sha = rel["surrogate_sha256"][0] if rel.height else ""
     kw = {"supercell": list(config.supercell), "min_length_a": config.min_length_a or None,
@@ -397,7 +403,8 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
     ok = out.filter(pl.col("status") == "ok")
     return dg.MaterializeResult(
         metadata={"rows": out.height, "n_ok": ok.height, "n_stable": int(ok["is_dynamically_stable"].sum() or 0),
-                  "threshold_thz": config.threshold_thz, "seconds": round(stats.seconds, 2),
+                  "threshold_thz": config.threshold_thz, "rank_by": config.rank_by, "top_n": config.top_n,
+                  "seconds": round(stats.seconds, 2),
                   "screens_per_hour": round(3600 * ok.height / max(stats.seconds, 1e-9), 1) if stats.n_run else 0.0,
                   "backend": how["backend"], "actors": how["actors"],
                   "results": _md_table(ok.sort("min_frequency_thz", descending=True).select(

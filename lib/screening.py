@@ -71,10 +71,11 @@ REFERENCES_TABLE = "reference_energies"
 DEFAULT_FMAX_EV_PER_A = 0.05
 DEFAULT_RELAX_STEPS = 300
 DEFAULT_SYMPREC = 0.1
-#: ASE optimiser of the relaxations. FIRE, not BFGS, although BFGS is ~2.7× faster: on the 48
-#: lowest pre-screen Ba-Ru-O candidates (M3GNet-MP, fmax 0.05, 300 steps) BFGS stopped in 15 of
-#: them at a symmetric stationary point 0.1-1.0 eV/atom above the minimum FIRE reached (FIRE's
-#: momentum leaves such saddles; benchmarks/results/relax_optimizer.md).
+#: ASE optimiser of the relaxations. FIRE, not BFGS, although BFGS takes half the steps: on the
+#: 48 lowest pre-screen candidates of the 50k Ba-Ru-O run (M3GNet-MP, fmax 0.05, 300 steps)
+#: BFGS ended more than 0.01 eV/atom above FIRE in 10 of them (up to 0.38 eV/atom: it stops at
+#: the symmetric stationary point the template starts near) and below in 3
+#: (benchmarks/results/relax_optimizer.md).
 DEFAULT_OPTIMIZER = "FIRE"
 
 
@@ -272,10 +273,10 @@ def relax_frame(
 
     With ``primitive`` each structure is first reduced to its primitive cell (spglib, 1e-3 Å;
     candidates are exactly symmetric, so nothing moves): a centred template's conventional cell
-    has 2 to 4 times the atoms, so this is ~2.5× faster, but a distortion that needs the
-    conventional cell is then out of reach (4 of 48 candidates ended 0.1-0.9 eV/atom higher;
-    benchmarks/results/relax_optimizer.md). Off by default. ``n_atoms`` and the stored cell are
-    the relaxed cell's.
+    has 2 to 4 times the atoms, so this is ~2.4× faster, but it is a different search: on the
+    same 48 candidates it ended more than 0.01 eV/atom higher in 5 (a distortion that needs the
+    conventional cell is out of reach) and lower in 5 (benchmarks/results/relax_optimizer.md).
+    Off by default. ``n_atoms`` and the stored cell are the relaxed cell's.
 
     The rows are relaxed together by ``surrogate.relax_many`` (one ASE FIRE optimiser on a
     cell filter per row, stepped in lockstep, ``batch_size`` structures per batched forward
