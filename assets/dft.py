@@ -98,6 +98,7 @@ class DftInputsConfig(dg.Config):
     top_k: int = 0  # per (system, surrogate) shortlist; 0 = all rows
     chemical_systems: list[str] = []  # empty = all
     only_dynamically_stable: bool = False  # hand off only candidates the surrogate found phonon-stable
+    include_relaxed_duplicates: bool = False  # also candidates that relaxed into a better-ranked structure
     potcar_dir: str = ""  # overrides pymatgen's PMG_VASP_PSP_DIR when set
 
 
@@ -113,8 +114,11 @@ def dft_inputs(context: dg.AssetExecutionContext, config: DftInputsConfig,
         raise dg.Failure(f"no shortlist table under {store.home}: materialise the screening stages first")
     if config.chemical_systems:
         sl = sl.filter(pl.col("chemical_system").is_in(config.chemical_systems))
+    if not config.include_relaxed_duplicates and "duplicate_of" in sl.columns:
+        sl = sl.filter(pl.col("duplicate_of").is_null())
     if config.top_k > 0:
-        sl = sl.filter(pl.col("rank") <= config.top_k)
+        rank = "unique_rank" if "unique_rank" in sl.columns and not config.include_relaxed_duplicates else "rank"
+        sl = sl.filter(pl.col(rank) <= config.top_k)
     if config.only_dynamically_stable and "is_dynamically_stable" in sl.columns:
         sl = sl.filter(pl.col("is_dynamically_stable").fill_null(False))
     relaxed = read_all(store, "relaxed")

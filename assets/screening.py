@@ -71,6 +71,7 @@ class PhononsConfig(RayStageConfig):
     symprec: float = 1e-2  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
     min_length_a: float = 0.0  # > 0: smallest diagonal supercell with every length >= this
+    max_supercell_atoms: int = 0  # > 0: larger supercells are skipped (status "skipped", counted)
     displacement_a: float = 0.01
     mesh: list[int] = [8, 8, 8]
     band_npoints: int = 31
@@ -80,6 +81,7 @@ class PhononsConfig(RayStageConfig):
 
 class ShortlistConfig(dg.Config):
     n_plots: int = 3  # band-structure plots of the top entries with phonons
+    duplicate_energy_window_ev: float = 0.005  # eV/atom: relaxed duplicates are looked for within this
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -385,6 +387,8 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
           "displacement_a": config.displacement_a, "mesh": list(config.mesh), "band_npoints": config.band_npoints,
           "threshold_thz": config.threshold_thz, "batch_size": config.batch_size,
           "symprec": config.symprec or None}
+    if config.max_supercell_atoms > 0:  # only when set: batch ids of uncapped runs stay as they were
+        kw["max_supercell_atoms"] = config.max_supercell_atoms
     batches = scr.plan_batches(rel.select("candidate_id", *scr.CELL_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "phonons", **kw})
     with _compute(config, "phonons", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
@@ -403,6 +407,7 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
     ok = out.filter(pl.col("status") == "ok")
     return dg.MaterializeResult(
         metadata={"rows": out.height, "n_ok": ok.height, "n_stable": int(ok["is_dynamically_stable"].sum() or 0),
+                  "n_skipped_size": int((out["status"] == "skipped").sum()),
                   "threshold_thz": config.threshold_thz, "rank_by": config.rank_by, "top_n": config.top_n,
                   "seconds": round(stats.seconds, 2),
                   "screens_per_hour": round(3600 * ok.height / max(stats.seconds, 1e-9), 1) if stats.n_run else 0.0,
@@ -425,7 +430,8 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
     rel = store.read("relaxed", partition=part)
     stab = store.read(scr.REFERENCES_TABLE, partition=part).filter(pl.col("kind") == "candidate")
     ph = store.read("phonons", partition=part) if store.exists("phonons", part) else None
-    out = scr.build_shortlist(rel, stab, ph)
+    out = scr.mark_relaxed_duplicates(scr.build_shortlist(rel, stab, ph), rel,
+                                      energy_window_ev=config.duplicate_energy_window_ev)
     store.write("shortlist", out, partition=part)
     cgwgan_home.refresh_catalog()
     plots = []
@@ -441,10 +447,12 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
         metadata={"rows": out.height, "n_with_phonons": int(out["has_phonons"].sum() or 0),
                   "n_dynamically_stable": int(out["is_dynamically_stable"].fill_null(False).sum()),
                   "n_below_0_1_ev": int((out["e_above_hull_ev_per_atom"] <= 0.1).sum()),
+                  "n_unique_structures": int(out["duplicate_of"].is_null().sum()),
+                  "n_relaxed_duplicates": int(out["duplicate_of"].is_not_null().sum()),
                   "seconds": round(time.perf_counter() - t0, 2),
-                  "top": _md_table(out.select("rank", "candidate_id", "formula", "e_above_hull_ev_per_atom",
-                                              "formation_energy_per_atom_ev", "min_frequency_thz",
-                                              "is_dynamically_stable"), 15),
+                  "top": _md_table(out.filter(pl.col("duplicate_of").is_null()).select(
+                      "rank", "unique_rank", "candidate_id", "formula", "e_above_hull_ev_per_atom",
+                      "formation_energy_per_atom_ev", "min_frequency_thz", "is_dynamically_stable"), 15),
                   "band_structures": dg.MetadataValue.md("\n\n".join(plots) or "(no phonon results)")},
         check_results=[dg.AssetCheckResult(
             check_name="ranked_and_unique",

@@ -100,8 +100,12 @@ def phonon_frame(
     threshold_thz: float = DEFAULT_THRESHOLD_THZ,
     batch_size: int = 16,
     symprec: float | None = DEFAULT_SYMPREC,
+    max_supercell_atoms: int | None = None,
 ) -> pl.DataFrame:
-    """Phonon screen of every row (ASU or cell form): :data:`PHONON_SCHEMA` columns."""
+    """Phonon screen of every row (ASU or cell form): :data:`PHONON_SCHEMA` columns.
+
+    ``max_supercell_atoms``: a row whose supercell would have more atoms gets ``status``
+    "skipped" with the sizes in ``error`` (no forces computed), not a verdict."""
     from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
 
     from lib.screening import _prepared
@@ -121,6 +125,13 @@ def phonon_frame(
         try:
             prim, sg = symmetrized_primitive(s, symprec)
             diag = supercell_diagonal(prim.lattice.abc, supercell=supercell, min_length_a=min_length_a)
+            n_super = len(prim) * int(np.prod(diag))
+            if max_supercell_atoms and n_super > max_supercell_atoms:
+                rows[i] |= {"status": "skipped", "n_atoms": len(s), "n_primitive_atoms": len(prim),
+                            "phonon_spacegroup_number": sg, "supercell_matrix": diag, "n_supercell_atoms": n_super,
+                            "error": f"{key}={k}: supercell of {n_super} atoms > max_supercell_atoms "
+                                     f"{max_supercell_atoms}"}
+                continue
             ph = _phonopy_for(prim, diag, displacement_a)
             start = len(cells)
             cells.append(_to_structure(ph.supercell))

@@ -556,6 +556,51 @@ def build_shortlist(relaxed: pl.DataFrame, stability: pl.DataFrame, phonons: pl.
     ).select("rank", *keep, "has_phonons")
 
 
+def mark_relaxed_duplicates(shortlist: pl.DataFrame, relaxed: pl.DataFrame, *,
+                            energy_window_ev: float = 0.005, ltol: float = 0.2, stol: float = 0.3,
+                            angle_tol: float = 5.0) -> pl.DataFrame:
+    """``shortlist`` with ``duplicate_of`` and ``unique_rank``: candidates that relaxed into the same
+    structure.
+
+    ``candidates_dedup`` folds candidates that are the same *before* relaxation; different
+    templates often relax into one structure (e.g. five Ba2RuO4 entries within 0.4 meV/atom). In
+    rank order, a row is compared (pymatgen ``StructureMatcher`` on the relaxed cells, defaults
+    ltol 0.2, stol 0.3, angle 5°) with the kept rows of the same reduced formula whose energy per
+    atom is within ``energy_window_ev``; on a match ``duplicate_of`` names the kept (better ranked)
+    candidate. ``unique_rank`` numbers the kept rows 1, 2, ... (null on duplicates). Rows are
+    never dropped.
+    """
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    if not shortlist.height:
+        return shortlist.with_columns(pl.lit(None, pl.String).alias("duplicate_of"),
+                                      pl.lit(None, pl.Int64).alias("unique_rank"))
+    cells = relaxed.filter(pl.col("status") == "ok").select("candidate_id", *CELL_COLUMNS)
+    frame = shortlist.select("candidate_id", "energy_per_atom_ev").join(cells, on="candidate_id", how="left")
+    structures = dict(zip(frame["candidate_id"].to_list(), frame_structures(frame), strict=True))
+    matcher = StructureMatcher(ltol=ltol, stol=stol, angle_tol=angle_tol)
+    kept: dict[str, list[tuple[float, str, Any]]] = {}
+    dup_of: list[str | None] = []
+    for cid, e in zip(shortlist["candidate_id"].to_list(), shortlist["energy_per_atom_ev"].to_list(), strict=True):
+        s = structures.get(cid)
+        if isinstance(s, str) or s is None or e is None:
+            dup_of.append(None)
+            continue
+        key = s.composition.reduced_formula
+        match = None
+        for e_k, cid_k, s_k in kept.get(key, []):
+            if abs(e - e_k) <= energy_window_ev and matcher.fit(s, s_k):
+                match = cid_k
+                break
+        dup_of.append(match)
+        if match is None:
+            kept.setdefault(key, []).append((e, cid, s))
+    out = shortlist.with_columns(pl.Series("duplicate_of", dup_of, dtype=pl.String))
+    unique = out["duplicate_of"].is_null()
+    return out.with_columns(pl.when(unique).then(unique.cast(pl.Int64).cum_sum()).otherwise(None)
+                            .cast(pl.Int64).alias("unique_rank"))
+
+
 # --------------------------------------------------------------------------- batches and Ray
 def plan_batches(frame: pl.DataFrame, *, rows_per_batch: int, salt: dict[str, Any], key: str = "candidate_id") -> pl.DataFrame:
     """Cut ``frame`` into batches of ``rows_per_batch`` rows (sorted by ``key``) and add ``batch_id``:

@@ -159,8 +159,9 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
 
 
 EXAMPLE_QUERIES = (
-    "SELECT rank, formula, spacegroup_number, e_above_hull_ev_per_atom, "
-    "formation_energy_per_atom_ev, is_dynamically_stable FROM shortlist ORDER BY rank LIMIT 10",
+    "SELECT unique_rank, formula, spacegroup_number_relaxed, e_above_hull_ev_per_atom, "
+    "formation_energy_per_atom_ev, is_dynamically_stable FROM shortlist WHERE duplicate_of IS NULL "
+    "ORDER BY rank LIMIT 10",
     "SELECT reduced_formula, count(*) AS n FROM candidates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
     "SELECT spacegroup_number, count(*) AS n FROM templates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
 )

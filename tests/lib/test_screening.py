@@ -211,6 +211,9 @@ def test_phonon_symmetrisation_restores_the_displacement_count(surrogate):
     assert sym["noisy"]["n_displacements"] == sym["clean"]["n_displacements"]
     assert sym["noisy"]["phonon_spacegroup_number"] == 221 and raw["noisy"]["phonon_spacegroup_number"] != 221
     assert sym["noisy"]["min_frequency_thz"] == pytest.approx(sym["clean"]["min_frequency_thz"], abs=0.05)
+    # a size cap skips (and says why) instead of computing
+    capped = phonon_frame(surrogate, frame.head(1), max_supercell_atoms=39, **kw).row(0, named=True)
+    assert capped["status"] == "skipped" and capped["n_supercell_atoms"] == 40 and "39" in capped["error"]
 
 
 def test_supercell_from_min_length():
@@ -267,6 +270,24 @@ def test_shortlist_ranks_by_hull_then_formation():
     assert out["candidate_id"].to_list() == ["c", "b", "a"] and out["rank"].to_list() == [1, 2, 3]
     assert out["has_phonons"].to_list() == [False, True, False]
     assert out["is_dynamically_stable"].to_list() == [None, False, None]
+
+
+def test_relaxed_duplicates_are_marked_not_dropped():
+    # rock-salt BaO as its 8-atom cell and as its 2-atom primitive cell (same structure), CsCl BaO
+    # at the same energy (a different structure), and rock salt again 0.1 eV/atom higher (outside
+    # the energy window: kept)
+    from pymatgen.core import Lattice, Structure
+
+    rs = Structure.from_spacegroup(225, Lattice.cubic(5.5), ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]])
+    cs = Structure.from_spacegroup(221, Lattice.cubic(3.3), ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]])
+    cells = [("a", rs, -5.0), ("b", rs.get_primitive_structure(), -4.999), ("c", cs, -4.999), ("d", rs, -4.9)]
+    rel = pl.DataFrame([{"candidate_id": k, "status": "ok", **scr.structure_to_cell(x)} for k, x, _ in cells])
+    sl = pl.DataFrame({"rank": [1, 2, 3, 4], "candidate_id": [k for k, _, _ in cells],
+                       "energy_per_atom_ev": [e for _, _, e in cells]})
+    out = scr.mark_relaxed_duplicates(sl, rel, energy_window_ev=0.005)
+    assert out.height == 4 and out["candidate_id"].to_list() == ["a", "b", "c", "d"]
+    assert out["duplicate_of"].to_list() == [None, "a", None, None]
+    assert out["unique_rank"].to_list() == [1, None, 2, 3]
 
 
 def test_reference_phases_from_mp_file_and_table(ba_ru_o_dir):
