@@ -19,7 +19,7 @@ import polars as pl
 
 from assets.partitions import screening_partitions
 from lib import screening as scr
-from lib.phonons import band_structure_figure
+from lib.phonons import DEFAULT_PHONON_SYMPREC, band_structure_figure
 from lib.plots import figure_markdown
 from lib.store import partition_dirname
 from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
@@ -68,7 +68,7 @@ class PhononsConfig(RayStageConfig):
     top_n: int = 20  # best N (paper: 5,000, by formation energy)
     rank_by: str = "formation_energy"  # or "e_above_hull": the shortlist's own order
     threshold_thz: float = -0.5
-    symprec: float = 1e-2  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
+    symprec: float = DEFAULT_PHONON_SYMPREC  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
     min_length_a: float = 0.0  # > 0: smallest diagonal supercell with every length >= this
     max_supercell_atoms: int = 0  # > 0: larger supercells are skipped (status "skipped", counted)

@@ -89,7 +89,7 @@ def ray_part(args) -> dict:
 def ray_timings(args, *, attempts: int = 3, timeout_s: int = 900) -> dict:
     """``ray_part`` in a child process with a time limit, retried: on a machine shared with other
     sessions a local Ray can be stopped from outside (``ray stop``), which leaves a driver hanging."""
-    import subprocess
+    from benchmarks._child import run_json_child
 
     try:
         import ray  # noqa: F401
@@ -97,17 +97,8 @@ def ray_timings(args, *, attempts: int = 3, timeout_s: int = 900) -> dict:
         return {"ray_status": f"skipped: ray not importable ({exc})"}
     cmd = [sys.executable, __file__, "--ray-part", "--surrogate", args.surrogate, "--n", str(args.n),
            "--seed", str(args.seed)] + (["--models-dir", args.models_dir] if args.models_dir else [])
-    for i in range(attempts):
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"Ray timing attempt {i + 1} timed out", flush=True)
-            continue
-        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RAYJSON ")]
-        if p.returncode == 0 and lines:
-            return {**json.loads(lines[-1][8:]), "ray_attempts": i + 1}
-        print(f"Ray timing attempt {i + 1} failed: {p.stderr[-500:]}", flush=True)
-    return {"ray_attempts": attempts}
+    out, n = run_json_child(cmd, attempts=attempts, timeout_s=timeout_s, stderr_tail=500)
+    return {**(out or {}), "ray_attempts": n}
 
 
 def main() -> None:

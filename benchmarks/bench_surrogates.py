@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -327,20 +326,14 @@ def ray_timings(args: argparse.Namespace, argv: list[str], *, attempts: int = 2,
         import ray  # noqa: F401
     except ImportError as exc:
         return {"status": "skipped", "reason": f"ray not importable ({exc})"}
-    cmd = [sys.executable, __file__, *argv, "--ray-part"]
+    from benchmarks._child import run_json_child
+
     load_before = list(os.getloadavg())
-    for i in range(attempts):
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"Ray timing attempt {i + 1} timed out", flush=True)
-            continue
-        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RAYJSON ")]
-        if p.returncode == 0 and lines:
-            return {"status": "ok", **json.loads(lines[-1][8:]), "attempts": i + 1,
-                    "load_average_before": load_before, "load_average_after": list(os.getloadavg())}
-        print(f"Ray timing attempt {i + 1} failed: {p.stderr[-800:]}", flush=True)
-    return {"status": "failed", "attempts": attempts}
+    out, n = run_json_child([sys.executable, __file__, *argv, "--ray-part"], attempts=attempts, timeout_s=timeout_s)
+    if out is None:
+        return {"status": "failed", "attempts": n}
+    return {"status": "ok", **out, "attempts": n,
+            "load_average_before": load_before, "load_average_after": list(os.getloadavg())}
 
 
 # ----------------------------------------------------------------------------------- report

@@ -37,7 +37,7 @@ BAND_PATH: tuple[tuple[str, tuple[float, float, float]], ...] = (
 )
 DEFAULT_THRESHOLD_THZ = -0.5
 #: spglib tolerance (Å) of the symmetrisation before the displacements (None: none).
-DEFAULT_SYMPREC = 1e-2
+DEFAULT_PHONON_SYMPREC = 1e-2
 
 PHONON_SCHEMA = {
     "key": pl.String, "n_atoms": pl.Int64, "n_primitive_atoms": pl.Int64, "phonon_spacegroup_number": pl.Int64,
@@ -99,7 +99,7 @@ def phonon_frame(
     band_npoints: int = 31,
     threshold_thz: float = DEFAULT_THRESHOLD_THZ,
     batch_size: int = 16,
-    symprec: float | None = DEFAULT_SYMPREC,
+    symprec: float | None = DEFAULT_PHONON_SYMPREC,
     max_supercell_atoms: int | None = None,
 ) -> pl.DataFrame:
     """Phonon screen of every row (ASU or cell form): :data:`PHONON_SCHEMA` columns.

@@ -325,8 +325,8 @@ def relax_frame(
             "gamma_deg": lat.gamma, "volume_a3": lat.volume,
             "spacegroup_number_relaxed": spacegroup_number(final, symprec=symprec),
             "status": "ok", "error": None,
+            "relax_seconds": (_seconds(res) or 0.0) + time.perf_counter() - t0,  # after the space group
         }
-        row["relax_seconds"] = (_seconds(res) or 0.0) + time.perf_counter() - t0
         rows.append(row)
     return pl.DataFrame(rows, schema=RELAX_SCHEMA)
 
@@ -564,37 +564,32 @@ def mark_relaxed_duplicates(shortlist: pl.DataFrame, relaxed: pl.DataFrame, *,
 
     ``candidates_dedup`` folds candidates that are the same *before* relaxation; different
     templates often relax into one structure (e.g. five Ba2RuO4 entries within 0.4 meV/atom). In
-    rank order, a row is compared (pymatgen ``StructureMatcher`` on the relaxed cells, defaults
-    ltol 0.2, stol 0.3, angle 5°) with the kept rows of the same reduced formula whose energy per
-    atom is within ``energy_window_ev``; on a match ``duplicate_of`` names the kept (better ranked)
-    candidate. ``unique_rank`` numbers the kept rows 1, 2, ... (null on duplicates). Rows are
-    never dropped.
+    rank order, a row is compared with the kept rows of the same reduced formula whose energy per
+    atom is within ``energy_window_ev`` (StructureMatcher's test on the relaxed cells, pymatgen's
+    default tolerances, through ``lib.dedup``: each cell reduced once, ``fit_reduced``); on a
+    match ``duplicate_of`` names the kept (better ranked) candidate. ``unique_rank`` numbers the
+    kept rows 1, 2, ... (null on duplicates). Rows are never dropped.
     """
-    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from lib.dedup import fit_reduced, reduce_structure
 
-    if not shortlist.height:
-        return shortlist.with_columns(pl.lit(None, pl.String).alias("duplicate_of"),
-                                      pl.lit(None, pl.Int64).alias("unique_rank"))
     cells = relaxed.filter(pl.col("status") == "ok").select("candidate_id", *CELL_COLUMNS)
-    frame = shortlist.select("candidate_id", "energy_per_atom_ev").join(cells, on="candidate_id", how="left")
+    frame = shortlist.select("candidate_id").join(cells, on="candidate_id", how="left")
     structures = dict(zip(frame["candidate_id"].to_list(), frame_structures(frame), strict=True))
-    matcher = StructureMatcher(ltol=ltol, stol=stol, angle_tol=angle_tol)
-    kept: dict[str, list[tuple[float, str, Any]]] = {}
+    kept: dict[str, list[tuple[float, str, Any]]] = {}  # reduced formula -> (energy, id, reduced cell)
     dup_of: list[str | None] = []
     for cid, e in zip(shortlist["candidate_id"].to_list(), shortlist["energy_per_atom_ev"].to_list(), strict=True):
         s = structures.get(cid)
         if isinstance(s, str) or s is None or e is None:
             dup_of.append(None)
             continue
-        key = s.composition.reduced_formula
-        match = None
-        for e_k, cid_k, s_k in kept.get(key, []):
-            if abs(e - e_k) <= energy_window_ev and matcher.fit(s, s_k):
-                match = cid_k
-                break
+        group = kept.setdefault(s.composition.reduced_formula, [])
+        near = [(cid_k, r_k) for e_k, cid_k, r_k in group if abs(e - e_k) <= energy_window_ev]
+        r = reduce_structure(s) if near else None
+        match = next((cid_k for cid_k, r_k in near
+                      if fit_reduced(r, r_k, ltol=ltol, stol=stol, angle_tol=angle_tol)), None)
         dup_of.append(match)
         if match is None:
-            kept.setdefault(key, []).append((e, cid, s))
+            group.append((e, cid, r if r is not None else reduce_structure(s)))
     out = shortlist.with_columns(pl.Series("duplicate_of", dup_of, dtype=pl.String))
     unique = out["duplicate_of"].is_null()
     return out.with_columns(pl.when(unique).then(unique.cast(pl.Int64).cum_sum()).otherwise(None)
