@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from lib import _m3gnet_legacy
 from lib.surrogates import (
     DEFAULT_SURROGATE,
     Prediction,
     StructureInputError,
     SurrogateError,
+    _m3gnet_legacy,
     detect_m3gnet_convention,
     load_registry,
     load_surrogate,
@@ -393,23 +393,43 @@ def test_chgnet_single_backward_equals_predict_graph(chgnet, mp_file: Path) -> N
         np.testing.assert_allclose(a.stress_ev_per_a3, b.stress_ev_per_a3, atol=1e-6)
 
 
-def test_torch_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_threads_setting() -> None:
     import torch
 
-    from lib.surrogates import TORCH_THREADS_ENV, set_torch_threads
+    from lib.surrogates import set_torch_threads
 
     saved = torch.get_num_threads()
     try:
-        monkeypatch.delenv(TORCH_THREADS_ENV, raising=False)
         assert set_torch_threads() == saved  # nothing asked: torch's setting stays
-        monkeypatch.setenv(TORCH_THREADS_ENV, "2")
-        assert set_torch_threads() == 2
-        assert set_torch_threads(1) == 1  # an explicit number wins over the variable
-        monkeypatch.setenv(TORCH_THREADS_ENV, "many")
-        with pytest.raises(SurrogateError, match=TORCH_THREADS_ENV):
-            set_torch_threads()
+        assert set_torch_threads(0) == saved
+        assert set_torch_threads(2) == 2 and torch.get_num_threads() == 2
+        assert set_torch_threads(1) == 1
+        with pytest.raises(SurrogateError, match=">= 0"):
+            set_torch_threads(-1)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_cache_is_keyed_by_weights_sha256(tmp_path: Path) -> None:
+    """The same name with other weights loads again; the same weights come from the cache."""
+    from lib.surrogates import CHGNET_WHEEL_SHA256, clear_surrogate_cache
+
+    def registry(version: str) -> dict:
+        (tmp_path / f"{version}.json").write_text(json.dumps(
+            [{"name": "CHGNet-local", "kind": "chgnet", "weights": f"chgnet:{version}"}]))
+        return load_registry(str(tmp_path / f"{version}.json"))
+
+    clear_surrogate_cache()
+    try:
+        first = load_surrogate("CHGNet-local", registry=registry("0.3.0"), cache=True)
+        assert load_surrogate("CHGNet-local", registry=registry("0.3.0"), cache=True) is first
+        other = load_surrogate("CHGNet-local", registry=registry("0.2.0"), cache=True)
+        assert other is not first and other.name == first.name
+        assert (first.weights_sha256, other.weights_sha256) == (CHGNET_WHEEL_SHA256["0.3.0"],
+                                                               CHGNET_WHEEL_SHA256["0.2.0"])
+        assert load_surrogate("CHGNet-local", registry=registry("0.3.0"), cache=False) is not first
+    finally:
+        clear_surrogate_cache()
 
 
 def test_bench_surrogates_imports_no_dagster_or_duckdb() -> None:
@@ -422,7 +442,7 @@ def test_bench_surrogates_imports_no_dagster_or_duckdb() -> None:
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('bench', {str(repo / 'benchmarks' / 'bench_surrogates.py')!r})\n"
         "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-        "import lib.screening, lib.phonons, lib.surrogates, lib._m3gnet_legacy\n"
+        "import lib.screening, lib.phonons, lib.surrogates, lib.surrogates._m3gnet_legacy\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'dagster', 'duckdb', 'ray'})\n"
         "print('BAD', bad)\n"
     )
@@ -439,7 +459,7 @@ def test_cell_filter_equals_ase_frechet_cell_filter() -> None:
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
-    from lib.surrogates import _cell_filter
+    from lib.surrogates.relax import cell_filter as _cell_filter
 
     atoms = bulk("Cu", "fcc", a=3.7).repeat((2, 1, 1))
     rng = np.random.default_rng(0)
