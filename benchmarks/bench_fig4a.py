@@ -195,7 +195,7 @@ def mp_skeletons(path: Path, *, sample: int, seed: int) -> list[dict]:
 
 def template_structure(p: dict):
     """The infilled template: T's ASU with M's elements, cell rescaled to M's volume per atom."""
-    from lib.wyckoff import asu_to_structure
+    from lib.cells import asu_to_structure
 
     s = asu_to_structure(p["sg"], p["letters"], p["species"], p["coords"], tuple(p["lattice"]))
     s.scale_lattice(p["volume_per_atom"] * len(s))

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from lib import screening as scr  # noqa: E402
+from lib.cells import structure_to_cell  # noqa: E402
 from lib.phonons import phonon_frame  # noqa: E402
 
 COMPOSITIONS = [  # (species, counts) with 5-10 atoms per cell
@@ -60,7 +61,7 @@ def random_structures(n: int, *, seed: int) -> list:
 
 
 def cell_frame(structures: list) -> pl.DataFrame:
-    rows = [{"candidate_id": f"bench-{i:04d}", **scr.structure_to_cell(s)} for i, s in enumerate(structures)]
+    rows = [{"candidate_id": f"bench-{i:04d}", **structure_to_cell(s)} for i, s in enumerate(structures)]
     return pl.DataFrame(rows)
 
 

@@ -138,7 +138,7 @@ def _rate(n: float, seconds: float) -> float:
 
 
 def bench_throughput(sur, structures: list, args: argparse.Namespace) -> dict:
-    from lib import _m3gnet_legacy
+    from lib.surrogates import _m3gnet_legacy
 
     res: dict = {}
     calc = sur.calculator()
@@ -267,13 +267,13 @@ def bench_relax(sur, structures: list, args: argparse.Namespace) -> tuple[dict, 
 
 
 def bench_phonons(sur, relaxed: list, args: argparse.Namespace) -> dict:
-    from lib import screening as scr
+    from lib.cells import structure_to_cell
     from lib.phonons import phonon_frame
 
     ok = [r.structure for r in relaxed if r.ok][: args.n_phonon]
     if not ok:
         return {"status": "skipped", "reason": "no relaxed structure"}
-    frame = pl.DataFrame([{"candidate_id": f"ph-{i}", **scr.structure_to_cell(s)} for i, s in enumerate(ok)])
+    frame = pl.DataFrame([{"candidate_id": f"ph-{i}", **structure_to_cell(s)} for i, s in enumerate(ok)])
     with Clock(args.device) as c:
         ph = phonon_frame(sur, frame, batch_size=args.phonon_batch_size)
     good = ph.filter(pl.col("status") == "ok")
@@ -291,12 +291,13 @@ def ray_part(args: argparse.Namespace) -> dict:
     import ray
 
     from lib import screening as scr
+    from lib.cells import structure_to_cell
 
     sur_name = args.surrogates[0]
     structures = load_structures(Path(args.mp_file), n=args.n_structures, min_atoms=args.min_atoms,
                                  max_atoms=args.max_atoms, seed=args.seed,
                                  elements=load_surrogate(sur_name, models_dir=args.models_dir).supported_elements)
-    frame = pl.DataFrame([{"candidate_id": f"bench-{i:04d}", **scr.structure_to_cell(s)}
+    frame = pl.DataFrame([{"candidate_id": f"bench-{i:04d}", **structure_to_cell(s)}
                           for i, s in enumerate(structures)])
     out: dict = {"surrogate": sur_name, "n": len(structures)}
     ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)

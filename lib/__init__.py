@@ -7,6 +7,7 @@ Stages, by module:
 
 - ``lib.mp_sources``     MP structures from a file, a folder, the MP API or the embedded default
 - ``lib.wyckoff``        Wyckoff-position tables (pyxtal), projection and orbit expansion
+- ``lib.cells``          cell / Structure / ASU conversions and shared cell helpers
 - ``lib.symmetry``       symmetry analysis and the asymmetric unit of each structure
 - ``lib.training``       the GAN's training table (filters, hold-outs, encoding)
 - ``lib.encoding``       the versioned vector encoding of crystal templates
@@ -16,8 +17,9 @@ Stages, by module:
 - ``lib.dedup``          within-system dedup and matching against MP
 - ``lib.surrogates``     surrogate registry and batched energies/forces/stresses
 - ``lib.screening``      pre-screen, relaxation, references + hull, shortlist (Ray actors)
+- ``lib.surrogate_inputs`` a frame's structures checked against a surrogate's elements
 - ``lib.phonons``        phonopy finite displacements with surrogate forces
-- ``lib.dft_inputs``     VASP + phonopy hand-off folders (``lib.dft`` re-exports)
+- ``lib.dft_inputs``     VASP + phonopy hand-off folders
 - ``lib.dft_ingest``     ingest of VASP and phonopy results
 - ``lib.lineage``, ``lib.churn``  lineage joins and surrogate churn reports
 - ``lib.export``, ``lib.xrd``     structure export and simulated powder XRD

@@ -12,6 +12,9 @@ from itertools import combinations
 
 import polars as pl
 
+from lib import contracts
+from lib.plots import subplots
+
 #: Columns accepted as the phonon verdict, first found wins.
 VERDICT_COLUMNS: tuple[str, ...] = ("is_dynamically_stable", "is_phonon_stable")
 
@@ -22,26 +25,7 @@ PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "is_in_top_k_a": pl.Boolean, "is_in_top_k_b": pl.Boolean, "is_verdict_flipped": pl.Boolean,
 }
 
-CHURN_SCHEMA: dict[str, pl.DataType] = {
-    "chemical_system": pl.String,
-    "surrogate_a": pl.String,
-    "surrogate_b": pl.String,
-    "surrogate_sha256_a": pl.String,
-    "surrogate_sha256_b": pl.String,
-    "n_ranked_a": pl.Int64,
-    "n_ranked_b": pl.Int64,
-    "n_common": pl.Int64,  # ranked by both
-    "spearman_rho": pl.Float64,  # over the common candidates; null when fewer than 2
-    "top_k": pl.Int64,
-    "top_k_overlap": pl.Int64,  # |top-k(a) ∩ top-k(b)|
-    "top_k_overlap_fraction": pl.Float64,  # overlap / min(k, n_a, n_b)
-    "n_verdict_compared": pl.Int64,  # common candidates with a verdict from both
-    "n_verdict_flipped": pl.Int64,
-    "flipped_candidate_ids": pl.List(pl.String),
-    "candidate_ids": pl.List(pl.String),  # side by side: candidates ranked by either, by rank_a
-    "ranks_a": pl.List(pl.Int64),
-    "ranks_b": pl.List(pl.Int64),
-}
+CHURN_SCHEMA: dict[str, pl.DataType] = contracts.schema("surrogate_churn")
 
 
 def _verdict_column(frame: pl.DataFrame, verdict_column: str | None) -> str | None:
@@ -146,11 +130,9 @@ def surrogate_churn(shortlist: pl.DataFrame, *, top_k: int = 10, verdict_column:
 
 def churn_figure(pairs: pl.DataFrame, *, max_panels: int = 6):
     """Rank of surrogate A against rank of surrogate B per pair (flipped verdicts in red)."""
-    import matplotlib.pyplot as plt
-
     keys = pairs.select("chemical_system", "surrogate_a", "surrogate_b").unique(maintain_order=True).rows()
     keys = keys[:max_panels] or [("", "", "")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
+    fig, axes = subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
     for ax, (cs, a, b) in zip(axes[0], keys, strict=False):
         g = pairs.filter((pl.col("chemical_system") == cs) & (pl.col("surrogate_a") == a)
                          & (pl.col("surrogate_b") == b) & pl.col("rank_a").is_not_null()

@@ -55,8 +55,8 @@ choices (not in pyxtal's normalizer table), or from a template whose sites happe
 with a translation beyond the centring (a smaller crystal described in a larger cell, bucketed
 by the larger atom count). Those stay separate candidates.
 
-Buckets are matched through :func:`lib.parallel.map_row_chunks` (Ray tasks when Ray is up, else
-``workers`` local processes); the work is dealt by cost so that the chunks are even, and every
+Buckets are matched through :func:`lib.parallel.map_row_chunks` (Ray tasks with ``use_ray``,
+else ``workers`` local processes); the work is dealt by cost so that the chunks are even, and every
 decision is made inside one bucket, so the output does not depend on the number of workers.
 Every compared pair is counted.
 """
@@ -72,23 +72,40 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from lib import wyckoff
-from lib.infill import LATTICE_COLUMNS, _fold, _groups, _letter_indices, normalizer_ops
+from lib import contracts, wyckoff
+from lib.cells import (
+    ASU_COLUMNS,
+    MATCHER_TOLERANCES,
+    asu_to_structure,
+    atomic_number,
+    cell_to_structure,
+    element_symbol,
+    lattice_matrix,
+    lattice_parameters,
+    minimum_image,
+)
+from lib.infill import (
+    explode_sites,
+    fold_hash,
+    group_rows,
+    letter_indices,
+    normalizer_ops,
+    site_distance_matrix,
+)
 from lib.parallel import map_row_chunks
+from lib.wyckoff import LATTICE_COLUMNS
 
 #: StructureMatcher settings against MP: pymatgen's defaults (what the paper used).
-MP_MATCHER_DEFAULTS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0, "primitive_cell": True, "scale": True}
+MP_MATCHER_DEFAULTS = {**MATCHER_TOLERANCES, "primitive_cell": True, "scale": True}
 #: Within the system: near-identical duplicates only. pymatgen's loose defaults would compare
 #: (and fold) about 30% of the bucketed candidates of random templates.
 MATCHER_DEFAULTS = {"ltol": 0.05, "stol": 0.05, "angle_tol": 1.0, "primitive_cell": True, "scale": True}
 #: pymatgen's ``get_primitive_structure`` tolerance (A), used by StructureMatcher.
 PRIMITIVE_TOLERANCE = 0.25
 
-DEDUP_EXTRA_SCHEMA: dict[str, pl.DataType] = {
-    "n_folded": pl.Int64,
-    "is_known_in_mp": pl.Boolean,
-    "mp_material_id": pl.String,
-}
+#: The columns ``candidates_dedup`` adds to ``candidates``.
+DEDUP_EXTRA_SCHEMA: dict[str, pl.DataType] = contracts.schema(
+    "candidates_dedup", exclude=contracts.schema("candidates"))
 
 _NARROW = ("candidate_id", "fingerprint", "reduced_formula", "spacegroup_number", "n_atoms",
            "asu_letters", "asu_species", "asu_frac_coords", *LATTICE_COLUMNS)
@@ -215,20 +232,6 @@ def _permutes_axes(sg: int) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=128)
-def _atomic_number(symbol: str) -> int:
-    from pymatgen.core import Element
-
-    return int(Element(symbol).Z)
-
-
-@functools.lru_cache(maxsize=128)
-def _symbol(z: int) -> str:
-    from pymatgen.core import Element
-
-    return Element.from_Z(int(z)).symbol
-
-
 # ----------------------------------------------------------------------------- prototype labels
 def prototype_labels(df: pl.DataFrame) -> np.ndarray:
     """uint64 label per row: the multiset of (atomic number, Wyckoff letter) minimised over the
@@ -240,10 +243,10 @@ def prototype_labels(df: pl.DataFrame) -> np.ndarray:
     owner = np.repeat(np.arange(df.height), n)
     pos = np.arange(owner.size) - np.concatenate([[0], np.cumsum(n)])[owner]
     sg_row = df["spacegroup_number"].to_numpy().astype(np.int64)
-    lidx = _letter_indices(sg_row[owner], df["asu_letters"].explode().to_numpy().astype(str))
+    lidx = letter_indices(sg_row[owner], df["asu_letters"].explode().to_numpy().astype(str))
     sp = df["asu_species"].explode()
     symbols = sp.unique().to_list()
-    zmap = pl.DataFrame({"s": symbols, "z": [_atomic_number(s) for s in symbols]})
+    zmap = pl.DataFrame({"s": symbols, "z": [atomic_number(s) for s in symbols]})
     z = pl.DataFrame({"s": sp}).join(zmap, on="s", how="left", maintain_order="left")["z"].to_numpy().astype(np.int64)
     L = np.full((df.height, nmax), -1, dtype=np.int64)
     Z = np.zeros((df.height, nmax), dtype=np.int64)
@@ -251,7 +254,7 @@ def prototype_labels(df: pl.DataFrame) -> np.ndarray:
     Z[owner, pos] = z
     pad = np.uint64(np.iinfo(np.uint64).max)
     best = np.full(df.height, pad, dtype=np.uint64)
-    for (s,), rows in _groups(sg_row):
+    for (s,), rows in group_rows(sg_row):
         perms = [np.arange(len(wyckoff.letters(s)))] + [op.letter_perm for op in normalizer_ops(s)]
         seen = set()
         for perm in perms:
@@ -263,7 +266,7 @@ def prototype_labels(df: pl.DataFrame) -> np.ndarray:
             ml = np.where(lr >= 0, perm[np.clip(lr, 0, None)], 0)
             code = np.where(lr >= 0, (Z[rows] * 64 + ml).astype(np.uint64), pad)
             code.sort(axis=1)
-            best[rows] = np.minimum(best[rows], _fold(code, axis=1, seed=11))
+            best[rows] = np.minimum(best[rows], fold_hash(code, axis=1, seed=11))
     return best
 
 
@@ -298,10 +301,6 @@ def reduce_structure(structure) -> ReducedCell:
                        np.array([sp.Z for sp in r.species], dtype=np.int64))
 
 
-def _wrap(d: np.ndarray) -> np.ndarray:
-    return d - np.round(d)
-
-
 def extra_translations(frac: np.ndarray, z: np.ndarray, lattice: np.ndarray, sg: int,
                        tolerance: float = PRIMITIVE_TOLERANCE) -> np.ndarray:
     """Candidate lattice translations of a conventional cell beyond its centring.
@@ -313,7 +312,7 @@ def extra_translations(frac: np.ndarray, z: np.ndarray, lattice: np.ndarray, sg:
     cell is the primitive cell pymatgen would find.
     """
     tol2 = 2.0 * tolerance / np.linalg.norm(lattice, axis=1)
-    order = sorted(np.unique(z).tolist(), key=_symbol)  # pymatgen groups by species string
+    order = sorted(np.unique(z).tolist(), key=element_symbol)  # pymatgen groups by species string
     groups = [frac[z == lab] for lab in order]
     g0 = min(groups, key=len)
     v = g0 - g0[0]
@@ -321,9 +320,9 @@ def extra_translations(frac: np.ndarray, z: np.ndarray, lattice: np.ndarray, sg:
         if v.shape[0] == 0:
             break
         d = v[:, None, None, :] - (g[None, None, :, :] - g[None, :, None, :])  # (vector, site, partner, 3)
-        v = v[np.all(np.abs(_wrap(d)) < tol2, axis=-1).any(axis=2).all(axis=1)]
+        v = v[np.all(np.abs(minimum_image(d)) < tol2, axis=-1).any(axis=2).all(axis=1)]
     cv = _centring_vectors(_centring(sg)[0])
-    trivial = np.all(np.abs(_wrap(v[:, None, :] - cv[None, :, :])) < tol2, axis=-1).any(axis=1)
+    trivial = np.all(np.abs(minimum_image(v[:, None, :] - cv[None, :, :])) < tol2, axis=-1).any(axis=1)
     return v[~trivial]
 
 
@@ -355,7 +354,7 @@ def reduce_candidate(sg: int, letters: list[str], species: list[str], asu_frac_c
     The basis is Niggli-reduced (spglib) and the sites ordered by element symbol.
     """
     frac, zs = _expand(int(sg), letters, species, asu_frac_coords)
-    lat = wyckoff.lattice_matrix(*lattice_params)
+    lat = lattice_matrix(*lattice_params)
     _, m, minv, mult = _centring(int(sg))
     fp = frac @ minv
     fp -= np.floor(fp)
@@ -364,9 +363,9 @@ def reduce_candidate(sg: int, letters: list[str], species: list[str], asu_frac_c
         q = np.round(fp * 1e6).astype(np.int64) % 1_000_000
         _, first = np.unique((q[:, 0] * 1_000_000 + q[:, 1]) * 1_000_000 + q[:, 2], return_index=True)
         if first.size * mult != frac.shape[0]:  # not expected for a valid template: pymatgen decides
-            return reduce_structure(wyckoff.asu_to_structure(int(sg), list(letters), list(species),
-                                                             np.asarray(asu_frac_coords, dtype=float),
-                                                             tuple(lattice_params))), True
+            return reduce_structure(asu_to_structure(int(sg), list(letters), list(species),
+                                                     np.asarray(asu_frac_coords, dtype=float),
+                                                     tuple(lattice_params))), True
         first.sort()
         fp, zp = fp[first], zs[first]
     counts = np.bincount(zp)
@@ -383,17 +382,15 @@ def reduce_candidate(sg: int, letters: list[str], species: list[str], asu_frac_c
             zp = red[2]
             red = red[:2]
     if red is None:  # a near-translation within pymatgen's tolerance: pymatgen's reduction of the centred cell
-        from pymatgen.core import Lattice, Structure
-
-        return reduce_structure(Structure(Lattice(m @ lat), [_symbol(x) for x in zp], fp)), True
-    order = np.argsort(np.array([_symbol(x) for x in zp]), kind="stable")
+        return reduce_structure(cell_to_structure(m @ lat, [element_symbol(x) for x in zp], fp)), True
+    order = np.argsort(np.array([element_symbol(x) for x in zp]), kind="stable")
     return ReducedCell(red[0], red[1][order], zp[order]), False
 
 
 def _exact_translations(frac: np.ndarray, z: np.ndarray, vectors: np.ndarray, tol: float = 1e-6) -> bool:
     """Whether every vector maps every atom exactly (``tol``, fractional) onto an atom of its species."""
     d = frac[None, :, None, :] + vectors[:, None, None, :] - frac[None, None, :, :]
-    hit = np.all(np.abs(_wrap(d)) < tol, axis=-1) & (z[:, None] == z[None, :])[None]
+    hit = np.all(np.abs(minimum_image(d)) < tol, axis=-1) & (z[:, None] == z[None, :])[None]
     return bool(hit.any(axis=2).all())
 
 
@@ -422,16 +419,15 @@ def _expand(sg: int, letters, species, asu_frac_coords) -> tuple[np.ndarray, np.
         wp = wyckoff.position(sg, letter)
         p = wp.rot[0] @ np.asarray(xyz, dtype=float) + wp.trans[0]
         coords.append(np.einsum("mij,j->mi", wp.rot, p - np.floor(p)) + wp.trans)
-        zs.append(np.full(wp.multiplicity, _atomic_number(sp), dtype=np.int64))
+        zs.append(np.full(wp.multiplicity, atomic_number(sp), dtype=np.int64))
     frac = np.concatenate(coords)
     return frac - np.floor(frac), np.concatenate(zs)
 
 
 def reduce_candidates(df: pl.DataFrame) -> tuple[list[ReducedCell], int]:
     """:func:`reduce_candidate` for every row (``candidates`` columns); also the number of fallbacks."""
-    cols = ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords", *LATTICE_COLUMNS)
     out, fallbacks = [], 0
-    for sg, let, sp, xyz, *lat in df.select(cols).iter_rows():
+    for sg, let, sp, xyz, *lat in df.select(ASU_COLUMNS).iter_rows():
         cell, fb = reduce_candidate(sg, let, sp, xyz, tuple(lat))
         out.append(cell)
         fallbacks += fb
@@ -439,15 +435,6 @@ def reduce_candidates(df: pl.DataFrame) -> tuple[list[ReducedCell], int]:
 
 
 # ----------------------------------------------------------------------------- StructureMatcher.fit
-def _parameters(m: np.ndarray) -> np.ndarray:
-    """(M, 3, 3) row matrices -> (M, 6) lengths and angles (deg), as ``Lattice.parameters``."""
-    g = np.einsum("mik,mjk->mij", m, m)
-    lengths = np.sqrt(np.einsum("mii->mi", g))
-    jk = ([1, 2, 0], [2, 0, 1])
-    cosines = np.clip(g[:, jk[0], jk[1]] / (lengths[:, jk[0]] * lengths[:, jk[1]]), -1, 1)
-    return np.concatenate([lengths, np.rad2deg(np.arccos(cosines))], axis=1)
-
-
 def _from_parameters(p: np.ndarray) -> np.ndarray:
     """``Lattice.from_parameters`` (vesta=False) for (M, 6) parameters -> (M, 3, 3)."""
     a, b, c = p[:, 0], p[:, 1], p[:, 2]
@@ -499,7 +486,7 @@ def fit_reduced(r1: ReducedCell, r2: ReducedCell, *, ltol: float, stol: float, a
     ratio = (r2.volume / r1.volume) ** (1 / 6)
     m1 = r1.matrix * ratio
     m2 = r2.matrix / ratio
-    p2 = _parameters(m2[None])[0]
+    p2 = lattice_parameters(m2[None])[0]
     lengths, (alpha, beta, gamma) = p2[:3], p2[3:]
     frac, dist, _, _ = Lattice(m1).get_points_in_sphere([[0, 0, 0]], [0, 0, 0], max(lengths) * (1 + ltol),
                                                          zip_results=False)
@@ -525,7 +512,7 @@ def fit_reduced(r1: ReducedCell, r2: ReducedCell, *, ltol: float, stol: float, a
     aligned = np.stack([c_a[ii[keep]], c_b[jj[keep]], c_c[kk[keep]]], axis=1)  # (M, 3, 3)
     fc = np.einsum("nj,mjk->mnk", r1.frac @ m1, np.linalg.inv(aligned))
     fc -= np.floor(fc)
-    avg = _from_parameters((_parameters(aligned) + p2) / 2)
+    avg = _from_parameters((lattice_parameters(aligned) + p2) / 2)
     vol = np.abs(np.einsum("mi,mi->m", np.cross(avg[:, 0], avg[:, 1]), avg[:, 2]))
     norm = (n / vol) ** (1 / 3)
     inv_abc = np.linalg.norm(np.linalg.inv(avg).transpose(0, 2, 1) * 2 * np.pi, axis=2)
@@ -580,8 +567,9 @@ def fit_reduced(r1: ReducedCell, r2: ReducedCell, *, ltol: float, stol: float, a
 def prescreen_constants(settings: dict) -> tuple[float, float]:
     """``(a, b)`` of the orbit-distance pre-screen: two matched structures have scaled shortest
     orbit-orbit distances with ``|x1 - x2| <= a + b max(x1, x2)``."""
-    ltol, stol = float(settings.get("ltol", 0.2)), float(settings.get("stol", 0.3))
-    angle = math.radians(float(settings.get("angle_tol", 5.0)))
+    ltol = float(settings.get("ltol", MATCHER_TOLERANCES["ltol"]))
+    stol = float(settings.get("stol", MATCHER_TOLERANCES["stol"]))
+    angle = math.radians(float(settings.get("angle_tol", MATCHER_TOLERANCES["angle_tol"])))
     return 2.0 * stol * (1.0 + ltol), (1.0 + ltol) * (1.0 + angle) - 1.0
 
 
@@ -598,25 +586,23 @@ def match_descriptors(df: pl.DataFrame, *, settings: dict, distance_window: floa
     L-inf, so a site correspondence within the bound survives it. ``n_sites`` fixes the width
     (the largest number of ASU sites expected), so that chunks of rows line up.
     """
-    from lib.infill import _explode_sites, site_distance_matrix
-
     lat = df.select(LATTICE_COLUMNS).to_numpy().astype(float)
     vol = wyckoff.cell_volume(*lat.T)
     s = np.cbrt(vol)
-    lengths = np.log(lat[:, :3] / s[:, None]) / np.log1p(settings.get("ltol", 0.2))
+    lengths = np.log(lat[:, :3] / s[:, None]) / np.log1p(settings.get("ltol", MATCHER_TOLERANCES["ltol"]))
     sg = df["spacegroup_number"].to_numpy().astype(np.int64)
     perm = np.array([_permutes_axes(int(x)) for x in np.unique(sg)], dtype=bool)
     rows = np.isin(sg, np.unique(sg)[perm])
     lengths[rows] = np.sort(lengths[rows], axis=1)
-    angles = lat[:, 3:] / settings.get("angle_tol", 5.0)
-    sites = _explode_sites(df)
+    angles = lat[:, 3:] / settings.get("angle_tol", MATCHER_TOLERANCES["angle_tol"])
+    sites = explode_sites(df)
     D = site_distance_matrix(sites)
     if n_sites is not None and n_sites > D.shape[1]:
         pad = n_sites - D.shape[1]
         D = np.pad(D, ((0, 0), (0, pad), (0, pad)), constant_values=np.nan)
     scale = np.cbrt(vol / df["n_atoms"].to_numpy())
     symbols = df["asu_species"].explode()
-    Z = sites.padded(np.array([_atomic_number(x) for x in symbols.to_list()], dtype=np.int64), 0)
+    Z = sites.padded(np.array([atomic_number(x) for x in symbols.to_list()], dtype=np.int64), 0)
     if Z.shape[1] < D.shape[1]:
         Z = np.pad(Z, ((0, 0), (0, D.shape[1] - Z.shape[1])))
     iu = np.triu_indices(D.shape[1])
@@ -739,8 +725,6 @@ def match_mp(cands: pl.DataFrame, *, references: list[tuple[str, str, int, Reduc
 def mp_references(mp_structures: pl.DataFrame, *, elements: list[str]) -> list[tuple[str, str, int, ReducedCell]]:
     """MP structures (``mp_structures`` contract) inside the chemical system, as matcher references:
     ``(material_id, reduced_formula, n_primitive_atoms, reduced cell)`` sorted by material_id."""
-    from pymatgen.core import Lattice, Structure
-
     need = ("material_id", "reduced_formula", "lattice_matrix", "species", "frac_coords")
     missing = [c for c in need if c not in mp_structures.columns]
     if missing:
@@ -751,7 +735,7 @@ def mp_references(mp_structures: pl.DataFrame, *, elements: list[str]) -> list[t
     for mid, rf, lat, species, frac in rows.iter_rows():
         if not set(species) <= allowed:
             continue
-        cell = reduce_structure(Structure(Lattice(np.asarray(lat, dtype=float).reshape(3, 3)), species, frac))
+        cell = reduce_structure(cell_to_structure(lat, species, frac))
         out.append((mid, rf, cell.n, cell))
     return out
 
@@ -767,11 +751,12 @@ def _deal(cost: np.ndarray, n_chunks: int) -> np.ndarray:
     return order[np.lexsort((np.arange(cost.size), chunk))]
 
 
-def _map(fn, df: pl.DataFrame, *, cost: np.ndarray, workers: int, n_chunks: int | None, min_rows: int, **kwargs):
+def _map(fn, df: pl.DataFrame, *, cost: np.ndarray, workers: int, n_chunks: int | None, min_rows: int,
+         use_ray: bool, **kwargs):
     """``map_row_chunks`` with the rows dealt by ``cost`` (the output order follows the deal)."""
-    chunks = n_chunks or _chunks_for(df.height, workers, min_rows)
+    chunks = n_chunks or _chunks_for(df.height, workers, min_rows, use_ray=use_ray)
     df = df[_deal(cost, chunks).tolist()] if df.height else df
-    return map_row_chunks(fn, df, n_chunks=chunks, processes=workers, **kwargs)
+    return map_row_chunks(fn, df, n_chunks=chunks, processes=workers, use_ray=use_ray, **kwargs)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -785,6 +770,7 @@ def dedup_candidates(
     distance_window: float | None = None,
     workers: int = 1,
     n_chunks: int | None = None,
+    use_ray: bool = False,
 ) -> DedupResult:
     """Dedup decisions for the candidates of one chemical system (see the module docstring).
 
@@ -792,8 +778,9 @@ def dedup_candidates(
     columns dedup needs are collected). ``mp_structures``: the ``mp_structures`` contract (any
     rows; those outside ``elements`` are ignored). ``distance_window``: ``None`` = the pre-screen
     bound derived from the matcher tolerances; a number = a fixed window on the scaled orbit
-    distances (faster, misses matches). ``workers``: local processes when Ray is not running
-    (with Ray, its CPUs). The result does not depend on ``workers`` or ``n_chunks``.
+    distances (faster, misses matches). ``use_ray``: match as Ray tasks (Ray must be initialised;
+    its CPUs are the workers); else ``workers`` local processes. The result does not depend on
+    ``workers``, ``n_chunks`` or ``use_ray``.
     """
     settings = {**MATCHER_DEFAULTS, **(matcher or {})}
     mp_settings = {**MP_MATCHER_DEFAULTS, **(mp_matcher or {})}
@@ -832,7 +819,8 @@ def dedup_candidates(
         res.largest_bucket = int(multi["_bsize"].max())
         n_sites = int(multi["asu_letters"].list.len().max())
         desc, _ = map_row_chunks(_descriptor_frame, multi.select(*_STRUCT, "n_atoms"), processes=workers,
-                                 n_chunks=_chunks_for(multi.height, workers, 20_000), settings=settings,
+                                 n_chunks=_chunks_for(multi.height, workers, 20_000, use_ray=use_ray),
+                                 use_ray=use_ray, settings=settings,
                                  distance_window=distance_window, n_sites=n_sites)
         d = desc.to_numpy()
         del desc
@@ -843,7 +831,7 @@ def dedup_candidates(
         if pairs.shape[0]:
             work = _work_units(multi, pairs)
             cost = (work["pi"].list.len() * 4 + work["rows"].list.len()).to_numpy().astype(float)
-            matched, stats = _map(match_buckets, work, cost=cost, workers=workers, n_chunks=n_chunks,
+            matched, stats = _map(match_buckets, work, cost=cost, workers=workers, n_chunks=n_chunks, use_ray=use_ray,
                                   min_rows=50, settings=settings)
             backend, used = stats.backend, stats.workers
             summary = matched.filter(pl.col("candidate_id").is_null())
@@ -887,6 +875,7 @@ def dedup_candidates(
             res.n_mp_candidates = rows.height
             if rows.height:
                 matched, _ = _map(match_mp, rows, cost=np.ones(rows.height), workers=workers, n_chunks=n_chunks,
+                                  use_ray=use_ray,
                                   min_rows=200, references=refs, settings=mp_settings)
                 res.n_mp_pairs_compared = int(matched["pairs_compared"].sum())
                 mp_hits = matched.filter(pl.col("mp_material_id").is_not_null()).select("candidate_id", "mp_material_id")
@@ -900,12 +889,13 @@ def dedup_candidates(
     return res
 
 
-def _chunks_for(n_rows: int, workers: int, min_rows: int) -> int:
-    """Chunks for ``n_rows`` rows: 8 per worker, or 1 (in-process) when the work is too small to
-    pay for starting worker processes (fewer than ``min_rows`` rows per worker)."""
-    from lib.parallel import ray_cpus, ray_is_running
+def _chunks_for(n_rows: int, workers: int, min_rows: int, *, use_ray: bool = False) -> int:
+    """Chunks for ``n_rows`` rows: 8 per worker (with ``use_ray``, per Ray CPU), or 1 (in-process)
+    when the work is too small to pay for starting worker processes (fewer than ``min_rows`` rows
+    per worker)."""
+    from lib.parallel import ray_cpus
 
-    par = ray_cpus() if ray_is_running() else max(1, workers)
+    par = ray_cpus() if use_ray else max(1, workers)
     return 1 if par == 1 or n_rows < min_rows * par else min(n_rows, par * 8)
 
 

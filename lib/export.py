@@ -8,7 +8,7 @@ Two row layouts are understood (``docs/architecture.md``):
 * **ASU** columns, as in ``candidates`` / ``templates`` / ``mp_symmetry``: ``spacegroup_number``,
   Wyckoff letters (``asu_letters`` or ``wyckoff_letters``), species (``asu_species`` or
   ``asu_elements``), ``asu_frac_coords`` and ``a_a, b_a, c_a, alpha_deg, beta_deg, gamma_deg``;
-  the conventional cell is rebuilt with :func:`lib.wyckoff.asu_to_structure`.
+  the conventional cell is rebuilt with :func:`lib.cells.asu_to_structure`.
 
 When a frame carries both, the cell columns win (a relaxed structure is what a scientist wants to
 look at); pass ``layout="asu"`` to force the generated, unrelaxed cell.
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
+from lib.cells import asu_to_structure, cell_to_structure
 from lib.wyckoff import LATTICE_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,10 +175,6 @@ def structures_from_frame(df: pl.DataFrame, *, layout: Layout = "auto") -> Built
     (bad lattice, ragged lists, unknown element, ...) are returned in ``failures`` with their id
     and the reason, never dropped silently.
     """
-    from pymatgen.core import Lattice, Structure
-
-    from lib.wyckoff import asu_to_structure
-
     spec = detect_structure_columns(df, layout=layout)
     cell = spec.columns if spec.layout == "cell" else None
     asu = spec.columns if spec.layout == "asu" else (_asu_columns(set(df.columns)) if layout == "auto" else None)
@@ -199,10 +196,9 @@ def structures_from_frame(df: pl.DataFrame, *, layout: Layout = "auto") -> Built
         try:
             if cpart is not None and cpart[0] is not None:
                 matrix, species, frac = cpart
-                m = np.asarray(matrix, dtype=float).reshape(3, 3)
                 if len(species) != len(frac):
                     raise ValueError(f"{len(species)} species but {len(frac)} coordinates")
-                s = Structure(Lattice(m), list(species), np.asarray(frac, dtype=float))
+                s = cell_to_structure(matrix, species, frac)
             elif apart is not None and apart[0] is not None:
                 sg, letters, species, coords, params = apart
                 if any(p is None or not math.isfinite(p) for p in params):

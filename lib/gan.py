@@ -454,13 +454,6 @@ def critic_features(model: WganModel, x: np.ndarray, *, batch_size: int = 8192) 
     return np.concatenate(outs) if outs else np.zeros((0, 2 * model.config.critic_hidden), np.float32)
 
 
-@torch.no_grad()
-def critic_scores(model: WganModel, x: np.ndarray) -> np.ndarray:
-    crit = model.critic.eval()
-    dev = next(crit.parameters()).device
-    return crit(torch.from_numpy(np.asarray(x, np.float32)).to(dev)).cpu().numpy()
-
-
 # ------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(model: WganModel, root: str | Path) -> Path:
     """Write ``<root>/<checkpoint_id>/{model.json,state.pt,encoding.json}``; returns the folder.

@@ -5,7 +5,7 @@ Each template's ASU sites receive elements of the system. Everything is columnar
 site receives) is built once and exploded against all templates of that class with numpy index
 arithmetic; formulas come from multiplicity x element-count matrices; strings, ids and
 fingerprints are polars/numpy columns. No Python object is made per candidate; a structure is
-rebuilt from a row only on demand (:func:`candidate_structures`).
+rebuilt from a row only on demand (:func:`lib.cells.candidate_structures`).
 
 Canonicalisation (assignments that give the same crystal are generated once):
 
@@ -42,7 +42,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from lib import wyckoff
+from lib import contracts, wyckoff
+from lib.cells import atomic_number, lattice_matrices
 from lib.ids import hash_column
 from lib.wyckoff import LATTICE_COLUMNS
 
@@ -56,33 +57,9 @@ TEMPLATE_COLUMNS = (
     "asu_frac_coords", "a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg",
 )
 
-CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
-    "candidate_id": pl.String,
-    "template_id": pl.String,
-    "checkpoint_id": pl.String,
-    "chemical_system": pl.String,
-    "formula": pl.String,
-    "reduced_formula": pl.String,
-    "n_atoms": pl.Int64,
-    "spacegroup_number": pl.Int64,
-    "wyckoff_species_sequence": pl.String,
-    "a_a": pl.Float64,
-    "b_a": pl.Float64,
-    "c_a": pl.Float64,
-    "alpha_deg": pl.Float64,
-    "beta_deg": pl.Float64,
-    "gamma_deg": pl.Float64,
-    "volume_a3": pl.Float64,
-    "volume_mode": pl.String,
-    "asu_species": pl.List(pl.String),
-    "asu_letters": pl.List(pl.String),
-    "asu_frac_coords": pl.List(pl.List(pl.Float64)),
-    "fingerprint": pl.String,
-}
+CANDIDATE_SCHEMA: dict[str, pl.DataType] = contracts.schema("candidates")
 
-REJECT_SCHEMA: dict[str, pl.DataType] = {
-    "template_id": pl.String, "reason": pl.String, "detail": pl.String,
-}
+REJECT_SCHEMA: dict[str, pl.DataType] = contracts.schema("candidates_template_rejects")
 
 
 # ----------------------------------------------------------------------------- chemical systems
@@ -193,28 +170,11 @@ class InfillTotals:
 
 
 # ----------------------------------------------------------------------------- geometry helpers
-def lattice_matrices(a, b, c, alpha, beta, gamma) -> np.ndarray:
-    """Row-vector lattice matrices (N, 3, 3) from parameter arrays (same convention as ``lib.wyckoff``)."""
-    a, b, c = (np.asarray(x, dtype=float) for x in (a, b, c))
-    al, be, ga = (np.radians(np.asarray(x, dtype=float)) for x in (alpha, beta, gamma))
-    ca, cb, cg, sg = np.cos(al), np.cos(be), np.cos(ga), np.sin(ga)
-    m = np.zeros((a.shape[0], 3, 3))
-    m[:, 0, 0] = a
-    m[:, 1, 0] = b * cg
-    m[:, 1, 1] = b * sg
-    cx = c * cb
-    cy = c * (ca - cb * cg) / sg
-    m[:, 2, 0] = cx
-    m[:, 2, 1] = cy
-    m[:, 2, 2] = np.sqrt(np.clip(c * c - cx * cx - cy * cy, 0.0, None))
-    return m
-
-
 _IMAGES = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=float)  # (27, 3)
 
 
 @dataclass(frozen=True)
-class _Sites:
+class Sites:
     """Templates exploded to one row per ASU site, as numpy arrays."""
 
     n_sites: np.ndarray  # (T,)
@@ -239,7 +199,7 @@ class _Sites:
         return out
 
 
-def _letter_indices(sg: np.ndarray, letter: np.ndarray) -> np.ndarray:
+def letter_indices(sg: np.ndarray, letter: np.ndarray) -> np.ndarray:
     """Index of each (space group, letter) in ``lib.wyckoff.letters(sg)``; -1 when unknown."""
     table = pl.DataFrame({"sg": sg.astype(np.int64), "letter": letter.astype(str)}).with_row_index("_i")
     needed = set(np.unique(sg).tolist())
@@ -249,7 +209,7 @@ def _letter_indices(sg: np.ndarray, letter: np.ndarray) -> np.ndarray:
     return out.to_numpy()
 
 
-def _groups(*keys: np.ndarray):
+def group_rows(*keys: np.ndarray):
     """Yield (key tuple, row indices) for every distinct combination of integer key arrays."""
     if keys[0].size == 0:
         return
@@ -261,7 +221,7 @@ def _groups(*keys: np.ndarray):
         yield tuple(int(x) for x in stacked[lo]), order[lo:hi]
 
 
-def _explode_sites(tpl: pl.DataFrame) -> _Sites:
+def explode_sites(tpl: pl.DataFrame) -> Sites:
     if "wyckoff_letters" not in tpl.columns and "asu_letters" in tpl.columns:
         tpl = tpl.rename({"asu_letters": "wyckoff_letters"})
     n = tpl["wyckoff_letters"].list.len().to_numpy().astype(np.int64)
@@ -270,24 +230,24 @@ def _explode_sites(tpl: pl.DataFrame) -> _Sites:
     pos = np.arange(offsets[-1]) - offsets[owner]
     sg = tpl["spacegroup_number"].to_numpy().astype(np.int64)[owner]
     letter = tpl["wyckoff_letters"].explode().to_numpy().astype(str)
-    lidx = _letter_indices(sg, letter)
+    lidx = letter_indices(sg, letter)
     if "multiplicities" in tpl.columns:
         mult = tpl["multiplicities"].explode().to_numpy().astype(np.int64)
     else:  # candidate rows: multiplicities follow from the letters
         mult = np.zeros(sg.size, dtype=np.int64)
-        for (s, li), rows in _groups(sg, lidx):
+        for (s, li), rows in group_rows(sg, lidx):
             mult[rows] = wyckoff.position(s, wyckoff.letters(s)[li]).multiplicity
     xyz = tpl["asu_frac_coords"].explode().list.to_array(3).to_numpy().astype(float).reshape(-1, 3)
-    lat = lattice_matrices(*(tpl[c].to_numpy() for c in LATTICE_COLUMNS))
+    lat = lattice_matrices(np.stack([tpl[c].to_numpy() for c in LATTICE_COLUMNS], axis=1))
     xyz = xyz.copy()
-    for (s, li), rows in _groups(sg, lidx):
+    for (s, li), rows in group_rows(sg, lidx):
         wp = wyckoff.position(s, wyckoff.letters(s)[li])
         xyz[rows] = wp.project(xyz[rows])
-    return _Sites(n, offsets, sg, letter, lidx, mult, xyz, owner, pos, lat)
+    return Sites(n, offsets, sg, letter, lidx, mult, xyz, owner, pos, lat)
 
 
 def _orbit_min_distance(
-    sites: _Sites, i: np.ndarray, j: np.ndarray, points: np.ndarray | None = None, *,
+    sites: Sites, i: np.ndarray, j: np.ndarray, points: np.ndarray | None = None, *,
     images: bool, exclude_self: bool, max_points: int = 4_000_000,
 ) -> np.ndarray:
     """Shortest distance (Å) from ``points`` (default: site ``i``'s representative) to site ``j``'s orbit.
@@ -298,7 +258,7 @@ def _orbit_min_distance(
     """
     pts = sites.xyz[i] if points is None else points
     out = np.full(i.size, np.inf)
-    for (s, li), rows in _groups(sites.sg[j], sites.letter_idx[j]):
+    for (s, li), rows in group_rows(sites.sg[j], sites.letter_idx[j]):
         wp = wyckoff.position(s, wyckoff.letters(s)[li])
         per = wp.multiplicity * (27 if images else 1)
         step = max(1, max_points // per)
@@ -320,7 +280,7 @@ def _orbit_min_distance(
     return out
 
 
-def site_distance_matrix(sites: _Sites, *, images: bool = False) -> np.ndarray:
+def site_distance_matrix(sites: Sites, *, images: bool = False) -> np.ndarray:
     """Shortest distance (Å) between the orbits of every pair of ASU sites: (T, nmax, nmax), NaN padded.
 
     ``D[t, i, i]`` is the shortest distance between two atoms of one orbit (lattice images
@@ -390,7 +350,7 @@ def _close_group(perms: set[tuple[int, ...]], n: int) -> tuple[tuple[int, ...], 
         group |= new
 
 
-def site_permutation_groups(sites: _Sites, *, tol_a: float = 1e-2) -> list[tuple[tuple[int, ...], ...]]:
+def site_permutation_groups(sites: Sites, *, tol_a: float = 1e-2) -> list[tuple[tuple[int, ...], ...]]:
     """For each template, the permutations of its ASU sites induced by normalizer operations.
 
     A coset representative ``x -> R x + t`` counts when it keeps the template's metric
@@ -518,7 +478,7 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _fold(values: np.ndarray, axis: int, seed: int = 0) -> np.ndarray:
+def fold_hash(values: np.ndarray, axis: int, seed: int = 0) -> np.ndarray:
     """Order-dependent hash of ``values`` (uint64) along ``axis`` (sort first for a set hash)."""
     v = np.moveaxis(values, axis, -1)
     h = np.full(v.shape[:-1], np.uint64(seed) ^ _M1, dtype=np.uint64)
@@ -548,11 +508,11 @@ def structure_fingerprints(
     ent = (zu[:, None, :] << np.uint64(48)) | (mu[:, None, :] << np.uint64(32)) | dist_q.astype(np.uint64)
     ent = np.where(valid[:, None, :], ent, pad)
     ent.sort(axis=2)
-    row = _fold(ent, axis=2, seed=1)
-    site = _fold(np.stack([zu, mu, row], axis=2), axis=2, seed=2)
+    row = fold_hash(ent, axis=2, seed=1)
+    site = fold_hash(np.stack([zu, mu, row], axis=2), axis=2, seed=2)
     site = np.where(valid, site, pad)
     site.sort(axis=1)
-    h = _fold(site, axis=1, seed=3)
+    h = fold_hash(site, axis=1, seed=3)
     return _mix(h ^ _mix(sg.astype(np.uint64) ^ lattice_key.astype(np.uint64)))
 
 
@@ -563,7 +523,7 @@ def _lattice_keys(tpl: pl.DataFrame) -> np.ndarray:
     angles = np.sort(p[:, 3:], axis=1)
     q = np.concatenate([np.round(lengths * 50), np.round(angles * 2)], axis=1)
     q = np.nan_to_num(q, nan=0.0).astype(np.int64).astype(np.uint64)
-    return _fold(q, axis=1, seed=4)
+    return fold_hash(q, axis=1, seed=4)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -650,13 +610,6 @@ def _formulas(elements: tuple[str, ...], counts: tuple[int, ...]) -> tuple[str, 
 
 
 @lru_cache(maxsize=256)
-def _atomic_number(symbol: str) -> int:
-    from pymatgen.core import Element
-
-    return int(Element(symbol).Z)
-
-
-@lru_cache(maxsize=256)
 def covalent_volume(symbol: str) -> float:
     """(4/3) pi r_cov^3 (Å^3) with pyxtal's covalent radius of ``symbol``."""
     from pyxtal.database.element import Element
@@ -716,7 +669,7 @@ def infill(
         res.seconds = time.perf_counter() - t0
         return res
 
-    sites = _explode_sites(valid)
+    sites = explode_sites(valid)
     nmax = sites.nmax
     groups = site_permutation_groups(sites)
     keys = [_perm_key(g) for g in groups]
@@ -758,7 +711,7 @@ def infill(
     sg_t = valid["spacegroup_number"].to_numpy().astype(np.int64)
 
     # fingerprints and within-template folding
-    z_el = np.array([_atomic_number(e) for e in elems], dtype=np.int64)
+    z_el = np.array([atomic_number(e) for e in elems], dtype=np.int64)
     z = np.where(valid_site, z_el[np.clip(sigma, 0, None)], 0)
     mult = mult_t[cand_t]
     fp = structure_fingerprints(sg=sg_t[cand_t], lattice_key=lat_key[cand_t], z=z, mult=mult, dist_q=dq[cand_t])
@@ -844,20 +797,6 @@ def iter_infill(
         yield r.candidates
 
 
-# ----------------------------------------------------------------------------- rebuild
-def candidate_structures(df: pl.DataFrame) -> list:
-    """pymatgen ``Structure`` per candidate row (conventional cell), via ``lib.wyckoff.asu_to_structure``."""
-    need = ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords", *LATTICE_COLUMNS)
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise ValueError(f"candidate frame lacks column(s) {missing}")
-    out = []
-    for row in df.select(need).iter_rows():
-        sg, let, sp, xyz, *lat = row
-        out.append(wyckoff.asu_to_structure(int(sg), list(let), list(sp), np.asarray(xyz, dtype=float), tuple(lat)))
-    return out
-
-
 # ----------------------------------------------------------------------------- synthetic templates
 def random_templates(
     n: int,
@@ -892,7 +831,7 @@ def random_templates(
         rows = _draw_templates(rng, want, sgs, w, ns_w, max_atoms, volume_per_atom_a3, checkpoint_id)
         if rows.height == 0:
             continue
-        sites = _explode_sites(rows)
+        sites = explode_sites(rows)
         D = site_distance_matrix(sites, images=True)
         dmin = np.nanmin(D.reshape(D.shape[0], -1), axis=1)
         rows = rows.with_columns(pl.Series("min_distance_a", dmin)).filter(pl.col("min_distance_a") >= min_distance_a)

@@ -31,24 +31,24 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from lib import contracts
+from lib.cells import cell_to_structure
+from lib.plots import subplots
+from lib.surrogate_inputs import prepared_structures
+
 BAND_PATH: tuple[tuple[str, tuple[float, float, float]], ...] = (
     ("Γ", (0.0, 0.0, 0.0)), ("X", (0.5, 0.0, 0.0)), ("S", (0.5, 0.5, 0.0)), ("Y", (0.0, 0.5, 0.0)),
     ("Γ", (0.0, 0.0, 0.0)), ("Z", (0.0, 0.0, 0.5)), ("R", (0.5, 0.5, 0.5)), ("Γ", (0.0, 0.0, 0.0)),
 )
+#: Verdict threshold (THz): stable when the lowest frequency is above it (the paper's -0.5 THz;
+#: imaginary frequencies are negative).
 DEFAULT_THRESHOLD_THZ = -0.5
 #: spglib tolerance (Å) of the symmetrisation before the displacements (None: none).
 DEFAULT_PHONON_SYMPREC = 1e-2
 
-PHONON_SCHEMA = {
-    "key": pl.String, "n_atoms": pl.Int64, "n_primitive_atoms": pl.Int64, "phonon_spacegroup_number": pl.Int64,
-    "symprec": pl.Float64, "supercell_matrix": pl.List(pl.Int64), "n_supercell_atoms": pl.Int64,
-    "n_displacements": pl.Int64, "min_frequency_thz": pl.Float64, "min_frequency_qpoint": pl.List(pl.Float64),
-    "min_mesh_frequency_thz": pl.Float64, "min_band_frequency_thz": pl.Float64,
-    "is_dynamically_stable": pl.Boolean, "threshold_thz": pl.Float64,
-    "band_distances": pl.List(pl.Float32), "band_frequencies_thz": pl.List(pl.List(pl.Float32)),
-    "band_labels": pl.List(pl.String), "band_label_distances": pl.List(pl.Float64),
-    "phonon_seconds": pl.Float64, "status": pl.String, "error": pl.String,
-}
+#: One phonon screen: the ``phonons`` table without what the asset adds (``key`` = candidate_id).
+PHONON_SCHEMA = {"key": pl.String(), **contracts.schema(
+    "phonons", exclude=(*contracts.LINEAGE, "batch_id", "formula"))}
 
 
 def supercell_diagonal(lattice_lengths: Sequence[float], *, supercell: Sequence[int] = (2, 2, 2),
@@ -81,10 +81,9 @@ def _phonopy_for(structure, diag: list[int], displacement_a: float):
     return ph
 
 
-def _to_structure(cell) -> Any:
-    from pymatgen.core import Lattice, Structure
-
-    return Structure(Lattice(cell.cell), list(cell.symbols), cell.scaled_positions)
+def _phonopy_cell_structure(cell) -> Any:
+    """A pymatgen Structure of a ``PhonopyAtoms`` cell."""
+    return cell_to_structure(cell.cell, cell.symbols, cell.scaled_positions)
 
 
 def phonon_frame(
@@ -108,9 +107,7 @@ def phonon_frame(
     "skipped" with the sizes in ``error`` (no forces computed), not a verdict."""
     from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
 
-    from lib.screening import _prepared
-
-    keys, structures = _prepared(surrogate, frame, key)
+    keys, structures = prepared_structures(surrogate, frame, key)
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[int, Any, list[int], float, Any, int]] = []
     cells: list[Any] = []
@@ -134,8 +131,8 @@ def phonon_frame(
                 continue
             ph = _phonopy_for(prim, diag, displacement_a)
             start = len(cells)
-            cells.append(_to_structure(ph.supercell))
-            cells.extend(_to_structure(sc) for sc in ph.supercells_with_displacements)
+            cells.append(_phonopy_cell_structure(ph.supercell))
+            cells.extend(_phonopy_cell_structure(sc) for sc in ph.supercells_with_displacements)
             spans.append((start, len(cells)))
             jobs.append((i, ph, diag, time.perf_counter() - t0, prim, sg))
         except Exception as exc:  # noqa: BLE001
@@ -195,14 +192,9 @@ def phonon_frame(
 
 def band_structure_figure(row: dict[str, Any], *, title: str = ""):
     """A matplotlib figure of one ``phonons`` row's band structure (frequencies in THz)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dist = np.asarray(row["band_distances"], dtype=float)
     freq = np.asarray(row["band_frequencies_thz"], dtype=float)
-    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    fig, ax = subplots(figsize=(4.2, 3.0))
     ax.plot(dist, freq, color="tab:blue", lw=0.8)
     ax.axhline(0.0, color="k", lw=0.5)
     thr = row.get("threshold_thz")

@@ -4,7 +4,7 @@ The stages take and give polars frames. Structures travel in one of two compact 
 
 * ASU form (``candidates`` / ``candidates_dedup``): ``spacegroup_number``, ``asu_letters``,
   ``asu_species``, ``asu_frac_coords``, ``a_a … gamma_deg`` (rebuilt by
-  :func:`lib.wyckoff.asu_to_structure`);
+  :func:`lib.cells.asu_to_structure`);
 * cell form (``relaxed``, ``references``): ``lattice_matrix`` list[f64] (9, row vectors, Å),
   ``species`` list[str], ``frac_coords`` list[list[f64]].
 
@@ -45,7 +45,7 @@ import importlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from lib import contracts
+from lib.cells import CELL_COLUMNS, MATCHER_TOLERANCES, frame_structures, structure_to_cell
 from lib.ids import content_hash
+from lib.surrogate_inputs import prepared_structures
 from lib.wyckoff import LATTICE_COLUMNS
 
 #: Bump when a change alters screening results (it is part of every batch id and every row).
@@ -61,8 +64,6 @@ CODE_VERSION = "screening-3"  # 2: batched lockstep relaxations (relax_many); 3:
 LINEAGE_COLUMNS: tuple[str, ...] = (
     "candidate_id", "template_id", "checkpoint_id", "surrogate_name", "surrogate_sha256", "code_version",
 )
-ASU_COLUMNS: tuple[str, ...] = ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords", *LATTICE_COLUMNS)
-CELL_COLUMNS: tuple[str, ...] = ("lattice_matrix", "species", "frac_coords")
 
 #: Table written by the ``references`` asset. Not ``references``: that is a reserved word in
 #: DuckDB's SQL, and the catalog's views are created with unquoted names.
@@ -77,11 +78,9 @@ DEFAULT_SYMPREC = 0.1
 #: the symmetric stationary point the template starts near) and below in 3
 #: (benchmarks/results/relax_optimizer.md).
 DEFAULT_OPTIMIZER = "FIRE"
-
-
-def surrogate_id(weights_sha256: str) -> str:
-    """The surrogate id of the naming grammar: ``sur-`` + the first 16 hex of the weights hash."""
-    return f"sur-{weights_sha256[:16]}"
+#: Smallest share of converged relaxations (of the rows that ran) the ``relaxed`` asset's
+#: ``convergence_rate`` check accepts (a warning below it).
+MIN_CONVERGENCE_RATE = 0.5
 
 
 def store_partition(chemical_system: str, surrogate: str) -> str:
@@ -89,78 +88,10 @@ def store_partition(chemical_system: str, surrogate: str) -> str:
     return f"{chemical_system}|{surrogate}"
 
 
-# --------------------------------------------------------------------------- structures
-def structure_to_cell(structure) -> dict[str, Any]:
-    """Cell form of a pymatgen Structure (lattice row vectors flattened, species, frac coords)."""
-    return {
-        "lattice_matrix": [float(x) for x in np.asarray(structure.lattice.matrix).ravel()],
-        "species": [site.specie.symbol for site in structure],
-        "frac_coords": [[float(x) for x in fc] for fc in structure.frac_coords],
-    }
-
-
-def cell_to_structure(lattice_matrix: Sequence[float], species: Sequence[str], frac_coords) -> Any:
-    from pymatgen.core import Lattice, Structure
-
-    return Structure(Lattice(np.asarray(lattice_matrix, dtype=float).reshape(3, 3)), list(species),
-                     np.asarray(frac_coords, dtype=float))
-
-
-def frame_structures(frame: pl.DataFrame, *, key: str = "candidate_id") -> list[Any]:
-    """One Structure per row (ASU form or cell form), or a ``str`` error naming the row."""
-    from lib.wyckoff import asu_to_structure
-
-    cols = set(frame.columns)
-    out: list[Any] = []
-    if set(CELL_COLUMNS) <= cols:
-        for row in frame.select(key, *CELL_COLUMNS).iter_rows(named=True):
-            try:
-                out.append(cell_to_structure(row["lattice_matrix"], row["species"], row["frac_coords"]))
-            except Exception as exc:  # noqa: BLE001 - reported per row
-                out.append(f"{key}={row[key]}: cannot build the cell: {type(exc).__name__}: {exc}")
-        return out
-    missing = set(ASU_COLUMNS) - cols
-    if missing:
-        raise ValueError(f"frame has neither cell columns {CELL_COLUMNS} nor ASU columns; missing {sorted(missing)}")
-    for row in frame.select(key, *ASU_COLUMNS).iter_rows(named=True):
-        try:
-            out.append(asu_to_structure(
-                int(row["spacegroup_number"]), list(row["asu_letters"]), list(row["asu_species"]),
-                row["asu_frac_coords"], tuple(float(row[c]) for c in LATTICE_COLUMNS)))
-        except Exception as exc:  # noqa: BLE001 - reported per row
-            out.append(f"{key}={row[key]}: cannot rebuild from the ASU: {type(exc).__name__}: {exc}")
-    return out
-
-
-def check_elements(structures: list[Any], keys: Sequence[str], supported: Iterable[str] | None,
-                   surrogate_name: str, *, key: str = "candidate_id") -> list[Any]:
-    """Replace structures with elements the surrogate does not cover by an error string."""
-    if supported is None:
-        return structures
-    allowed = set(supported)
-    out = []
-    for k, s in zip(keys, structures, strict=True):
-        if isinstance(s, str):
-            out.append(s)
-            continue
-        bad = sorted({sp.symbol for sp in s.composition.elements} - allowed)
-        out.append(f"{key}={k}: element(s) {', '.join(bad)} not covered by surrogate {surrogate_name}"
-                   if bad else s)
-    return out
-
-
-def _prepared(surrogate, frame: pl.DataFrame, key: str) -> tuple[list[str], list[Any]]:
-    keys = frame[key].cast(pl.String).to_list()
-    structures = frame_structures(frame, key=key)
-    return keys, check_elements(structures, keys, getattr(surrogate, "supported_elements", None),
-                                surrogate.name, key=key)
-
-
 # --------------------------------------------------------------------------- prescreen
-PRESCREEN_SCHEMA = {
-    "candidate_id": pl.String, "n_atoms": pl.Int64, "energy_ev": pl.Float64,
-    "energy_per_atom_ev": pl.Float64, "status": pl.String, "error": pl.String,
-}
+#: One pre-screen result (the first ``prescreen`` columns the compute gives).
+PRESCREEN_SCHEMA = contracts.schema(
+    "prescreen", only=("candidate_id", "n_atoms", "energy_ev", "energy_per_atom_ev", "status", "error"))
 
 
 def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) -> list[float | str]:
@@ -185,19 +116,21 @@ def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) 
 
 
 def load_configured_surrogate(name: str, *, registry_path: str | None = None, models_dir: str | None = None,
-                              device: str = "cpu"):
+                              device: str = "cpu", threads: int | None = None, cache: bool = False):
     """``lib.surrogates.load_surrogate`` with the registry read from ``registry_path`` (the
     default loader of :class:`SurrogatePool`; its arguments are plain strings, so they travel to
-    Ray actors)."""
+    Ray actors). ``threads``: torch CPU threads (``None``: torch's setting stays); ``cache``: reuse
+    a surrogate this process loaded from the same weights (sha256)."""
     from lib.surrogates import load_registry, load_surrogate
 
     registry = load_registry(registry_path or None, models_dir=models_dir or None)
-    return load_surrogate(name, registry=registry, models_dir=models_dir or None, device=device)
+    return load_surrogate(name, registry=registry, models_dir=models_dir or None, device=device,
+                          threads=threads, cache=cache)
 
 
 def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32) -> pl.DataFrame:
     """Static energy of every candidate (ASU or cell form): :data:`PRESCREEN_SCHEMA` columns."""
-    keys, structures = _prepared(surrogate, candidates, "candidate_id")
+    keys, structures = prepared_structures(surrogate, candidates, "candidate_id")
     energies = predict_energies(surrogate, structures, batch_size=batch_size)
     n_atoms = [None if isinstance(s, str) else len(s) for s in structures]
     rows = []
@@ -211,15 +144,10 @@ def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32
 
 
 # --------------------------------------------------------------------------- relax
-RELAX_SCHEMA = {
-    "key": pl.String, "n_atoms": pl.Int64, "is_converged": pl.Boolean, "n_steps": pl.Int64,
-    "energy_ev": pl.Float64, "energy_per_atom_ev": pl.Float64,
-    "lattice_matrix": pl.List(pl.Float64), "species": pl.List(pl.String),
-    "frac_coords": pl.List(pl.List(pl.Float64)),
-    "a_a": pl.Float64, "b_a": pl.Float64, "c_a": pl.Float64,
-    "alpha_deg": pl.Float64, "beta_deg": pl.Float64, "gamma_deg": pl.Float64, "volume_a3": pl.Float64,
-    "spacegroup_number_relaxed": pl.Int64, "relax_seconds": pl.Float64, "status": pl.String, "error": pl.String,
-}
+#: One relaxation: the ``relaxed`` table without what the asset adds (``key`` = candidate_id).
+RELAX_SCHEMA = {"key": pl.String(), **contracts.schema("relaxed", exclude=(
+    *contracts.LINEAGE, "batch_id", "formula", "reduced_formula", "spacegroup_number",
+    "prescreen_energy_per_atom_ev"))}
 
 
 def spacegroup_number(structure, *, symprec: float = DEFAULT_SYMPREC) -> int | None:
@@ -287,7 +215,7 @@ def relax_frame(
     """
     if optimizer not in ("FIRE", "BFGS"):
         raise ValueError(f"optimizer must be 'FIRE' or 'BFGS', not {optimizer!r}")
-    keys, structures = _prepared(surrogate, frame, key)
+    keys, structures = prepared_structures(surrogate, frame, key)
     if primitive:
         structures = [s if isinstance(s, str) else primitive_cell(s) for s in structures]
     per_row_cell = frame["is_cell_relaxed"].to_list() if "is_cell_relaxed" in frame.columns else None
@@ -557,8 +485,9 @@ def build_shortlist(relaxed: pl.DataFrame, stability: pl.DataFrame, phonons: pl.
 
 
 def mark_relaxed_duplicates(shortlist: pl.DataFrame, relaxed: pl.DataFrame, *,
-                            energy_window_ev: float = 0.005, ltol: float = 0.2, stol: float = 0.3,
-                            angle_tol: float = 5.0) -> pl.DataFrame:
+                            energy_window_ev: float = 0.005, ltol: float = MATCHER_TOLERANCES["ltol"],
+                            stol: float = MATCHER_TOLERANCES["stol"],
+                            angle_tol: float = MATCHER_TOLERANCES["angle_tol"]) -> pl.DataFrame:
     """``shortlist`` with ``duplicate_of`` and ``unique_rank``: candidates that relaxed into the same
     structure.
 

@@ -11,7 +11,7 @@ Per structure (``mp_structures`` rows in, ``mp_symmetry`` rows out):
    Wyckoff letter and multiplicity from spglib, the element, and a representative point in the
    form of the position's first pyxtal operation (the orbit point ``q`` of the symmetrised
    conventional cell with ``wp.project(q) == q``).
-3. Round trip: ``lib.wyckoff.asu_to_structure`` rebuilds the conventional cell from the ASU and
+3. Round trip: ``lib.cells.asu_to_structure`` rebuilds the conventional cell from the ASU and
    pymatgen's ``StructureMatcher`` compares it with the input structure (first on primitive
    cells of equal size without the matcher's own reduction, then the full matcher before a
    failure is declared). ``round_trip_method="direct"`` maps sites through spglib's
@@ -35,33 +35,22 @@ import polars as pl
 import spglib
 import spglib.error
 
+from lib import contracts
 from lib import wyckoff as W
+from lib.cells import (
+    MATCHER_TOLERANCES,
+    asu_to_structure,
+    atomic_number,
+    cell_to_structure,
+    lattice_parameters,
+    minimum_image,
+)
+from lib.plots import figure_markdown, subplots
 
-SYMMETRY_SCHEMA: dict[str, pl.DataType] = {
-    "material_id": pl.String,
-    "spacegroup_number": pl.Int64,
-    "crystal_system": pl.String,
-    "symprec": pl.Float64,
-    "a_a": pl.Float64,
-    "b_a": pl.Float64,
-    "c_a": pl.Float64,
-    "alpha_deg": pl.Float64,
-    "beta_deg": pl.Float64,
-    "gamma_deg": pl.Float64,
-    "n_atoms": pl.Int64,
-    "n_asu_sites": pl.Int64,
-    "wyckoff_letters": pl.List(pl.String),
-    "multiplicities": pl.List(pl.Int64),
-    "asu_elements": pl.List(pl.String),
-    "asu_frac_coords": pl.List(pl.List(pl.Float64)),
-    "wyckoff_sequence": pl.String,
-    "is_round_trip_ok": pl.Boolean,
-    "round_trip_error": pl.String,
-    "snapshot_id": pl.String,
-}
+SYMMETRY_SCHEMA: dict[str, pl.DataType] = contracts.schema("mp_symmetry")
 
-#: StructureMatcher tolerances of the round trip (pymatgen defaults, no volume scaling).
-MATCHER_TOLERANCES = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
+# The round trip's StructureMatcher uses pymatgen's default tolerances (lib.cells.MATCHER_TOLERANCES),
+# without volume scaling.
 _REP_TOL = 1e-3  # how close an orbit point must be to its own projection to be the representative
 
 
@@ -87,27 +76,6 @@ def pyxtal_hall_number(sg: int) -> int:
     return _pyxtal_setting(sg)[0]
 
 
-@lru_cache(maxsize=256)
-def _atomic_number(symbol: str) -> int:
-    from pymatgen.core import Element
-
-    return int(Element(symbol).Z)
-
-
-def _lattice_parameters(m: np.ndarray) -> tuple[float, float, float, float, float, float]:
-    a, b, c = np.linalg.norm(m, axis=1)
-
-    def ang(u: np.ndarray, v: np.ndarray) -> float:
-        cosv = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
-        return float(np.degrees(np.arccos(np.clip(cosv, -1.0, 1.0))))
-
-    return float(a), float(b), float(c), ang(m[1], m[2]), ang(m[0], m[2]), ang(m[0], m[1])
-
-
-def _wrapped(d: np.ndarray) -> np.ndarray:
-    return d - np.round(d)
-
-
 def dataset_in_pyxtal_setting(lattice: np.ndarray, frac: np.ndarray, numbers: np.ndarray, *, symprec: float):
     """spglib's dataset, standardised in pyxtal's Hall setting (``None`` when spglib fails)."""
     import spglib
@@ -131,7 +99,7 @@ def asymmetric_unit(
 
     Raises :class:`SymmetryError` with a reason when no consistent ASU exists.
     """
-    numbers = np.array([_atomic_number(s) for s in species], dtype=np.intc)
+    numbers = np.array([atomic_number(s) for s in species], dtype=np.intc)
     try:
         ds = dataset_in_pyxtal_setting(np.asarray(lattice, float), np.asarray(frac, float), numbers,
                                        symprec=symprec)
@@ -163,7 +131,7 @@ def asymmetric_unit(
                 f"orbit {letter} of sg {sg} has {len(members)} atoms in the conventional cell, "
                 f"pyxtal multiplicity {wp.multiplicity}", spacegroup_number=sg)
         proj = wp.project(members)
-        dev = np.abs(_wrapped(proj - members)).max(axis=1)
+        dev = np.abs(minimum_image(proj - members)).max(axis=1)
         k = int(np.argmin(dev))
         if dev[k] > _REP_TOL:
             raise SymmetryError(
@@ -175,7 +143,7 @@ def asymmetric_unit(
         sites.append((W.letter_index(sg, letter), sym_of[int(std_types[std_orbit == orbit][0])],
                       letter, wp.multiplicity, rep))
     sites.sort(key=lambda s: (s[0], s[1], tuple(np.round(s[4], 6))))
-    params = _lattice_parameters(np.asarray(ds.std_lattice, float))
+    params = tuple(lattice_parameters(np.asarray(ds.std_lattice, float)).tolist())
     return {
         "spacegroup_number": sg,
         "crystal_system": W.crystal_system(sg),
@@ -232,8 +200,9 @@ def _matcher_primitive():
 
 
 def rebuild(asu: dict):
-    """The conventional cell (pymatgen ``Structure``) rebuilt from an ASU through lib.wyckoff."""
-    return W.asu_to_structure(asu["spacegroup_number"], asu["wyckoff_letters"], asu["asu_elements"],
+    """The conventional cell (pymatgen ``Structure``) rebuilt from an :func:`asymmetric_unit` dict
+    (:func:`lib.cells.asu_to_structure`)."""
+    return asu_to_structure(asu["spacegroup_number"], asu["wyckoff_letters"], asu["asu_elements"],
                               asu["asu_frac_coords"], asu["lattice_params"])
 
 
@@ -248,19 +217,17 @@ def round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray, asu: d
     its time). Anything that does not match that way gets the full matcher
     (``primitive_cell=True``) before it is called a failure.
     """
-    from pymatgen.core import Lattice, Structure
-
     rebuilt = rebuild(asu)
     if len(rebuilt) != asu["n_atoms"]:
         raise SymmetryError("atom_count_mismatch",
                             f"rebuilt {len(rebuilt)} atoms, conventional cell has {asu['n_atoms']}")
     fast, slow = matchers or (_matcher(), _matcher_primitive())
-    original = Structure(Lattice(np.asarray(lattice, float)), species, frac)
+    original = cell_to_structure(lattice, species, frac)
     lat_p, frac_p, sp_p = to_primitive(asu["spacegroup_number"], rebuilt.lattice.matrix,
                                        rebuilt.frac_coords, [s.symbol for s in rebuilt.species])
     ok = False
     if len(sp_p) == len(original):  # same cell size: no primitive search or Niggli reduction needed
-        ok = fast.fit(original, Structure(Lattice(lat_p), sp_p, frac_p), skip_structure_reduction=True)
+        ok = fast.fit(original, cell_to_structure(lat_p, sp_p, frac_p), skip_structure_reduction=True)
     if not ok:  # the full StructureMatcher (reduces both cells) before declaring a mismatch
         ok = slow.fit(original, rebuilt)
     if not ok:
@@ -283,7 +250,7 @@ def direct_round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray,
     n_expected = len(x_in) / abs(np.linalg.det(P))
     if len(rebuilt) != round(n_expected):
         raise SymmetryError("atom_count_mismatch", f"rebuilt {len(rebuilt)} atoms, input implies {n_expected:g}")
-    expected = _lattice_parameters(np.linalg.inv(P).T @ lat)
+    expected = lattice_parameters(np.linalg.inv(P).T @ lat)
     got = np.asarray(asu["lattice_params"])
     length_err = np.abs(got[:3] / np.asarray(expected[:3]) - 1).max()
     angle_err = np.abs(got[3:] - np.asarray(expected[3:])).max()
@@ -292,7 +259,7 @@ def direct_round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray,
                             f"{angle_err:.1f} deg in angle")
     tol = stol * (abs(np.linalg.det(lat)) / len(x_in)) ** (1 / 3)
     back = (rebuilt.frac_coords - p) @ np.linalg.inv(P).T
-    d = _wrapped(back[:, None, :] - x_in[None, :, :]) @ lat
+    d = minimum_image(back[:, None, :] - x_in[None, :, :]) @ lat
     dist = np.linalg.norm(d, axis=-1)
     same = np.array([[a.symbol == b for b in species] for a in rebuilt.species])
     dist[~same] = np.inf
@@ -301,7 +268,7 @@ def direct_round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray,
         raise SymmetryError("no_match", f"a rebuilt atom is {nearest.max():.3f} Å from any input atom")
     # the other way round in the conventional frame (complete there modulo its lattice)
     fwd = x_in @ P.T + p
-    d2 = _wrapped(fwd[:, None, :] - rebuilt.frac_coords[None, :, :]) @ rebuilt.lattice.matrix
+    d2 = minimum_image(fwd[:, None, :] - rebuilt.frac_coords[None, :, :]) @ rebuilt.lattice.matrix
     dist2 = np.linalg.norm(d2, axis=-1)
     dist2[~same.T] = np.inf
     missed = dist2.min(axis=1)
@@ -375,9 +342,7 @@ def round_trip_reason(error: pl.Expr) -> pl.Expr:
 
 def spacegroup_histogram(counts: pl.DataFrame, *, title: str = "structures per space group") -> str:
     """Markdown image (base64 PNG) of a ``spacegroup_number``/``len`` count frame, for metadata."""
-    from lib.plots import figure_markdown, plt
-
-    fig, ax = plt.subplots(figsize=(8, 2.8))
+    fig, ax = subplots(figsize=(8, 2.8))
     if counts.height:
         ax.bar(counts["spacegroup_number"].to_numpy(), counts["len"].to_numpy(), width=1.0, color="#3b6ea5")
         ax.set_yscale("log")

@@ -39,9 +39,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from lib import wyckoff
+from lib import contracts, wyckoff
+from lib.cells import lattice_matrices
 from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, decode_vectors, letter_counts, template_arrays
 from lib.ids import hash_column
+from lib.plots import subplots
 from lib.wyckoff import LATTICE_COLUMNS, constrain_lattices
 
 REJECT_REASONS = (
@@ -56,12 +58,12 @@ REJECT_REASONS = (
     "density_high",
 )
 
-TEMPLATE_COLUMNS = (
-    "template_id", "checkpoint_id", "spacegroup_number", "crystal_system", "n_sites",
-    "wyckoff_letters", "multiplicities", "asu_frac_coords", "a_a", "b_a", "c_a", "alpha_deg",
-    "beta_deg", "gamma_deg", "volume_a3", "n_atoms", "number_density_per_a3", "min_distance_a",
-    "wyckoff_sequence",
-)
+#: The quality gate on generated templates: the number-density overlap (:func:`density_overlap`)
+#: with ``training_templates`` that a generation run must reach (``templates_quality`` check).
+MIN_DENSITY_OVERLAP = 0.93
+
+#: Columns of a ``templates`` row, in order (its contract in :mod:`lib.contracts`).
+TEMPLATE_COLUMNS = tuple(contracts.schema("templates"))
 
 _SYSTEM_NAMES = np.array([c[0] for c in wyckoff.CRYSTAL_SYSTEMS])
 _SYSTEM_HI = np.array([c[2] for c in wyckoff.CRYSTAL_SYSTEMS])
@@ -105,25 +107,6 @@ class DecodeResult:
 def crystal_systems(sg: np.ndarray) -> np.ndarray:
     """Crystal-system names of space-group numbers (vectorised)."""
     return _SYSTEM_NAMES[np.searchsorted(_SYSTEM_HI, np.asarray(sg))]
-
-
-def lattice_matrices(params: np.ndarray) -> np.ndarray:
-    """(n, 3, 3) row-vector lattice matrices (``wyckoff.lattice_matrix`` convention); NaN where
-    the angles form no cell."""
-    p = np.asarray(params, dtype=np.float64)
-    a, b, c = p[:, 0], p[:, 1], p[:, 2]
-    al, be, ga = np.radians(p[:, 3]), np.radians(p[:, 4]), np.radians(p[:, 5])
-    out = np.zeros((len(p), 3, 3))
-    out[:, 0, 0] = a
-    out[:, 1, 0] = b * np.cos(ga)
-    out[:, 1, 1] = b * np.sin(ga)
-    cx = c * np.cos(be)
-    cy = c * (np.cos(al) - np.cos(be) * np.cos(ga)) / np.sin(ga)
-    cz2 = c * c - cx * cx - cy * cy
-    with np.errstate(invalid="ignore"):
-        cz = np.where(cz2 > 0, np.sqrt(np.clip(cz2, 0, None)), np.nan)
-    out[:, 2, 0], out[:, 2, 1], out[:, 2, 2] = cx, cy, cz
-    return out
 
 
 def number_density(n_atoms: np.ndarray, volume_a3: np.ndarray) -> np.ndarray:
@@ -204,15 +187,6 @@ def expand_sites(sg: np.ndarray, present: np.ndarray, letter_index: np.ndarray, 
         a_site, a_xyz = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
     return ExpandedSites(rows, ssg, li, site_letter.astype(str) if K else np.zeros(0, dtype=str), site_mult,
                          site_dof, site_xyz, slots, rows[a_site], a_site, a_xyz)
-
-
-def _padded(row_of: np.ndarray, rows: np.ndarray, counts_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """For items sorted by row: (index into ``rows`` of each item, position within its row, N)."""
-    pos_of_row = -np.ones(counts_all.shape[0], dtype=np.int64)
-    pos_of_row[rows] = np.arange(len(rows))
-    starts = np.cumsum(counts_all) - counts_all
-    within = np.arange(len(row_of)) - starts[row_of]
-    return pos_of_row[row_of], within, int(counts_all[rows].max()) if len(rows) else 0
 
 
 _SHIFTS = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64)
@@ -698,9 +672,7 @@ def _sorted_sequences(df: pl.DataFrame) -> pl.Series:
 # ------------------------------------------------------------------------------- plots
 def distributions_figure(gen: pl.DataFrame, training: pl.DataFrame):
     """Matplotlib figure: number density, space group, ASU sites, a/c, volume (generated vs training)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = subplots(2, 3, figsize=(13, 7))
     dg = gen["number_density_per_a3"].to_numpy()
     dt = training_density(training)
     lo, hi = np.quantile(np.concatenate([dg, dt]), [0.005, 0.995])
@@ -734,14 +706,13 @@ def distributions_figure(gen: pl.DataFrame, training: pl.DataFrame):
 
 def tsne_figure(real_features: np.ndarray, fake_features: np.ndarray, *, seed: int = 0, perplexity: float = 30.0):
     """t-SNE (sklearn) of critic latent features, real vs generated (paper Figure 3B)."""
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
     X = np.concatenate([real_features, fake_features]).astype(np.float64)
     perplexity = min(perplexity, max(2.0, (len(X) - 1) / 3))
     emb = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(X)
     n = len(real_features)
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = subplots(figsize=(6, 6))
     ax.scatter(emb[:n, 0], emb[:n, 1], s=4, alpha=0.5, label=f"training ({n})")
     ax.scatter(emb[n:, 0], emb[n:, 1], s=4, alpha=0.5, label=f"generated ({len(fake_features)})")
     ax.set_title("t-SNE of critic latent features")

@@ -125,21 +125,6 @@ def multiplicities(sg: int) -> dict[str, int]:
     return {letter: position(sg, letter).multiplicity for letter in letters(sg)}
 
 
-def lattice_matrix(a: float, b: float, c: float, alpha: float, beta: float, gamma: float) -> np.ndarray:
-    """Row-vector lattice matrix (pymatgen convention) from parameters in Å and degrees."""
-    al, be, ga = np.radians([alpha, beta, gamma])
-    cos_al, cos_be, cos_ga = np.cos([al, be, ga])
-    sin_ga = np.sin(ga)
-    ax = np.array([a, 0.0, 0.0])
-    bx = np.array([b * cos_ga, b * sin_ga, 0.0])
-    cx = c * cos_be
-    cy = c * (cos_al - cos_be * cos_ga) / sin_ga
-    cz2 = c * c - cx * cx - cy * cy
-    if cz2 <= 0:
-        raise ValueError(f"lattice angles ({alpha}, {beta}, {gamma}) do not form a cell")
-    return np.array([ax, bx, [cx, cy, np.sqrt(cz2)]])
-
-
 def cell_volume(a, b, c, alpha, beta, gamma):
     """Cell volume (Å^3); works elementwise on arrays. NaN where the angles form no cell."""
     ca, cb, cg = (np.cos(np.radians(x)) for x in (alpha, beta, gamma))
@@ -195,7 +180,8 @@ def expand_asu(
 
     Returns ``(frac_coords (N, 3), site_index (N,))``: every atom of the conventional cell and
     the ASU site it came from. Representatives are projected onto their position first (a
-    no-op for points already in the representative form).
+    no-op for points already in the representative form). :func:`lib.cells.asu_to_structure`
+    builds the pymatgen Structure from them.
     """
     coords, owner = [], []
     for i, (letter, xyz) in enumerate(zip(letters_, asu_frac_coords, strict=True)):
@@ -204,18 +190,3 @@ def expand_asu(
         coords.append(orbit)
         owner.append(np.full(len(orbit), i))
     return np.concatenate(coords), np.concatenate(owner)
-
-
-def asu_to_structure(
-    sg: int,
-    letters_: list[str],
-    species: list[str],
-    asu_frac_coords: list[list[float]] | np.ndarray,
-    lattice_params: tuple[float, float, float, float, float, float],
-):
-    """A pymatgen ``Structure`` (conventional cell) from an asymmetric unit. The one rebuild path."""
-    from pymatgen.core import Lattice, Structure
-
-    frac, owner = expand_asu(sg, letters_, asu_frac_coords)
-    lattice = Lattice(lattice_matrix(*lattice_params))
-    return Structure(lattice, [species[i] for i in owner], frac, coords_are_cartesian=False)

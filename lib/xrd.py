@@ -17,25 +17,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from lib import contracts
+from lib.plots import subplots
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from pymatgen.core import Structure
 
 #: Schema of a pattern table (one row per peak).
-PATTERN_SCHEMA: dict[str, pl.DataType] = {
-    "candidate_id": pl.String(),
-    "two_theta_deg": pl.Float64(),
-    "intensity": pl.Float64(),
-    "d_spacing_a": pl.Float64(),
-    "hkl": pl.String(),
-    "multiplicity": pl.Int64(),
-    "wavelength_a": pl.Float64(),
-}
+PATTERN_SCHEMA: dict[str, pl.DataType] = {"candidate_id": pl.String(), **contracts.schema(
+    "xrd_patterns", only=("two_theta_deg", "intensity", "d_spacing_a", "hkl", "multiplicity", "wavelength_a"))}
 SIMILARITY_SCHEMA: dict[str, pl.DataType] = {
-    "candidate_id_a": pl.String(),
-    "candidate_id_b": pl.String(),
-    "cosine_similarity": pl.Float64(),
-}
+    "candidate_id_a": pl.String(), "candidate_id_b": pl.String(),
+    **contracts.schema("xrd_similarity", only=("cosine_similarity",))}
 
 
 def xrd_patterns(
@@ -179,17 +173,12 @@ def plot_patterns(
     title: str = "Simulated powder XRD (Cu Kα)",
 ) -> Figure:
     """Stacked broadened patterns with peak sticks, one trace per id (the first ``max_patterns``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ids_all = patterns["candidate_id"].unique(maintain_order=True).to_list()
     ids = ids_all[:max_patterns]
     sub = patterns.filter(pl.col("candidate_id").is_in(ids))
     grid = two_theta_grid(two_theta_range, step_deg=0.02)
     pids, prof = broadened_profiles(sub, grid=grid, fwhm_deg=fwhm_deg) if sub.height else ([], None)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 1.0 * max(len(ids), 1)))
+    fig, ax = subplots(figsize=(8, 1.2 + 1.0 * max(len(ids), 1)))
     offset = 1.15
     for k, cid in enumerate(pids):
         y = prof[k] / prof[k].max() if prof[k].max() > 0 else prof[k]
@@ -215,11 +204,9 @@ def plot_patterns(
 # --------------------------------------------------------------------------- tables of crystals
 #: Identity columns copied from the source rows into a report (null where a source lacks one),
 #: so the schema does not depend on which tables were selected.
-REPORT_ID_COLUMNS: dict[str, pl.DataType] = {
-    "candidate_id": pl.String(), "material_id": pl.String(), "surrogate_name": pl.String(),
-    "reduced_formula": pl.String(), "formula": pl.String(), "spacegroup_number": pl.Int64(),
-    "spacegroup_number_relaxed": pl.Int64(),
-}
+REPORT_ID_COLUMNS: dict[str, pl.DataType] = contracts.schema("xrd_patterns", only=(
+    "candidate_id", "material_id", "surrogate_name", "reduced_formula", "formula", "spacegroup_number",
+    "spacegroup_number_relaxed"))
 
 
 @dataclass(frozen=True)

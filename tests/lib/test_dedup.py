@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from lib.cells import candidate_structures
 from lib.dedup import (
     MATCHER_DEFAULTS,
     MP_MATCHER_DEFAULTS,
@@ -20,7 +21,7 @@ from lib.dedup import (
     reduce_candidates,
     reduce_structure,
 )
-from lib.infill import candidate_structures, infill, random_templates
+from lib.infill import infill, random_templates
 from lib.mp_sources import load_mp_source
 from lib.symmetry import analyse_symmetry
 from tests.lib.test_infill import template

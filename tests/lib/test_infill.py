@@ -10,10 +10,10 @@ import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
 from lib import wyckoff
+from lib.cells import asu_to_structure, candidate_structures
 from lib.infill import (
     CANDIDATE_SCHEMA,
     assignment_table,
-    candidate_structures,
     chemical_system,
     expected_volume,
     infill,
@@ -48,8 +48,8 @@ def all_assignments(tpl: pl.DataFrame, elements: list[str]):
     out = []
     for a in itertools.product(elements, repeat=len(row["wyckoff_letters"])):
         if set(a) == set(elements):
-            out.append(wyckoff.asu_to_structure(row["spacegroup_number"], row["wyckoff_letters"], list(a),
-                                                row["asu_frac_coords"], lat))
+            out.append(asu_to_structure(row["spacegroup_number"], row["wyckoff_letters"], list(a),
+                                        row["asu_frac_coords"], lat))
     return out
 
 

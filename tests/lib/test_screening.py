@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from lib import screening as scr
+from lib.cells import ASU_COLUMNS, cell_to_structure, frame_structures, structure_to_cell
 from lib.phonons import phonon_frame
 
 SURROGATE = "CHGNet-0.3.0"
@@ -55,7 +56,7 @@ def test_batched_energies_equal_single_structure(surrogate):
     from pymatgen.io.ase import AseAtomsAdaptor
 
     calc = surrogate.calculator()
-    structures = scr.frame_structures(df)
+    structures = frame_structures(df)
     ase_e = []
     for s in structures:
         atoms = AseAtomsAdaptor.get_atoms(s)
@@ -84,7 +85,7 @@ def test_relax_cubic_baruo3_converges_and_keeps_symmetry(surrogate):
     assert row["status"] == "ok" and row["is_converged"] and 0 < row["n_steps"] < 300
     assert row["spacegroup_number_relaxed"] == 221
     assert 3.9 < row["a_a"] < 4.3 and len(row["frac_coords"]) == 5 and len(row["lattice_matrix"]) == 9
-    s = scr.cell_to_structure(row["lattice_matrix"], row["species"], row["frac_coords"])
+    s = cell_to_structure(row["lattice_matrix"], row["species"], row["frac_coords"])
     e = surrogate.predict([s])[0].energy_ev / 5
     assert abs(e - row["energy_per_atom_ev"]) < 1e-4  # the stored cell is the relaxed one
 
@@ -118,7 +119,7 @@ def _nacl_frames(surrogate):
     ])
     out = []
     for frame, key in ((refs, "phase_id"), (cands, "candidate_id")):
-        structures = scr.frame_structures(frame, key=key)
+        structures = frame_structures(frame, key=key)
         e = scr.predict_energies(surrogate, structures)
         out.append(frame.with_columns(pl.Series("energy_ev", e, dtype=pl.Float64), pl.lit("ok").alias("status"),
                                       pl.Series("species", [[x.specie.symbol for x in s] for s in structures])))
@@ -200,10 +201,10 @@ def test_phonon_symmetrisation_restores_the_displacement_count(surrogate):
     # exactly the displacements of the clean one and gives the same lowest frequency.
     rng = np.random.default_rng(3)
     clean = cand("bruo3", 221, ["a", "b", "d"], ["Ru", "Ba", "O"], [[0, 0, 0], [.5, .5, .5], [.5, 0, 0]], 4.064)
-    struct = scr.frame_structures(pl.DataFrame([clean]))[0]
+    struct = frame_structures(pl.DataFrame([clean]))[0]
     noisy = type(struct)(struct.lattice, struct.species, struct.cart_coords + rng.normal(0, 2e-4, (len(struct), 3)),
                          coords_are_cartesian=True)
-    frame = pl.DataFrame([{"candidate_id": k, **scr.structure_to_cell(s)} for k, s in (("clean", struct), ("noisy", noisy))])
+    frame = pl.DataFrame([{"candidate_id": k, **structure_to_cell(s)} for k, s in (("clean", struct), ("noisy", noisy))])
     kw = {"supercell": (2, 2, 2), "mesh": (4, 4, 4), "band_npoints": 5}
     sym = {r["key"]: r for r in phonon_frame(surrogate, frame, **kw).iter_rows(named=True)}
     raw = {r["key"]: r for r in phonon_frame(surrogate, frame, symprec=None, **kw).iter_rows(named=True)}
@@ -225,12 +226,12 @@ def test_supercell_from_min_length():
 
 def test_batches_are_content_addressed_and_resumable(surrogate, tmp_path):
     df = ba_ru_o_candidates()
-    plan = scr.plan_batches(df.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=2,
+    plan = scr.plan_batches(df.select("candidate_id", *ASU_COLUMNS), rows_per_batch=2,
                             salt={"surrogate_sha256": surrogate.weights_sha256})
-    again = scr.plan_batches(df.reverse().select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=2,
+    again = scr.plan_batches(df.reverse().select("candidate_id", *ASU_COLUMNS), rows_per_batch=2,
                              salt={"surrogate_sha256": surrogate.weights_sha256})
     assert plan.sort("candidate_id")["batch_id"].to_list() == again.sort("candidate_id")["batch_id"].to_list()
-    other = scr.plan_batches(df.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=2,
+    other = scr.plan_batches(df.select("candidate_id", *ASU_COLUMNS), rows_per_batch=2,
                              salt={"surrogate_sha256": "0" * 64})
     assert set(other["batch_id"]).isdisjoint(plan["batch_id"])
     assert plan["batch_id"].n_unique() == 3
@@ -281,7 +282,7 @@ def test_relaxed_duplicates_are_marked_not_dropped():
     rs = Structure.from_spacegroup(225, Lattice.cubic(5.5), ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]])
     cs = Structure.from_spacegroup(221, Lattice.cubic(3.3), ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]])
     cells = [("a", rs, -5.0), ("b", rs.get_primitive_structure(), -4.999), ("c", cs, -4.999), ("d", rs, -4.9)]
-    rel = pl.DataFrame([{"candidate_id": k, "status": "ok", **scr.structure_to_cell(x)} for k, x, _ in cells])
+    rel = pl.DataFrame([{"candidate_id": k, "status": "ok", **structure_to_cell(x)} for k, x, _ in cells])
     sl = pl.DataFrame({"rank": [1, 2, 3, 4], "candidate_id": [k for k, _, _ in cells],
                        "energy_per_atom_ev": [e for _, _, e in cells]})
     out = scr.mark_relaxed_duplicates(sl, rel, energy_window_ev=0.005)

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from lib import wyckoff
+from lib.cells import asu_to_structure, lattice_matrices, lattice_matrix
 from lib.encoding import DEFAULT_SCHEMA, encode_templates, encodings_to_numpy
 from lib.templates import (
     TEMPLATE_COLUMNS,
@@ -18,7 +19,6 @@ from lib.templates import (
     constrain_lattices,
     decode_templates,
     density_overlap,
-    lattice_matrices,
     quality_report,
     spglib_operations,
     template_fingerprints,
@@ -55,9 +55,9 @@ def test_real_rows_decode_to_themselves(training_rows: pl.DataFrame) -> None:
     assert sym["is_symmetric"].all()
     # the rebuild path every consumer uses gives the same cell size
     r = out.row(0, named=True)
-    s = wyckoff.asu_to_structure(r["spacegroup_number"], r["wyckoff_letters"], ["Si"] * r["n_sites"],
-                                 r["asu_frac_coords"], tuple(r[c] for c in ("a_a", "b_a", "c_a", "alpha_deg",
-                                                                             "beta_deg", "gamma_deg")))
+    s = asu_to_structure(r["spacegroup_number"], r["wyckoff_letters"], ["Si"] * r["n_sites"],
+                         r["asu_frac_coords"], tuple(r[c] for c in ("a_a", "b_a", "c_a", "alpha_deg",
+                                                                     "beta_deg", "gamma_deg")))
     assert len(s) == r["n_atoms"]
     assert abs(s.volume - r["volume_a3"]) < 1e-6 * s.volume
 
@@ -151,9 +151,9 @@ def test_min_distance_matches_pymatgen() -> None:
     x = rng.uniform(-1, 1, size=(400, DEFAULT_SCHEMA.dim)).astype(np.float32)
     res = decode_templates(x, checkpoint_id="ckpt-test", filters=NO_FILTERS)
     for r in res.templates.head(15).iter_rows(named=True):
-        s = wyckoff.asu_to_structure(r["spacegroup_number"], r["wyckoff_letters"], ["Si"] * r["n_sites"],
-                                     r["asu_frac_coords"], tuple(r[c] for c in ("a_a", "b_a", "c_a", "alpha_deg",
-                                                                                 "beta_deg", "gamma_deg")))
+        s = asu_to_structure(r["spacegroup_number"], r["wyckoff_letters"], ["Si"] * r["n_sites"],
+                             r["asu_frac_coords"], tuple(r[c] for c in ("a_a", "b_a", "c_a", "alpha_deg",
+                                                                         "beta_deg", "gamma_deg")))
         dm = s.distance_matrix + np.eye(len(s)) * 1e9
         want = min(dm.min(), min(s.lattice.abc))
         # self-images closer than the shortest lattice vector only in skewed cells
@@ -164,7 +164,7 @@ def test_lattice_helpers_agree_with_wyckoff() -> None:
     p = np.array([[4.0, 5.0, 6.0, 80.0, 95.0, 105.0], [3.0, 3.1, 7.0, 90.0, 90.0, 120.0]])
     m = lattice_matrices(p)
     for i in range(2):
-        np.testing.assert_allclose(m[i], wyckoff.lattice_matrix(*p[i]), atol=1e-12)
+        np.testing.assert_allclose(m[i], lattice_matrix(*p[i]), atol=1e-12)
     c = constrain_lattices(np.array([2, 191]), p)
     np.testing.assert_allclose(c[1], wyckoff.constrain_lattice(191, *p[1]))
     np.testing.assert_allclose(c[0], p[0])
