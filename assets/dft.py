@@ -6,13 +6,14 @@ Thin wrappers around :mod:`lib.dft_inputs`, :mod:`lib.dft_ingest`, :mod:`lib.lin
 """
 
 import json
-import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import polars as pl
 
+from assets._checks import build_contract_checks
 from lib.churn import churn_figure, rank_pairs
 from lib.churn import surrogate_churn as churn_table
 from lib.dft_ingest import (
@@ -28,35 +29,12 @@ from lib.dft_ingest import (
 from lib.dft_inputs import DftInputSettings, potcar_available, write_dft_inputs
 from lib.lineage import attach_lineage
 from lib.plots import figure_markdown
-from orchestration.resources import CgwganHome
+from orchestration.resources import CgwganHome, DftResource
 
 GROUP = "dft"
-REFERENCES_FILE = "data/mp/mp_elemental_reference_entries.json.gz"
 
 
 # --------------------------------------------------------------------------- helpers
-def results_root(cgwgan_home: CgwganHome, override: str = "") -> Path:
-    """The DFT results folder: ``override``, else ``CGWGAN_DFT_RESULTS``, else ``<home>/dft/results``."""
-    chosen = override or os.environ.get("CGWGAN_DFT_RESULTS", "")
-    if chosen:
-        p = Path(chosen).expanduser().resolve()
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return cgwgan_home.subdir("dft/results").resolve()
-
-
-def references_path(override: str = "") -> str:
-    """Elemental references: ``override``, else ``CGWGAN_ELEMENTAL_REFS``, else the shared MP file."""
-    if override:
-        return override
-    if os.environ.get("CGWGAN_ELEMENTAL_REFS"):
-        return os.environ["CGWGAN_ELEMENTAL_REFS"]
-    shared = os.environ.get("CGWGAN_SHARED")
-    if shared and (Path(shared) / REFERENCES_FILE).is_file():
-        return str(Path(shared) / REFERENCES_FILE)
-    return ""
-
-
 def read_all(store, table: str, *, with_chemical_system: bool = False) -> pl.DataFrame | None:
     """Every partition of ``table`` (``None`` when it was never written); screening partitions
     ``"<chemsys>|<surrogate>"`` give a ``chemical_system`` column when asked."""
@@ -88,10 +66,15 @@ def _md_table(df: pl.DataFrame, max_rows: int = 20) -> str:
 
 # --------------------------------------------------------------------------- dft_inputs
 class DftInputsConfig(dg.Config):
-    input_set: str = "MPRelaxSet"
+    # pymatgen input set of the relaxation (pymatgen.io.vasp.sets)
+    input_set: Literal["MPRelaxSet", "MPScanRelaxSet", "MPMetalRelaxSet", "MPHSERelaxSet", "MP24RelaxSet",
+                       "MITRelaxSet", "MVLRelax52Set", "MVLScanRelaxSet", "MatPESRelaxSet", "MPStaticSet",
+                       "MPScanStaticSet", "MP24StaticSet", "MatPESStaticSet"] = "MPRelaxSet"
     user_incar_settings_json: str = "{}"
     user_kpoints_settings_json: str = "{}"
-    user_potcar_functional: str = ""
+    # "" = the input set's own (pymatgen PotcarSingle.functional_dir)
+    user_potcar_functional: Literal["", "PBE", "PBE_52", "PBE_54", "PBE_64", "LDA", "LDA_52", "LDA_54", "LDA_64",
+                                    "PW91", "LDA_US", "PW91_US", "Perdew_Zunger81"] = ""
     supercell_min_length_a: float = 10.0
     max_supercell_atoms: int = 400
     displacement_a: float = 0.01
@@ -191,27 +174,27 @@ def dft_inputs_folders_complete(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
 
 # --------------------------------------------------------------------------- dft_results
 class DftResultsConfig(dg.Config):
-    results_dir: str = ""  # default: CGWGAN_DFT_RESULTS, else <home>/dft/results
+    results_dir: str = ""  # default: the dft resource's results_dir (CGWGAN_DFT_RESULTS), else <home>/dft/results
     run_names: list[str] = []  # empty: every ready (or refused) folder of the results root
     signatures: list[str] = []  # the sensor's folder signatures, parallel to run_names (recorded)
     settle_seconds: float = 0.0  # with empty run_names: skip folders changed more recently than this
-    references_path: str = ""  # ComputedEntry dicts; default CGWGAN_ELEMENTAL_REFS or the shared MP file
+    references_path: str = ""  # ComputedEntry dicts; default: the dft resource's elemental_refs (CGWGAN_ELEMENTAL_REFS)
     q_mesh: list[int] = [8, 8, 8]
     imaginary_tol_thz: float = 0.1
 
 
 @dg.asset(group_name=GROUP, deps=["dft_inputs"], kinds={"parquet", "vasp"})
 def dft_results(context: dg.AssetExecutionContext, config: DftResultsConfig,
-                cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+                cgwgan_home: CgwganHome, dft: DftResource) -> dg.MaterializeResult:
     """Finished VASP/phonopy run folders, each ingested once (one store partition per content hash)."""
     t0 = time.perf_counter()
     store = cgwgan_home.store
-    root = results_root(cgwgan_home, config.results_dir)
+    root = dft.results_root(cgwgan_home, config.results_dir)
     scanned = scan_results_root(root, settle_seconds=config.settle_seconds)
     names = list(config.run_names) or [f.name for f in scanned if f.is_ready or f.refused_reason]
     signatures = {f.name: f.signature for f in scanned}
     signatures.update(zip(config.run_names, config.signatures, strict=False))
-    ref_path = references_path(config.references_path)
+    ref_path = dft.references_path(config.references_path)
     refs = load_elemental_references(ref_path) if ref_path else None
     new_rows, skipped = [], []
     for name in names:
@@ -363,3 +346,6 @@ def surrogate_churn_bounds(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
                    | (pl.col("top_k_overlap") > pl.min_horizontal("top_k", "n_ranked_a", "n_ranked_b"))
                    | (pl.col("n_common") > pl.min_horizontal("n_ranked_a", "n_ranked_b")))
     return dg.AssetCheckResult(passed=bad.is_empty(), metadata={"rows": c.height, "n_violations": bad.height})
+
+
+contract_checks = build_contract_checks(["dft_inputs", "dft_results", "discoveries", "surrogate_churn"])

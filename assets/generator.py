@@ -9,16 +9,18 @@ Thin wrappers around :mod:`lib.gan` (model, training, checkpoints) and :mod:`lib
 import json
 import time
 from datetime import UTC, datetime
+from typing import Literal
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
+from assets._checks import build_contract_checks
 from lib import gan
 from lib import templates as tpl
 from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, encode_templates, encodings_to_numpy
 from lib.ids import content_hash
-from lib.plots import figure_markdown
+from lib.plots import figure_markdown, subplots
 from orchestration.resources import CgwganHome
 
 GROUP = "generator"
@@ -44,13 +46,15 @@ class TemplatesConfig(dg.Config):
     n_samples: int = 5000
     seed: int = 0
     space_groups: list[int] = []  # conditioning; empty = every group
-    crystal_system: str = ""  # conditioning; intersected with space_groups when both are given
+    # conditioning ("" = any); intersected with space_groups when both are given
+    crystal_system: Literal["", "triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal",
+                            "cubic"] = ""
     checkpoint_id: str = ""  # "" = the newest row of wgan_checkpoints
     min_distance_a: float = 1.0
     min_density_per_a3: float = 0.005
     max_density_per_a3: float = 0.25
     max_atoms: int = 100
-    min_density_overlap: float = 0.93  # threshold of the quality check
+    min_density_overlap: float = tpl.MIN_DENSITY_OVERLAP  # threshold of the quality check
     tsne_points: int = 600  # per side (training, generated); 0 = no t-SNE
     device: str = ""
 
@@ -72,9 +76,7 @@ def _snapshot_id(df: pl.DataFrame) -> str:
 
 
 def _curves_figure(history: dict[str, list[float]]):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     ep = np.arange(1, len(history["critic_loss"]) + 1)
     axes[0].plot(ep, history["critic_loss"], label="critic loss")
     axes[0].plot(ep, history["generator_loss"], label="generator loss")
@@ -250,11 +252,11 @@ def _latest_generation(cgwgan_home: CgwganHome) -> tuple[str, dict]:
 @dg.asset_check(asset=templates, blocking=True,
                 description="Newest generation run: every template is symmetric under all of its space "
                 "group's operations (spglib database, independent of the decoder) and the number-density "
-                "overlap with training_templates reaches the configured threshold (default 0.93).")
+                f"overlap with training_templates reaches the configured threshold (default {tpl.MIN_DENSITY_OVERLAP}).")
 def templates_quality(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
     generation_id, meta = _latest_generation(cgwgan_home)
     out = cgwgan_home.store.read("templates", partition=generation_id)
-    threshold = float(meta.get("min_density_overlap", 0.93))
+    threshold = float(meta.get("min_density_overlap", tpl.MIN_DENSITY_OVERLAP))
     sym = tpl.check_symmetry(out)
     exact = float(sym["is_symmetric"].mean()) if sym.height else 0.0
     training = cgwgan_home.store.read("training_templates")
@@ -269,3 +271,6 @@ def templates_quality(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
                   "density_overlap": round(overlap, 5), "density_overlap_threshold": threshold,
                   "validity": q.get("validity", float("nan")), "uniqueness": q.get("uniqueness", float("nan")),
                   "novelty": q.get("novelty", float("nan"))})
+
+
+contract_checks = build_contract_checks(["wgan_checkpoints", "templates"])

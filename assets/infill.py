@@ -2,19 +2,24 @@
 
 Thin wrappers around :mod:`lib.infill` (columnar infill, streamed into the store shard by shard)
 and :mod:`lib.dedup` (fingerprint + bucketed StructureMatcher in worker processes + MP matching).
-Both assets are partitioned by chemical system (``Ba-O-Ru``); the store partition is the same string.
+All assets are partitioned by chemical system (``Ba-O-Ru``); the store partition is the same string.
+Tables (each an asset, checked against its contract in ``lib/contracts.py``): ``candidates`` and
+``candidates_template_rejects`` (one multi-asset), ``candidates_dedup``.
 """
 
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import polars as pl
 
+from assets._checks import build_contract_checks
 from assets.partitions import chemical_system_partitions
-from lib.dedup import apply_dedup, dedup_candidates
+from lib.dedup import MATCHER_DEFAULTS, apply_dedup, dedup_candidates
 from lib.infill import InfillTotals, chemical_system, iter_infill, parse_chemical_system
 from orchestration.resources import CgwganHome, RayResource
 
@@ -28,7 +33,7 @@ class CandidatesConfig(dg.Config):
     require_all_elements: bool = True
     allow_subsystems: bool = False
     max_atoms: int = 0  # 0 = no limit (atoms in the conventional cell)
-    volume_mode: str = "template"  # template | rescaled
+    volume_mode: Literal["template", "rescaled"] = "template"
     templates_partition: str = ""  # generation run of `templates`; "" = the newest; "*" = every run
     batch_templates: int = 20_000
 
@@ -36,9 +41,9 @@ class CandidatesConfig(dg.Config):
 class CandidatesDedupConfig(dg.Config):
     mp_reference_path: str = ""  # a CSV/Parquet/folder in an MP layout; "" = the mp_structures table
     # within the system: near-identical duplicates (lib.dedup.MATCHER_DEFAULTS); MP: pymatgen defaults
-    ltol: float = 0.05
-    stol: float = 0.05
-    angle_tol: float = 1.0
+    ltol: float = MATCHER_DEFAULTS["ltol"]
+    stol: float = MATCHER_DEFAULTS["stol"]
+    angle_tol: float = MATCHER_DEFAULTS["angle_tol"]
     # pre-screen: 0 = the bound derived from ltol/stol/angle_tol (skips only pairs that cannot
     # match); > 0 = a fixed window on the scaled orbit distances (faster, misses matches)
     distance_window: float = 0.0
@@ -69,11 +74,9 @@ def _templates_scan(cgwgan_home: CgwganHome, generation: str) -> tuple[pl.LazyFr
 
 
 def _sg_plot(by_sg: pl.DataFrame) -> str:
-    import matplotlib.pyplot as plt
+    from lib.plots import figure_markdown, subplots
 
-    from lib.plots import figure_markdown
-
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+    fig, ax = subplots(figsize=(7, 2.8))
     ax.bar([str(s) for s in by_sg["spacegroup_number"]], by_sg["len"].to_list(), color="#4878a8")
     ax.set_xlabel("space group number")
     ax.set_ylabel("candidates")
@@ -89,12 +92,15 @@ def _md_table(df: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet", "duckdb"}, deps=["templates"],
-          partitions_def=chemical_system_partitions,
-          description="Templates filled with the elements of a chemical system: one row per distinct "
-                      "assignment (site-permutation symmetry and fingerprint folded), Parquet shards.")
+@dg.multi_asset(name="candidates", partitions_def=chemical_system_partitions, specs=[
+    dg.AssetSpec("candidates", group_name=GROUP, kinds={"parquet", "duckdb"}, deps=["templates"],
+                 description="Templates filled with the elements of a chemical system: one row per distinct "
+                             "assignment (site-permutation symmetry and fingerprint folded), Parquet shards."),
+    dg.AssetSpec("candidates_template_rejects", group_name=GROUP, kinds={"parquet"}, deps=["templates"],
+                 description="Templates the infill of a chemical system could not use, with the reason."),
+])
 def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig,
-               cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+               cgwgan_home: CgwganHome) -> Iterator[dg.MaterializeResult]:
     elements = _elements_for(context, config.elements)
     chemsys = "-".join(elements)
     scan, generation = _templates_scan(cgwgan_home, config.templates_partition)
@@ -102,16 +108,17 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig,
     t0 = time.perf_counter()
     stream = iter_infill(scan, elements=elements, require_all_elements=config.require_all_elements,
                          allow_subsystems=config.allow_subsystems, max_atoms=config.max_atoms or None,
-                         volume_mode=config.volume_mode, batch_templates=config.batch_templates, totals=totals)  # type: ignore[arg-type]
+                         volume_mode=config.volume_mode, batch_templates=config.batch_templates, totals=totals)
     info = cgwgan_home.store.write("candidates", stream, partition=chemsys, max_rows_per_shard=SHARD_ROWS,
                                    metadata={"templates_partition": generation, **totals.counts()})
     seconds = time.perf_counter() - t0
-    cgwgan_home.store.write("candidates_template_rejects", totals.rejects_frame(), partition=chemsys)
+    rejects = totals.rejects_frame()
+    cgwgan_home.store.write("candidates_template_rejects", rejects, partition=chemsys)
     cgwgan_home.refresh_catalog()
     by_sg = (cgwgan_home.store.scan("candidates", chemsys).group_by("spacegroup_number").len()
              .sort("len", descending=True).head(20).collect())
     context.log.info(f"{chemsys}: {info.rows} candidates from {totals.n_templates} templates in {seconds:.1f} s")
-    return dg.MaterializeResult(metadata={
+    yield dg.MaterializeResult(asset_key="candidates", metadata={
         "rows": info.rows,
         "seconds": round(seconds, 2),
         "rows_per_s": round(info.rows / seconds, 1) if seconds > 0 else 0.0,
@@ -129,6 +136,13 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig,
         "top_space_groups": dg.MetadataValue.md(_md_table(by_sg.rename({"len": "candidates"}))),
         "space_group_plot": dg.MetadataValue.md(_sg_plot(by_sg) if by_sg.height else "(no candidates)"),
     })
+    by_reason = rejects.group_by("reason").len().sort("reason")
+    yield dg.MaterializeResult(asset_key="candidates_template_rejects", metadata={
+        "rows": rejects.height,
+        "templates_partition": generation,
+        "rejects_by_reason": dg.MetadataValue.md(
+            _md_table(by_reason.rename({"len": "templates"})) if rejects.height else "(none)"),
+    })
 
 
 def _mp_reference(cgwgan_home: CgwganHome, path: str) -> tuple[pl.DataFrame | None, str]:
@@ -142,7 +156,7 @@ def _mp_reference(cgwgan_home: CgwganHome, path: str) -> tuple[pl.DataFrame | No
     return None, "none"
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet", "pymatgen"}, deps=[candidates],
+@dg.asset(group_name=GROUP, kinds={"parquet", "pymatgen"}, deps=["candidates"],
           partitions_def=chemical_system_partitions,
           description="One row per unique candidate (fingerprint, then StructureMatcher in buckets), "
                       "with n_folded and the MP material it matches (is_known_in_mp, mp_material_id).")
@@ -158,7 +172,7 @@ def candidates_dedup(context: dg.AssetExecutionContext, config: CandidatesDedupC
     res = dedup_candidates(store.scan("candidates", chemsys), mp_structures=mp, elements=elements,
                            matcher={"ltol": config.ltol, "stol": config.stol, "angle_tol": config.angle_tol},
                            distance_window=config.distance_window or None,
-                           workers=config.workers or os.cpu_count() or 1)
+                           workers=config.workers or os.cpu_count() or 1, use_ray=config.use_ray)
     unique = res.unique
 
     def frames():
@@ -239,18 +253,10 @@ def _make_check(asset_key: str, name: str, fields: tuple[str, ...], description:
     return _check
 
 
-candidates_unique_ids = _make_check(
-    "candidates", "candidates_unique_ids", ("duplicate_ids",),
-    "candidate_id is unique within every chemical-system partition.")
-candidates_fingerprints_present = _make_check(
-    "candidates", "candidates_fingerprints_present", ("null_fingerprints",),
-    "Every candidate has a fingerprint (needed by dedup).")
+# candidate_id unique within every partition and fingerprints present: <table>_matches_contract
 candidates_in_system = _make_check(
     "candidates", "candidates_in_system", ("foreign_elements", "wrong_chemical_system"),
     "Every candidate's ASU species are elements of its partition's chemical system.")
-candidates_dedup_unique_ids = _make_check(
-    "candidates_dedup", "candidates_dedup_unique_ids", ("duplicate_ids", "null_fingerprints"),
-    "candidates_dedup has one row per candidate_id and fingerprints everywhere.")
 candidates_dedup_in_system = _make_check(
     "candidates_dedup", "candidates_dedup_in_system", ("foreign_elements", "wrong_chemical_system"),
     "Every deduplicated candidate uses only its system's elements.")
@@ -274,3 +280,4 @@ def candidates_dedup_accounts_for_every_candidate(cgwgan_home: CgwganHome) -> dg
     return dg.AssetCheckResult(passed=not bad, metadata={**meta, "failing_partitions": ", ".join(bad)})
 
 
+contract_checks = build_contract_checks(["candidates", "candidates_template_rejects", "candidates_dedup"])

@@ -2,14 +2,18 @@
 
 Thin wrappers around :mod:`lib.mp_sources`, :mod:`lib.symmetry` and :mod:`lib.training`.
 Parsing and symmetry analysis run as Ray tasks (``ray_runtime``; local unless ``RAY_ADDRESS``).
-Tables: ``mp_structures`` + ``mp_structures_rejects``, ``mp_symmetry``, ``training_templates``.
+Tables (each an asset, checked against its contract in ``lib/contracts.py``): ``mp_structures``
+and ``mp_structures_rejects`` (one multi-asset), ``mp_symmetry``, ``training_templates``.
 """
 
 import time
+from collections.abc import Iterator
+from typing import Literal
 
 import dagster as dg
 import polars as pl
 
+from assets._checks import build_contract_checks
 from lib.mp_sources import load_mp_source
 from lib.parallel import map_row_chunks
 from lib.symmetry import analyse_symmetry, round_trip_reason, spacegroup_histogram
@@ -27,7 +31,7 @@ class MPStructuresConfig(dg.Config):
 class MPSymmetryConfig(dg.Config):
     symprec: float = 0.1
     # structure_matcher (pymatgen, default) | direct (site mapping, cheaper) | none (no check, profiling)
-    round_trip_method: str = "structure_matcher"
+    round_trip_method: Literal["structure_matcher", "direct", "none"] = "structure_matcher"
     n_workers: int = 0
 
 
@@ -49,15 +53,19 @@ def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 1) if seconds > 0 else 0.0
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet", "ray"},
-          description="Validated MP structures (source/snapshot id); bad rows go to mp_structures_rejects.")
+@dg.multi_asset(name="mp_structures", specs=[
+    dg.AssetSpec("mp_structures", group_name=GROUP, kinds={"parquet", "ray"},
+                 description="Validated MP structures (source/snapshot id); bad rows go to mp_structures_rejects."),
+    dg.AssetSpec("mp_structures_rejects", group_name=GROUP, kinds={"parquet"},
+                 description="Input rows of the MP source that were not loaded, with the reason."),
+])
 def mp_structures(context: dg.AssetExecutionContext, config: MPStructuresConfig, cgwgan_home: CgwganHome,
-                  mp_source: MPSource, ray_runtime: RayResource) -> dg.MaterializeResult:
+                  mp_source: MPSource, ray_runtime: RayResource) -> Iterator[dg.MaterializeResult]:
     ray_runtime.init()
     chemsys = [s for s in mp_source.mp_api_chemsys.split(",") if s.strip()] or None
     t0 = time.perf_counter()
     loaded = load_mp_source(mp_source.resolved_source, api_key=mp_source.resolved_api_key,
-                            chemsys=chemsys, max_parallel=config.n_workers)
+                            chemsys=chemsys, max_parallel=config.n_workers, use_ray=True)
     seconds = time.perf_counter() - t0
     store = cgwgan_home.store
     meta = {"snapshot_id": loaded.snapshot_id, "source": loaded.source, "n_input": loaded.n_input}
@@ -66,7 +74,7 @@ def mp_structures(context: dg.AssetExecutionContext, config: MPStructuresConfig,
     cgwgan_home.refresh_catalog()
     by_reason = loaded.rejects_by_reason()
     context.log.info(f"{loaded.source}: {loaded.structures.height} structures, rejects {by_reason}")
-    return dg.MaterializeResult(metadata={
+    yield dg.MaterializeResult(asset_key="mp_structures", metadata={
         "source": loaded.source,
         "snapshot_id": loaded.snapshot_id,
         "dagster/row_count": loaded.structures.height,
@@ -79,16 +87,15 @@ def mp_structures(context: dg.AssetExecutionContext, config: MPStructuresConfig,
         "parse_workers": loaded.parse_stats.workers if loaded.parse_stats else 0,
         "n_chemical_systems": loaded.structures["chemical_system"].n_unique(),
     })
+    yield dg.MaterializeResult(asset_key="mp_structures_rejects", metadata={
+        "source": loaded.source,
+        "snapshot_id": loaded.snapshot_id,
+        "dagster/row_count": loaded.rejects.height,
+        "rejects_by_reason": dg.MetadataValue.md(_counts_md(by_reason)),
+    })
 
 
-@dg.asset_check(asset=mp_structures, description="material_id is unique in mp_structures.")
-def mp_structures_unique_ids(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
-    ids = cgwgan_home.store.read("mp_structures", columns=["material_id"])["material_id"]
-    dup = ids.is_duplicated().sum()
-    return dg.AssetCheckResult(passed=bool(dup == 0), metadata={"rows": ids.len(), "duplicated_rows": int(dup)})
-
-
-@dg.asset_check(asset=mp_structures, description="Every input row is either a structure or a reject.")
+@dg.asset_check(asset="mp_structures", description="Every input row is either a structure or a reject.")
 def mp_structures_rows_accounted(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
     store = cgwgan_home.store
     n_input = int((store.pointer("mp_structures") or {}).get("metadata", {}).get("n_input", -1))
@@ -99,14 +106,14 @@ def mp_structures_rows_accounted(cgwgan_home: CgwganHome) -> dg.AssetCheckResult
         metadata={"n_input": n_input, "structures": kept, "rejects": rejected, "rejects_without_reason": no_reason})
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, deps=[mp_structures],
+@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, deps=["mp_structures"],
           description="Space group, conventional cell and Wyckoff ASU per structure, with a round-trip check.")
 def mp_symmetry(context: dg.AssetExecutionContext, config: MPSymmetryConfig, cgwgan_home: CgwganHome,
                 ray_runtime: RayResource) -> dg.MaterializeResult:
     ray_runtime.init()
     store = cgwgan_home.store
     structures = store.read("mp_structures")
-    out, stats = map_row_chunks(analyse_symmetry, structures, max_parallel=config.n_workers,
+    out, stats = map_row_chunks(analyse_symmetry, structures, max_parallel=config.n_workers, use_ray=True,
                                 symprec=config.symprec, round_trip_method=config.round_trip_method)
     store.write("mp_symmetry", out, metadata={"symprec": config.symprec, "round_trip_method": config.round_trip_method})
     cgwgan_home.refresh_catalog()
@@ -207,3 +214,6 @@ def training_templates_valid(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
         passed=bool(len(lens) <= 1 and len(versions) <= 1 and in_range and leaked == 0 and bad_rows == 0),
         metadata={"rows": df.height, "encoding_lengths": str(lens), "versions": str(versions),
                   "values_in_range": in_range, "held_out_rows_present": leaked, "rows_p1_or_empty": bad_rows})
+
+
+contract_checks = build_contract_checks(["mp_structures", "mp_structures_rejects", "mp_symmetry", "training_templates"])

@@ -5,13 +5,17 @@ plus ``discoveries`` when present), rebuilds each crystal (relaxed cell from ``r
 shortlist rows; DFT final cell for discoveries), and writes one row per peak (Cu Kα) to
 ``xrd_patterns`` and the pairwise pattern similarity to ``xrd_similarity``, so near-identical
 polymorphs can be told apart (the paper's Fig. 5H). Thin wrapper around :mod:`lib.xrd`.
+Both tables are assets of one multi-asset, checked against their contracts in ``lib/contracts.py``.
 """
 
 import time
+from collections.abc import Iterator
+from typing import Literal
 
 import dagster as dg
 import polars as pl
 
+from assets._checks import build_contract_checks
 from lib.export import attach_structures
 from lib.plots import figure_markdown
 from lib.xrd import plot_patterns, xrd_report
@@ -29,7 +33,10 @@ class XrdConfig(dg.Config):
     """Tables that must exist: the run fails naming the missing one instead of writing an empty result."""
     max_structures_per_table: int = 500
     """Rows taken from each table (in its stored order; the shortlist is ranked)."""
-    wavelength: str = "CuKa"
+    wavelength: Literal["CuKa", "CuKa1", "CuKa2", "CuKb1", "MoKa", "MoKa1", "MoKa2", "MoKb1", "CrKa", "CrKa1",
+                        "CrKa2", "CrKb1", "FeKa", "FeKa1", "FeKa2", "FeKb1", "CoKa", "CoKa1", "CoKa2", "CoKb1",
+                        "AgKa", "AgKa1", "AgKa2", "AgKb1"] = "CuKa"
+    """X-ray source line (pymatgen's ``WAVELENGTHS``)."""
     two_theta_min_deg: float = 10.0
     two_theta_max_deg: float = 90.0
     fwhm_deg: float = 0.2
@@ -47,13 +54,15 @@ def _selection(store, table: str, limit: int) -> pl.DataFrame:
     return df
 
 
-@dg.asset(
-    name="xrd_patterns", group_name=GROUP, kinds={"parquet", "pymatgen"}, deps=["shortlist", "discoveries"],
-    description="Simulated powder XRD (Cu Kα) of shortlisted and discovered crystals, one row per peak; "
-                "pairwise pattern similarity in xrd_similarity (tells near-identical polymorphs apart).",
-)
+@dg.multi_asset(name="xrd_patterns", specs=[
+    dg.AssetSpec("xrd_patterns", group_name=GROUP, kinds={"parquet", "pymatgen"}, deps=["shortlist", "discoveries"],
+                 description="Simulated powder XRD (Cu Kα) of shortlisted and discovered crystals, one row per peak."),
+    dg.AssetSpec("xrd_similarity", group_name=GROUP, kinds={"parquet"}, deps=["shortlist", "discoveries"],
+                 description="Pairwise cosine similarity of the broadened XRD patterns (tells near-identical "
+                             "polymorphs apart), most similar first."),
+])
 def xrd_patterns_asset(context: dg.AssetExecutionContext, config: XrdConfig,
-                       cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+                       cgwgan_home: CgwganHome) -> Iterator[dg.MaterializeResult]:
     store = cgwgan_home.store
     missing = [t for t in config.required_tables if not store.exists(t)]
     if missing:
@@ -92,7 +101,7 @@ def xrd_patterns_asset(context: dg.AssetExecutionContext, config: XrdConfig,
         f"| {a} | {b} | {s:.3f} |" for a, b, s in top.iter_rows()) if top.height else "(fewer than 2 patterns)"
     fail_md = "\n".join(f"- `{t}` `{rid}`: {why}" for t, rid, why in report.failures[:20]) or "(none)"
     n_patterns = report.n_patterns
-    return dg.MaterializeResult(metadata={
+    yield dg.MaterializeResult(asset_key="xrd_patterns", metadata={
         "dagster/row_count": report.peaks.height,
         "n_patterns": n_patterns,
         "per_table": dg.MetadataValue.json(report.per_table),
@@ -104,6 +113,12 @@ def xrd_patterns_asset(context: dg.AssetExecutionContext, config: XrdConfig,
         "seconds": round(seconds, 2),
         "patterns_per_s": round(n_patterns / seconds, 1) if seconds > 0 else 0.0,
         "xrd_plot": dg.MetadataValue.md(figure_markdown(fig, alt="simulated powder XRD patterns")),
+    })
+    yield dg.MaterializeResult(asset_key="xrd_similarity", metadata={
+        "dagster/row_count": report.similarity.height,
+        "n_patterns": n_patterns,
+        "fwhm_deg": config.fwhm_deg,
+        "most_similar_pairs": dg.MetadataValue.md(top_md),
     })
 
 
@@ -122,3 +137,6 @@ def xrd_patterns_complete(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
         metadata={"patterns": per.height, "rows_not_rebuilt": n_failed,
                   "patterns_not_scaled_to_100": bad_scale,
                   "min_peaks_per_pattern": int(per["n"].min()) if per.height else 0})
+
+
+contract_checks = build_contract_checks(["xrd_patterns", "xrd_similarity"])

@@ -4,27 +4,34 @@ Partitioned by chemical system x surrogate (store partition ``"<chemsys>|<surrog
 compute runs in ``lib.screening`` / ``lib.phonons``; batches go to Ray actors that load the
 surrogate once (``ray_runtime``: local Ray, or a cluster through ``RAY_ADDRESS``) and land in
 ``<home>/work/<stage>/<partition>/<batch_id>.parquet`` as they finish, so a rerun resumes.
+
+Tables (each an asset, checked against its contract in ``lib/contracts.py``): ``surrogate_models``,
+``prescreen``, ``relaxed``, ``reference_energies`` (with ``references``, the hull, one multi-asset),
+``phonons``, ``shortlist``.
 """
 
 
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import polars as pl
 
+from assets._checks import build_contract_checks
 from assets.partitions import screening_partitions
 from lib import screening as scr
-from lib.phonons import DEFAULT_PHONON_SYMPREC, band_structure_figure
+from lib.cells import ASU_COLUMNS, CELL_COLUMNS
+from lib.phonons import DEFAULT_PHONON_SYMPREC, DEFAULT_THRESHOLD_THZ, band_structure_figure
 from lib.plots import figure_markdown
 from lib.store import partition_dirname
 from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
 
 GROUP = "screening"
+#: ASE optimisers of the relaxations (lib.screening.relax_frame).
+Optimizer = Literal["FIRE", "BFGS"]
 _DEDUP = dg.AssetDep("candidates_dedup", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
     partition_dimension_name="chemical_system"))
 
@@ -47,7 +54,7 @@ class RelaxConfig(RayStageConfig):
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A  # eV/Å (paper: 0.05)
     steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
     relax_cell: bool = True
-    optimizer: str = scr.DEFAULT_OPTIMIZER  # "FIRE" or "BFGS" (ASE); BFGS stops at symmetric saddles
+    optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]  # BFGS stops at symmetric saddles
     primitive: bool = False  # relax each candidate's primitive cell (faster; misses cell-doubling distortions)
     symprec: float = scr.DEFAULT_SYMPREC
     batch_rows: int = 16  # candidates per resumable batch (one Ray task), relaxed together
@@ -59,15 +66,15 @@ class ReferencesConfig(RayStageConfig):
     max_phase_atoms: int = 0  # 0 = all; skip (and count) MP phases with more atoms per cell
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A
     steps: int = scr.DEFAULT_RELAX_STEPS
-    optimizer: str = scr.DEFAULT_OPTIMIZER  # the same as the candidates' relaxations
+    optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]  # as the candidates' relaxations
     batch_rows: int = 8  # phases per resumable batch, relaxed together
     batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
 
 
 class PhononsConfig(RayStageConfig):
     top_n: int = 20  # best N (paper: 5,000, by formation energy)
-    rank_by: str = "formation_energy"  # or "e_above_hull": the shortlist's own order
-    threshold_thz: float = -0.5
+    rank_by: Literal["formation_energy", "e_above_hull"] = "formation_energy"  # e_above_hull: the shortlist's order
+    threshold_thz: float = DEFAULT_THRESHOLD_THZ
     symprec: float = DEFAULT_PHONON_SYMPREC  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
     min_length_a: float = 0.0  # > 0: smallest diagonal supercell with every length >= this
@@ -93,12 +100,15 @@ def _keys(context: dg.AssetExecutionContext) -> tuple[str, str, str]:
 
 def _load_kwargs(reg: SurrogateRegistryResource) -> dict[str, Any]:
     return {"registry_path": reg.resolved_registry_path or None,
-            "models_dir": reg.resolved_models_dir or None, "device": reg.device}
+            "models_dir": reg.resolved_models_dir or None, "device": reg.device,
+            "threads": reg.torch_threads or None}
 
 
-@lru_cache(maxsize=4)
-def _local_surrogate(name: str, registry_path: str | None, models_dir: str | None, device: str):
-    return scr.load_configured_surrogate(name, registry_path=registry_path, models_dir=models_dir, device=device)
+def _local_surrogate(name: str, registry_path: str | None, models_dir: str | None, device: str,
+                     threads: int | None = None):
+    """The surrogate loaded in this process, cached by its weights' sha256 (changed weights reload)."""
+    return scr.load_configured_surrogate(name, registry_path=registry_path, models_dir=models_dir, device=device,
+                                         threads=threads, cache=True)
 
 
 @contextmanager
@@ -107,7 +117,7 @@ def _compute(config: RayStageConfig, method: str, surrogate: str, reg: Surrogate
     """A ``compute`` for ``run_batches`` (Ray actors or in-process) and what ran it."""
     lk = _load_kwargs(reg)
     if not config.use_ray or n_batches == 0:
-        sur = _local_surrogate(surrogate, lk["registry_path"], lk["models_dir"], lk["device"])
+        sur = _local_surrogate(surrogate, lk["registry_path"], lk["models_dir"], lk["device"], lk["threads"])
         yield scr.local_compute(sur, method, **kwargs), {"backend": "local", "actors": 0}
         return
     import ray
@@ -163,12 +173,6 @@ def _md_table(df: pl.DataFrame, n: int = 10) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def _unique_check(name: str, df: pl.DataFrame, keys: list[str]) -> dg.AssetCheckResult:
-    dup = int(df.height - df.select(keys).unique().height)
-    return dg.AssetCheckResult(check_name=name, passed=dup == 0,
-                               metadata={"rows": df.height, "duplicate_keys": dup, "key": ", ".join(keys)})
-
-
 # ------------------------------------------------------------------------------------ assets
 @dg.asset(group_name=GROUP, kinds={"parquet"}, deps=["surrogate_registry"],
           description="The surrogate registry as a table: name, kind, weights location, sha256, version.")
@@ -188,8 +192,7 @@ def surrogate_models(context: dg.AssetExecutionContext, cgwgan_home: CgwganHome,
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions, deps=[_DEDUP],
-          check_specs=[dg.AssetCheckSpec("covers_every_candidate", asset="prescreen"),
-                       dg.AssetCheckSpec("unique_candidate_surrogate", asset="prescreen")],
+          check_specs=[dg.AssetCheckSpec("covers_every_candidate", asset="prescreen")],
           description="Static surrogate energy of every deduplicated candidate, batched on Ray actors; resumable.")
 def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan_home: CgwganHome,
               ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
@@ -199,13 +202,15 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     if config.max_candidates > 0:
         cands = cands.sort("candidate_id").head(config.max_candidates)
     name, sha = _surrogate_identity(surrogate, surrogate_registry)
-    batches = scr.plan_batches(cands.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=config.batch_rows,
+    batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "prescreen"})
     n_batches = batches["batch_id"].n_unique()
     with _compute(config, "prescreen", surrogate, surrogate_registry, ray_runtime, n_batches,
                   batch_size=config.batch_size) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "prescreen", part),
                                         on_batch_written=_progress(context, "prescreen", batches))
+    if not res.height:  # no candidates: an empty table in the contract's shape, not a missing column
+        res = pl.DataFrame(schema={**scr.PRESCREEN_SCHEMA, "batch_id": pl.String})
     carry = [c for c in ("formula", "reduced_formula", "spacegroup_number", "is_known_in_mp") if c in cands.columns]
     out = scr.with_lineage(res.join(cands.select("candidate_id", *carry), on="candidate_id", how="left"), cands,
                            surrogate_name=name, surrogate_sha256=sha)
@@ -228,14 +233,12 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
             dg.AssetCheckResult(check_name="covers_every_candidate", passed=missing == 0 and out.height == cands.height,
                                 metadata={"candidates": cands.height, "rows": out.height, "missing": missing,
                                           "errors_quarantined": errors.height}),
-            _unique_check("unique_candidate_surrogate", out, ["candidate_id", "surrogate_sha256"]),
         ])
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
           deps=["prescreen", _DEDUP],
-          check_specs=[dg.AssetCheckSpec("convergence_rate", asset="relaxed"),
-                       dg.AssetCheckSpec("unique_candidate", asset="relaxed")],
+          check_specs=[dg.AssetCheckSpec("convergence_rate", asset="relaxed")],
           description="Best K by pre-screen energy per atom, relaxed (cell + positions) with the surrogate.")
 def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home: CgwganHome,
             ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
@@ -246,7 +249,7 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     cands = store.scan("candidates_dedup", partition=chemsys).join(
         top.select("candidate_id").lazy(), on="candidate_id", how="semi").collect()
     sha = pre["surrogate_sha256"][0] if pre.height else ""
-    batches = scr.plan_batches(cands.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=config.batch_rows,
+    batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "relaxed", "fmax": config.fmax,
                                      "steps": config.steps, "relax_cell": config.relax_cell,
                                      "optimizer": config.optimizer, "primitive": config.primitive,
@@ -281,20 +284,24 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
                       "candidate_id", "formula", "energy_per_atom_ev", "is_converged", "n_steps",
                       "spacegroup_number", "spacegroup_number_relaxed"))},
         check_results=[
-            dg.AssetCheckResult(check_name="convergence_rate", passed=bool(ok.height) and rate >= 0.5,
+            dg.AssetCheckResult(check_name="convergence_rate", passed=bool(ok.height) and rate >= scr.MIN_CONVERGENCE_RATE,
                                 severity=dg.AssetCheckSeverity.WARN,
                                 metadata={"convergence_rate": rate, "n_ok": ok.height,
-                                          "n_error": out.height - ok.height, "threshold": 0.5}),
-            _unique_check("unique_candidate", out, ["candidate_id"]),
+                                          "n_error": out.height - ok.height, "threshold": scr.MIN_CONVERGENCE_RATE}),
         ])
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions, deps=["relaxed"],
-          check_specs=[dg.AssetCheckSpec("hull_is_consistent", asset="references")],
-          description="Competing phases relaxed with the surrogate; formation energy and energy above the hull "
-                      "of every relaxed candidate.")
+@dg.multi_asset(
+    name="references", partitions_def=screening_partitions,
+    specs=[dg.AssetSpec("references", group_name=GROUP, kinds={"ray"}, deps=["relaxed"],
+                        description="The convex hull of the system under the surrogate: competing phases relaxed "
+                                    "with it, chemical potentials and hull phases; its rows are reference_energies."),
+           dg.AssetSpec(scr.REFERENCES_TABLE, group_name=GROUP, kinds={"parquet"}, deps=["relaxed"],
+                        description="Formation energy and energy above the hull of every reference phase and relaxed "
+                                    "candidate (the table of `references`; `references` is a reserved word in SQL).")],
+    check_specs=[dg.AssetCheckSpec("hull_is_consistent", asset="references")])
 def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwgan_home: CgwganHome,
-               ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+               ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> Iterator[dg.MaterializeResult]:
     chemsys, surrogate, part = _keys(context)
     store = cgwgan_home.store
     elements = chemsys.split("-")
@@ -344,7 +351,12 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
     worst_ref = float(refs_ok["e_above_hull_ev_per_atom"].min()) if refs_ok.height else 0.0
     cands_ok = out.filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
     on_hull = refs_ok.filter(pl.col("e_above_hull_ev_per_atom") < 1e-6)
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
+        asset_key=scr.REFERENCES_TABLE,
+        metadata={"rows": out.height, "n_reference_rows": int((out["kind"] == "reference").sum()),
+                  "n_candidate_rows": int((out["kind"] == "candidate").sum())})
+    yield dg.MaterializeResult(
+        asset_key="references",
         metadata={"n_reference_phases": refs.height, "n_reference_ok": refs_ok.height,
                   "n_mp_phases_skipped_size": n_skipped, "n_candidates": cands_ok.height,
                   "n_candidates_below_hull": int((cands_ok["e_above_hull_ev_per_atom"] < 0).sum()),
@@ -367,8 +379,7 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
-          deps=["references", "relaxed"],
-          check_specs=[dg.AssetCheckSpec("unique_candidate", asset="phonons")],
+          deps=[scr.REFERENCES_TABLE, "relaxed"],
           description="Phonopy finite-displacement screen (surrogate forces) of the best N by formation energy "
                       "(or by energy above the hull: rank_by).")
 def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_home: CgwganHome,
@@ -378,8 +389,6 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
     stab = store.read(scr.REFERENCES_TABLE, partition=part).filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
     order = {"formation_energy": ["formation_energy_per_atom_ev", "candidate_id"],
              "e_above_hull": ["e_above_hull_ev_per_atom", "formation_energy_per_atom_ev", "candidate_id"]}
-    if config.rank_by not in order:
-        raise dg.Failure(f"phonons: rank_by must be one of {sorted(order)}, not {config.rank_by!r}")
     best = stab.sort(order[config.rank_by]).head(config.top_n).select("candidate_id")
     rel = store.read("relaxed", partition=part).join(best, on="candidate_id", how="semi")
     sha = rel["surrogate_sha256"][0] if rel.height else ""
@@ -389,7 +398,7 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
           "symprec": config.symprec or None}
     if config.max_supercell_atoms > 0:  # only when set: batch ids of uncapped runs stay as they were
         kw["max_supercell_atoms"] = config.max_supercell_atoms
-    batches = scr.plan_batches(rel.select("candidate_id", *scr.CELL_COLUMNS), rows_per_batch=config.batch_rows,
+    batches = scr.plan_batches(rel.select("candidate_id", *CELL_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "phonons", **kw})
     with _compute(config, "phonons", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
                   **kw) as (compute, how):
@@ -415,12 +424,11 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
                   "results": _md_table(ok.sort("min_frequency_thz", descending=True).select(
                       "candidate_id", "formula", "min_frequency_thz", "is_dynamically_stable", "phonon_spacegroup_number",
                       "n_primitive_atoms", "n_supercell_atoms", "n_displacements"),
-                      20)},
-        check_results=[_unique_check("unique_candidate", out, ["candidate_id"])])
+                      20)})
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet", "duckdb"}, partitions_def=screening_partitions,
-          deps=["relaxed", "references", "phonons"],
+          deps=["relaxed", scr.REFERENCES_TABLE, "phonons"],
           check_specs=[dg.AssetCheckSpec("ranked_and_unique", asset="shortlist")],
           description="Candidates ranked by energy above hull, then formation energy, with the phonon verdict.")
 def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan_home: CgwganHome) -> dg.MaterializeResult:
@@ -459,3 +467,7 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
             passed=sorted_ok and out["candidate_id"].n_unique() == out.height and bool(
                 out["e_above_hull_ev_per_atom"].is_sorted()),
             metadata={"rows": out.height, "ranks_contiguous": sorted_ok})])
+
+
+contract_checks = build_contract_checks(
+    ["surrogate_models", "prescreen", "relaxed", scr.REFERENCES_TABLE, "phonons", "shortlist"])

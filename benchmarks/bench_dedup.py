@@ -55,7 +55,7 @@ def _run(scan, mp, args, workers: int) -> tuple:
     t, c = time.perf_counter(), time.process_time()
     c_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = dedup_candidates(scan, mp_structures=mp, elements=["Ba", "Ru", "O"], workers=workers,
-                           distance_window=args.distance_window)
+                           distance_window=args.distance_window, use_ray=bool(args.ray))
     wall = time.perf_counter() - t
     cpu = time.process_time() - c
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)

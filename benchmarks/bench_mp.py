@@ -167,7 +167,7 @@ def main() -> None:
         for w in sorted(set(args.workers) - {top}):
             ray.init(num_cpus=w, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
             subset = structures.head(args.other_workers_rows) if args.other_workers_rows else structures
-            out, stats = map_row_chunks(analyse_symmetry, subset, round_trip_method=args.method)
+            out, stats = map_row_chunks(analyse_symmetry, subset, use_ray=True, round_trip_method=args.method)
             ray.shutdown()
             results["symmetry_by_workers"][str(w)] = {
                 "structures": subset.height,

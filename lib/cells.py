@@ -139,7 +139,7 @@ def asu_to_structure(
     letters: list[str],
     species: list[str],
     asu_frac_coords: list[list[float]] | np.ndarray,
-    lattice_params: tuple[float, float, float, float, float, float],
+    lattice_params: Sequence[float],
 ) -> Any:
     """A pymatgen ``Structure`` (conventional cell) from an asymmetric unit: every site expanded
     through its Wyckoff orbit (:func:`lib.wyckoff.expand_asu`). The one rebuild path."""

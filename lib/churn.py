@@ -19,10 +19,10 @@ from lib.plots import subplots
 VERDICT_COLUMNS: tuple[str, ...] = ("is_dynamically_stable", "is_phonon_stable")
 
 PAIRS_SCHEMA: dict[str, pl.DataType] = {
-    "chemical_system": pl.String, "surrogate_a": pl.String, "surrogate_b": pl.String,
-    "candidate_id": pl.String, "rank_a": pl.Int64, "rank_b": pl.Int64,
-    "is_stable_a": pl.Boolean, "is_stable_b": pl.Boolean,
-    "is_in_top_k_a": pl.Boolean, "is_in_top_k_b": pl.Boolean, "is_verdict_flipped": pl.Boolean,
+    "chemical_system": pl.String(), "surrogate_a": pl.String(), "surrogate_b": pl.String(),
+    "candidate_id": pl.String(), "rank_a": pl.Int64(), "rank_b": pl.Int64(),
+    "is_stable_a": pl.Boolean(), "is_stable_b": pl.Boolean(),
+    "is_in_top_k_a": pl.Boolean(), "is_in_top_k_b": pl.Boolean(), "is_verdict_flipped": pl.Boolean(),
 }
 
 CHURN_SCHEMA: dict[str, pl.DataType] = contracts.schema("surrogate_churn")
@@ -82,7 +82,7 @@ def rank_pairs(shortlist: pl.DataFrame, *, top_k: int = 10, verdict_column: str 
             ))
     if not frames:
         return pl.DataFrame(schema=PAIRS_SCHEMA)
-    out = pl.concat(frames, how="diagonal").select(list(PAIRS_SCHEMA)).cast(PAIRS_SCHEMA)
+    out = pl.concat(frames, how="diagonal").select(list(PAIRS_SCHEMA)).cast(pl.Schema(PAIRS_SCHEMA))
     return out.sort(["chemical_system", "surrogate_a", "surrogate_b", "rank_a", "rank_b", "candidate_id"],
                     nulls_last=True)
 
@@ -125,7 +125,7 @@ def surrogate_churn(shortlist: pl.DataFrame, *, top_k: int = 10, verdict_column:
                            on=["chemical_system", "surrogate_a"], how="left")
     summary = summary.join(sha.rename({"surrogate_name": "surrogate_b", "surrogate_sha256": "surrogate_sha256_b"}),
                            on=["chemical_system", "surrogate_b"], how="left")
-    return summary.select(list(CHURN_SCHEMA)).cast(CHURN_SCHEMA)
+    return summary.select(list(CHURN_SCHEMA)).cast(pl.Schema(CHURN_SCHEMA))
 
 
 def churn_figure(pairs: pl.DataFrame, *, max_panels: int = 6):

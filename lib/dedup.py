@@ -68,6 +68,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -331,7 +332,7 @@ def _niggli(matrix: np.ndarray, frac: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     try:
         red = spglib.niggli_reduce(matrix, eps=1e-5)
-    except Exception:  # noqa: BLE001 - spglib raises on degenerate cells; the caller falls back
+    except (spglib.SpglibError, ValueError):  # degenerate cell: the caller falls back
         return None
     if red is None:
         return None
@@ -400,8 +401,10 @@ def _exact_primitive(matrix: np.ndarray, frac: np.ndarray, z: np.ndarray):
     import spglib
 
     try:
-        cell = spglib.standardize_cell((matrix, frac, z), to_primitive=True, no_idealize=True, symprec=1e-5)
-    except Exception:  # noqa: BLE001 - spglib raises on degenerate cells; the caller falls back
+        cell = spglib.standardize_cell(
+            (matrix, frac, z),  # type: ignore[arg-type]  # spglib takes array_like; its hints say Sequence
+            to_primitive=True, no_idealize=True, symprec=1e-5)
+    except (spglib.SpglibError, ValueError):  # degenerate cell: the caller falls back
         return None
     if cell is None:
         return None
@@ -488,8 +491,9 @@ def fit_reduced(r1: ReducedCell, r2: ReducedCell, *, ltol: float, stol: float, a
     m2 = r2.matrix / ratio
     p2 = lattice_parameters(m2[None])[0]
     lengths, (alpha, beta, gamma) = p2[:3], p2[3:]
-    frac, dist, _, _ = Lattice(m1).get_points_in_sphere([[0, 0, 0]], [0, 0, 0], max(lengths) * (1 + ltol),
-                                                         zip_results=False)
+    # pymatgen's hint omits the 4-tuple that zip_results=False returns
+    frac, dist, _, _ = Lattice(m1).get_points_in_sphere(  # type: ignore[misc]
+        [[0, 0, 0]], [0, 0, 0], max(lengths) * (1 + ltol), zip_results=False)
     frac = np.asarray(frac, dtype=float)
     dist = np.asarray(dist, dtype=float)
     cart = frac @ m1
@@ -816,8 +820,8 @@ def dedup_candidates(
         multi = (multi.with_columns(pl.struct(bucket_key).rank("dense").alias("bucket"))
                  .sort(["bucket", "candidate_id"]))
         res.n_buckets = int(multi["bucket"].n_unique())
-        res.largest_bucket = int(multi["_bsize"].max())
-        n_sites = int(multi["asu_letters"].list.len().max())
+        res.largest_bucket = int(cast(int, multi["_bsize"].max()))
+        n_sites = int(cast(int, multi["asu_letters"].list.len().max()))
         desc, _ = map_row_chunks(_descriptor_frame, multi.select(*_STRUCT, "n_atoms"), processes=workers,
                                  n_chunks=_chunks_for(multi.height, workers, 20_000, use_ray=use_ray),
                                  use_ray=use_ray, settings=settings,
@@ -924,4 +928,4 @@ def _formula_elements(formula: str) -> list[str]:
 
 def apply_dedup(candidates: pl.DataFrame, unique: pl.DataFrame) -> pl.DataFrame:
     """Rows of ``candidates`` that survive dedup, with ``n_folded``, ``is_known_in_mp``, ``mp_material_id``."""
-    return candidates.join(unique, on="candidate_id", how="inner", maintain_order="left").cast(DEDUP_EXTRA_SCHEMA)  # type: ignore[arg-type]
+    return candidates.join(unique, on="candidate_id", how="inner", maintain_order="left").cast(pl.Schema(DEDUP_EXTRA_SCHEMA))

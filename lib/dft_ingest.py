@@ -1,4 +1,4 @@
-"""Ingest finished VASP / phonopy run folders into ``dft_results`` rows.
+"""Ingest finished VASP / GPAW / phonopy run folders into ``dft_results`` rows.
 
 A *run folder* is one directory directly under a results root. It may hold:
 
@@ -13,6 +13,15 @@ A *run folder* is one directory directly under a results root. It may hold:
   The result is the minimum frequency over a Γ-centred q-mesh;
 * ``cgwgan_run.json``, written by the hand-off (:mod:`lib.dft_inputs`): the candidate and its
   lineage. Folders without it are ingested with ``is_linked = false`` (status ``unlinked``).
+
+A GPAW run folder (:mod:`lib.dft_gpaw`; it holds ``run_gpaw.py`` or ``gpaw_summary.json``) is read
+from ``gpaw_summary.json`` instead of ``vasprun.xml``/``OUTCAR``: energy (extrapolated to zero
+smearing), SCF and relaxation convergence, final cell, wall time; its phonon stage in ``phonopy/``
+(``phonopy_disp.yaml`` + ``FORCE_SETS``) goes through the same phonon code. It is ready for the
+sensor only when every stage wrote its ``done`` marker; a failed stage (an SCF that did not
+converge, a timeout) is a ``failed`` row with GPAW's reason. Row keys ``dft_code`` (vasp | gpaw),
+``dft_preset`` and ``dft_preset_sha256`` say which code and settings made a row (they reach the
+frame once the ``dft_results`` contract lists them).
 
 :func:`ingest_run_folder` never raises: a truncated, unconverged or unreadable run becomes a row
 with ``status`` (``ok | unlinked | unconverged | failed | refused``) and ``reason``. A folder whose
@@ -41,6 +50,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from lib import contracts
+from lib.dft_gpaw import DONE_FILE as GPAW_DONE
+from lib.dft_gpaw import PHONON_DIR as GPAW_PHONON_DIR
+from lib.dft_gpaw import SUMMARY_FILE as GPAW_SUMMARY
+from lib.dft_gpaw import is_complete as is_gpaw_complete
+from lib.dft_gpaw import is_gpaw_folder
+from lib.dft_gpaw import read_settings as read_gpaw_settings
+from lib.dft_gpaw import read_summary as read_gpaw_summary
+from lib.dft_gpaw import structure_from_cell as gpaw_structure
+
 CODE_VERSION = "dft-ingest-1"
 RUN_FILE = "cgwgan_run.json"
 #: Bulky VASP outputs that ingest never reads: left out of the content hash and file list.
@@ -49,70 +68,29 @@ SKIP_FILES = frozenset({"WAVECAR", "CHGCAR", "CHG", "WAVEDER", "LOCPOT", "PROCAR
 #: Files whose presence marks a folder as holding results.
 OUTPUT_PATTERNS = ("vasprun.xml*", "OUTCAR*", "FORCE_SETS", "FORCE_CONSTANTS", "phonopy_params*.yaml",
                    "vaspruns.tar*", "phonopy/FORCE_SETS", "phonopy/FORCE_CONSTANTS", "phonopy/vasprun.xml-*",
-                   "disp-*/vasprun.xml", "phonopy/disp-*/vasprun.xml")
+                   "disp-*/vasprun.xml", "phonopy/disp-*/vasprun.xml", "gpaw_summary.json")
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
 STATUSES = ("ok", "unlinked", "unconverged", "failed", "refused")
 
 #: Column contract of ``dft_results`` (one row per ingested folder version).
-RESULT_SCHEMA: dict[str, pl.DataType] = {
-    "result_id": pl.String,  # dftres-<hash of name + file contents>
-    "run_name": pl.String,  # folder name under the results root
-    "run_path": pl.String,  # absolute path at ingest time
-    "content_sha256": pl.String,
-    "status": pl.String,  # ok | unlinked | unconverged | failed | refused
-    "reason": pl.String,  # why not ok ('' when ok)
-    "is_linked": pl.Boolean,  # cgwgan_run.json names a candidate
-    "candidate_id": pl.String,
-    "template_id": pl.String,
-    "checkpoint_id": pl.String,
-    "chemical_system": pl.String,
-    "input_run_id": pl.String,  # dft_inputs.run_id of the hand-off
-    "shortlist_surrogates": pl.List(pl.String),  # surrogates that shortlisted it (hand-off record)
-    "formula": pl.String,
-    "reduced_formula": pl.String,
-    "n_atoms": pl.Int64,
-    "has_vasprun": pl.Boolean,
-    "final_energy_ev": pl.Float64,  # eV / cell, sigma -> 0 (pymatgen Vasprun.final_energy)
-    "energy_per_atom_ev": pl.Float64,
-    "is_converged_electronic": pl.Boolean,
-    "is_converged_ionic": pl.Boolean,
-    "n_ionic_steps": pl.Int64,
-    "incar_ibrion": pl.Int64,
-    "incar_nsw": pl.Int64,
-    "incar_encut_ev": pl.Float64,
-    "volume_a3": pl.Float64,
-    "lattice_matrix": pl.List(pl.Float64),  # final structure, 9 floats, row vectors, Å
-    "species": pl.List(pl.String),
-    "frac_coords": pl.List(pl.List(pl.Float64)),
-    "outcar_energy_ev": pl.Float64,  # OUTCAR "energy(sigma->0)" of the last step
-    "elapsed_time_s": pl.Float64,
-    "formation_energy_per_atom_ev": pl.Float64,  # (E_total - sum n_i E_i) / N
-    "reference_source": pl.String,  # elemental reference file
-    "reference_sha256": pl.String,
-    "reference_entry_ids": pl.List(pl.String),  # entry ids of the elements used
-    "phonon_source": pl.String,  # force_sets | displacement_vaspruns | phonopy_params | force_constants | dfpt_vasprun
-    "q_mesh": pl.List(pl.Int64),
-    "min_frequency_thz": pl.Float64,
-    "max_frequency_thz": pl.Float64,
-    "n_imaginary_modes": pl.Int64,  # modes on the mesh below -imaginary_tol_thz
-    "imaginary_tol_thz": pl.Float64,
-    "is_phonon_stable": pl.Boolean,  # null when no phonon data
-    "has_nac": pl.Boolean,
-    "files": pl.List(pl.String),
-    "ingested_at": pl.String,
-    "code_version": pl.String,
-}
+RESULT_SCHEMA: dict[str, pl.DataType] = contracts.schema("dft_results")
 
 
 # --------------------------------------------------------------------------- references
 @dataclass(frozen=True)
 class ElementalReferences:
-    """Energy per atom of each element's ground state (eV/atom) and where it came from."""
+    """Energy per atom of each element's ground state (eV/atom) and where it came from.
+
+    ``dft_code`` / ``dft_preset_sha256``: the code (and GPAW preset) the energies come from; a
+    row is given a formation energy only against references of its own code and preset (GPAW's
+    energies are relative to its atomic setups, VASP's to its POTCARs: they never mix)."""
 
     energy_per_atom_ev: dict[str, float]
     entry_ids: dict[str, str]
     source: str
     sha256: str
+    dft_code: str = "vasp"
+    dft_preset_sha256: str | None = None
 
 
 def load_elemental_references(path: str | Path) -> ElementalReferences:
@@ -137,7 +115,7 @@ def load_elemental_references(path: str | Path) -> ElementalReferences:
     for key, d in data.items():
         try:
             entry = ComputedEntry.from_dict(d)
-        except Exception as exc:  # noqa: BLE001 - named in the error
+        except Exception as exc:
             raise ValueError(f"{p}: entry {key!r} is not a ComputedEntry dict: {exc}") from exc
         if len(entry.composition.elements) != 1:
             raise ValueError(f"{p}: entry {key!r} is not elemental ({entry.composition.formula})")
@@ -145,6 +123,34 @@ def load_elemental_references(path: str | Path) -> ElementalReferences:
         energies[el] = float(entry.energy_per_atom)
         ids[el] = str(entry.entry_id or d.get("data", {}).get("material_id") or key)
     return ElementalReferences(energies, ids, str(p), hashlib.sha256(raw).hexdigest())
+
+
+def elemental_references_from_rows(rows: Sequence[dict[str, Any]] | pl.DataFrame, *, dft_code: str = "gpaw",
+                                   dft_preset_sha256: str | None = None) -> ElementalReferences:
+    """Elemental references from ingested rows of one code (and preset): for each element, the
+    lowest energy per atom among its ``ok`` / ``unlinked`` single-element rows. ``ValueError``
+    when no such row exists; rows of other codes or presets are ignored."""
+    rows = rows.to_dicts() if isinstance(rows, pl.DataFrame) else list(rows)
+    best: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        if r.get("dft_code", "vasp") != dft_code or r.get("status") not in ("ok", "unlinked"):
+            continue
+        if dft_preset_sha256 is not None and r.get("dft_preset_sha256") != dft_preset_sha256:
+            continue
+        species = set(r.get("species") or [])
+        e = r.get("energy_per_atom_ev")
+        if len(species) != 1 or e is None or not math.isfinite(e):
+            continue
+        el = species.pop()
+        if el not in best or e < best[el][0]:
+            best[el] = (float(e), str(r.get("result_id") or r.get("run_name")))
+    if not best:
+        raise ValueError(f"no finished single-element {dft_code} rows"
+                         + (f" with preset {dft_preset_sha256[:12]}" if dft_preset_sha256 else ""))
+    digest = hashlib.sha256(json.dumps(sorted(best.items())).encode()).hexdigest()
+    return ElementalReferences({el: v[0] for el, v in best.items()}, {el: v[1] for el, v in best.items()},
+                               f"{dft_code} results ({', '.join(v[1] for v in best.values())})", digest,
+                               dft_code=dft_code, dft_preset_sha256=dft_preset_sha256)
 
 
 def formation_energy_per_atom(composition: dict[str, float], energy_ev: float,
@@ -257,6 +263,8 @@ def scan_results_root(results_root: str | Path, *, settle_seconds: float = 60.0,
             newest = max((s[2] for s in stats), default=0) / 1e9
             sig = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
             ready = bool(stats) and has_outputs(path) and (now - newest) >= settle_seconds
+            if ready and is_gpaw_folder(path):
+                ready = is_gpaw_complete(path)  # every stage wrote its done marker
             out.append(RunFolder(entry.name, path, is_ready=ready, signature=sig, newest_mtime=newest))
         except OSError as exc:
             out.append(RunFolder(entry.name, path, refused_reason=f"unreadable: {exc}"))
@@ -264,6 +272,58 @@ def scan_results_root(results_root: str | Path, *, settle_seconds: float = 60.0,
 
 
 # --------------------------------------------------------------------------- parsing pieces
+def _parse_gpaw(path: Path) -> tuple[dict[str, Any], Any, list[str], list[str]]:
+    """(row fields, final structure or None, problems, notes) of a GPAW run folder."""
+    fields: dict[str, Any] = {"dft_code": "gpaw"}
+    problems: list[str] = []
+    notes: list[str] = []
+    try:
+        settings = read_gpaw_settings(path)
+        fields.update(dft_preset=settings.get("preset_name"), dft_preset_sha256=settings.get("preset_sha256"))
+    except ValueError as exc:
+        settings = {}
+        problems.append(str(exc))
+    summary = read_gpaw_summary(path)
+    if summary is None:
+        problems.append(f"GPAW run unfinished: no '{GPAW_DONE}' marker with a readable {GPAW_SUMMARY} "
+                        "(killed or still running; lib.dft_gpaw.run_gpaw redoes it)")
+        return fields, None, problems, notes
+    if summary.get("wall_time_s") is not None:
+        fields["elapsed_time_s"] = float(summary["wall_time_s"])
+    if summary.get("scf_converged") is not None:
+        fields["is_converged_electronic"] = bool(summary["scf_converged"])
+    if summary["status"] != "ok":
+        problems.append(f"GPAW {summary.get('run_kind') or 'run'} failed: {summary.get('reason') or 'no reason given'}")
+        return fields, None, problems, notes
+    structure = None
+    if summary.get("run_kind") == "relax":
+        energy = summary.get("final_energy_ev")
+        if not isinstance(energy, int | float) or not math.isfinite(energy):
+            problems.append(f"{GPAW_SUMMARY} has no finite final_energy_ev")
+            return fields, None, problems, notes
+        try:
+            structure = gpaw_structure(summary["final_structure"])
+        except Exception as exc:  # noqa: BLE001 - recorded on the row
+            problems.append(f"{GPAW_SUMMARY}: final_structure unreadable: {type(exc).__name__}: {exc}")
+            return fields, None, problems, notes
+        relaxed = summary.get("relax_converged")
+        fields.update(final_energy_ev=float(energy), energy_per_atom_ev=float(energy) / len(structure),
+                      is_converged_ionic=True if relaxed is None else bool(relaxed),
+                      n_ionic_steps=int(summary.get("n_steps") or 0))
+        if relaxed is False:
+            fmax = settings.get("preset", {}).get("relax", {}).get("fmax_ev_a")
+            notes.append(f"relaxation not converged to fmax={fmax} eV/Å after {summary.get('n_steps')} steps")
+        if settings.get("phonon_planned"):
+            sub = read_gpaw_summary(path / GPAW_PHONON_DIR)
+            if sub is None:
+                problems.append(f"GPAW phonon stage unfinished: no '{GPAW_DONE}' marker in {GPAW_PHONON_DIR}/")
+            elif sub["status"] != "ok":
+                problems.append(f"phonons failed: GPAW phonon stage: {sub.get('reason') or 'no reason given'}")
+        elif settings.get("phonon_skip_reason"):
+            notes.append(f"phonons not computed: {settings['phonon_skip_reason']}")
+    return fields, structure, problems, notes
+
+
 def _parse_vasprun(path: Path) -> dict[str, Any]:
     from pymatgen.io.vasp.outputs import Vasprun
 
@@ -366,7 +426,7 @@ def _load_phonopy(run_dir: Path, tmp: Path) -> tuple[Any, str]:
         vaspruns = _displacement_vaspruns(pdir, tmp)
         if vaspruns:
             ph = phonopy.load(str(disp), produce_fc=False, log_level=0, primitive_matrix="auto", **nac)
-            n_disp = len(ph.supercells_with_displacements)
+            n_disp = len(ph.supercells_with_displacements or [])
             if len(vaspruns) != n_disp:
                 raise ValueError(f"phonopy_disp.yaml has {n_disp} displacements but "
                                  f"{len(vaspruns)} displacement vasprun.xml files were found")
@@ -405,6 +465,8 @@ def _load_phonopy(run_dir: Path, tmp: Path) -> tuple[Any, str]:
                              "and supercell (SPOSCAR / POSCAR) to go with them")
         unit, _ = read_crystal_structure(str(unit_file), interface_mode="vasp")
         sup, _ = read_crystal_structure(str(super_file), interface_mode="vasp")
+        if unit is None or sup is None:
+            raise ValueError(f"{unit_file.name} / {super_file.name}: phonopy could not read the cell")
         m = _supercell_matrix(np.asarray(unit.cell), np.asarray(sup.cell))
         ph = phonopy.load(unitcell=unit, supercell_matrix=m, produce_fc=False, log_level=0, primitive_matrix="auto", **nac)
         got = ph.supercell
@@ -533,13 +595,20 @@ def ingest_run_folder(
     if not row["is_linked"]:
         notes.append(f"no candidate_id ({RUN_FILE} {'has none' if rec is not None else 'absent'})")
 
-    if not has_outputs(path):
-        problems.append("no VASP or phonopy output files (vasprun.xml, OUTCAR, FORCE_SETS, FORCE_CONSTANTS, ...)")
-
     vr_path = path / "vasprun.xml"
     row["has_vasprun"] = vr_path.is_file()
     structure = None
-    if vr_path.is_file():
+    is_gpaw = is_gpaw_folder(path)
+    if is_gpaw:
+        fields, structure, more_problems, more_notes = _parse_gpaw(path)
+        row.update(fields)
+        problems += more_problems
+        notes += more_notes
+    else:
+        row.update(dft_code="vasp", dft_preset=(rec or {}).get("input_set"), dft_preset_sha256=None)
+        if not has_outputs(path):
+            problems.append("no VASP or phonopy output files (vasprun.xml, OUTCAR, FORCE_SETS, FORCE_CONSTANTS, ...)")
+    if not is_gpaw and vr_path.is_file():
         try:
             vr = _parse_vasprun(vr_path)
             structure = vr.pop("_structure")
@@ -551,7 +620,7 @@ def ingest_run_folder(
                 notes.append(f"ionic loop not converged after {vr['n_ionic_steps']} steps (NSW={vr['incar_nsw']})")
         except Exception as exc:  # noqa: BLE001 - recorded on the row
             problems.append(f"vasprun.xml unreadable (truncated or corrupt?): {type(exc).__name__}: {exc}")
-    else:
+    elif not is_gpaw:
         notes.append("no vasprun.xml: no total energy")
 
     outcar = path / "OUTCAR"
@@ -568,7 +637,14 @@ def ingest_run_folder(
                    lattice_matrix=[float(x) for x in np.asarray(structure.lattice.matrix).ravel()],
                    species=[sp.symbol for sp in structure.species],
                    frac_coords=np.asarray(structure.frac_coords, dtype=float).tolist())
-        if references is not None:
+        mismatch = references is not None and (
+            references.dft_code != row["dft_code"]
+            or (references.dft_preset_sha256 is not None and references.dft_preset_sha256 != row["dft_preset_sha256"]))
+        if references is not None and mismatch:
+            notes.append(f"no formation energy: the elemental references ({references.source}) are "
+                         f"{references.dft_code} energies, this run is {row['dft_code']}"
+                         + (f" preset {row['dft_preset']}" if row["dft_code"] == "gpaw" else ""))
+        elif references is not None:
             row.update(reference_source=references.source, reference_sha256=references.sha256)
             try:
                 ef, ids = formation_energy_per_atom(

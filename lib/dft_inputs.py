@@ -31,44 +31,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from lib import contracts
 from lib.ids import canonical_json, content_hash
 
 CODE_VERSION = "dft-inputs-1"
 RUN_FILE = "cgwgan_run.json"
 
 #: Column contract of the ``dft_inputs`` manifest (one row per candidate).
-MANIFEST_SCHEMA: dict[str, pl.DataType] = {
-    "run_id": pl.String,  # dft-<hash of candidate, structure, settings>
-    "run_name": pl.String,  # folder name (the candidate id)
-    "run_dir": pl.String,  # absolute path of the folder
-    "status": pl.String,  # written | failed
-    "reason": pl.String,
-    "candidate_id": pl.String,
-    "template_id": pl.String,
-    "checkpoint_id": pl.String,
-    "chemical_system": pl.String,
-    "formula": pl.String,
-    "reduced_formula": pl.String,
-    "n_atoms": pl.Int64,
-    "structure_source": pl.String,  # which surrogate's relaxed cell, or 'candidate' (ASU rebuild)
-    "surrogate_name": pl.String,  # best-ranked surrogate of the candidate
-    "surrogate_sha256": pl.String,
-    "rank": pl.Int64,
-    "surrogates": pl.List(pl.String),  # every surrogate that shortlisted it
-    "surrogate_sha256s": pl.List(pl.String),
-    "ranks": pl.List(pl.Int64),
-    "input_set": pl.String,
-    "settings_json": pl.String,
-    "has_potcar": pl.Boolean,
-    "potcar_symbols": pl.List(pl.String),
-    "potcar_functional": pl.String,
-    "supercell_matrix": pl.List(pl.Int64),  # 9 ints, row-major
-    "n_supercell_atoms": pl.Int64,
-    "n_displacements": pl.Int64,
-    "displacement_a": pl.Float64,
-    "files": pl.List(pl.String),
-    "code_version": pl.String,
-}
+MANIFEST_SCHEMA: dict[str, pl.DataType] = contracts.schema("dft_inputs")
 
 
 @dataclass(frozen=True)
@@ -140,6 +110,8 @@ def _write_phonopy_set(structure, folder: Path, settings: DftInputSettings) -> d
     ph.save(str(folder / "phonopy_disp.yaml"), settings={"force_sets": False, "force_constants": False})
     write_vasp(str(folder / "SPOSCAR"), ph.supercell)
     cells = ph.supercells_with_displacements
+    if cells is None:
+        raise RuntimeError(f"{folder}: phonopy generated no displaced supercells")
     for i, cell in enumerate(cells, start=1):
         write_vasp(str(folder / f"POSCAR-{i:03d}"), cell)
     return {"supercell_matrix": [int(x) for x in m.ravel()], "n_supercell_atoms": len(ph.supercell),

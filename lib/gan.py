@@ -35,6 +35,7 @@ init args, encoding schema, training snapshot id, seed, hyperparameters, space-g
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -109,7 +110,7 @@ class Generator(nn.Module):
         super().__init__()
         dims = [latent_dim + cond_dim] + [hidden] * layers
         blocks: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
+        for a, b in itertools.pairwise(dims):
             blocks += [nn.Linear(a, b), nn.ReLU()]
         self.body = nn.Sequential(*blocks)
         self.out = nn.Sequential(nn.Linear(hidden, out_dim), nn.Tanh())

@@ -217,7 +217,7 @@ def group_rows(*keys: np.ndarray):
     stacked = np.stack([k[order] for k in keys], axis=1)
     change = np.flatnonzero(np.any(stacked[1:] != stacked[:-1], axis=1)) + 1
     bounds = np.concatenate([[0], change, [order.size]])
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         yield tuple(int(x) for x in stacked[lo]), order[lo:hi]
 
 
@@ -587,7 +587,7 @@ def validate_templates(templates: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFr
         badv = pl.Series(~(np.isfinite(vol) & (vol > 0)))
         reject(badv, "bad_lattice", pl.format("{}: lattice parameters form no cell", row))
     rejects = pl.concat(reasons) if reasons else pl.DataFrame(schema=REJECT_SCHEMA)
-    return df.drop("_row"), rejects.cast(REJECT_SCHEMA)  # type: ignore[arg-type]
+    return df.drop("_row"), rejects.cast(pl.Schema(REJECT_SCHEMA))
 
 
 # ----------------------------------------------------------------------------- infill
@@ -761,7 +761,7 @@ def infill(
         pl.lit(volume_mode).alias("volume_mode"),
         pl.col("wyckoff_letters").alias("asu_letters"),
     )
-    res.candidates = df.select(list(CANDIDATE_SCHEMA)).cast(CANDIDATE_SCHEMA)  # type: ignore[arg-type]
+    res.candidates = df.select(list(CANDIDATE_SCHEMA)).cast(pl.Schema(CANDIDATE_SCHEMA))
     res.seconds = time.perf_counter() - t0
     return res
 

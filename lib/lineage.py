@@ -10,23 +10,11 @@ from __future__ import annotations
 
 import polars as pl
 
+from lib import contracts
+
 #: Columns :func:`attach_lineage` adds (name -> dtype).
-LINEAGE_SCHEMA: dict[str, pl.DataType] = {
-    "candidate_formula": pl.String,
-    "candidate_spacegroup_number": pl.Int64,
-    "wyckoff_species_sequence": pl.String,
-    "template_spacegroup_number": pl.Int64,
-    "template_wyckoff_sequence": pl.String,
-    "checkpoint_path": pl.String,
-    "checkpoint_created_at": pl.String,
-    "training_snapshot_id": pl.String,
-    "mp_source": pl.String,
-    "mp_n_structures": pl.Int64,
-    "ranked_by_surrogates": pl.List(pl.String),
-    "ranked_by_surrogate_sha256s": pl.List(pl.String),
-    "surrogate_ranks": pl.List(pl.Int64),
-    "surrogate_e_above_hull_ev_per_atom": pl.List(pl.Float64),
-}
+LINEAGE_SCHEMA: dict[str, pl.DataType] = contracts.schema(
+    "discoveries", exclude=contracts.schema("dft_results"))
 
 
 def _pick(frame: pl.DataFrame | None, key: str, cols: dict[str, str]) -> pl.DataFrame | None:

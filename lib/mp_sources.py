@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from lib import contracts
 from lib.ids import content_hash, file_sha256
 from lib.parallel import MapStats, map_row_chunks
 
@@ -45,40 +46,19 @@ REJECT_REASONS = (
     "missing_material_id",
 )
 
-STRUCTURE_SCHEMA: dict[str, pl.DataType] = {
-    "material_id": pl.String,
-    "formula": pl.String,
-    "reduced_formula": pl.String,
-    "chemical_system": pl.String,
-    "elements": pl.List(pl.String),
-    "nsites": pl.Int64,
-    "lattice_matrix": pl.List(pl.Float64),
-    "species": pl.List(pl.String),
-    "frac_coords": pl.List(pl.List(pl.Float64)),
-    "formation_energy_per_atom_ev": pl.Float64,
-    "e_above_hull_ev_per_atom": pl.Float64,
-    "band_gap_ev": pl.Float64,
-    "source": pl.String,
-    "snapshot_id": pl.String,
-}
+STRUCTURE_SCHEMA: dict[str, pl.DataType] = contracts.schema("mp_structures")
 
-REJECT_SCHEMA: dict[str, pl.DataType] = {
-    "source_ref": pl.String,
-    "material_id": pl.String,
-    "reason": pl.String,
-    "detail": pl.String,
-    "snapshot_id": pl.String,
-}
+REJECT_SCHEMA: dict[str, pl.DataType] = contracts.schema("mp_structures_rejects")
 
 #: Raw records: one structure text per row, before parsing.
 RAW_SCHEMA: dict[str, pl.DataType] = {
-    "material_id": pl.String,
-    "text": pl.String,
-    "fmt": pl.String,  # cif | poscar | structure_json
-    "source_ref": pl.String,
-    "formation_energy_per_atom_ev": pl.Float64,
-    "e_above_hull_ev_per_atom": pl.Float64,
-    "band_gap_ev": pl.Float64,
+    "material_id": pl.String(),
+    "text": pl.String(),
+    "fmt": pl.String(),  # cif | poscar | structure_json
+    "source_ref": pl.String(),
+    "formation_energy_per_atom_ev": pl.Float64(),
+    "e_above_hull_ev_per_atom": pl.Float64(),
+    "band_gap_ev": pl.Float64(),
 }
 
 _ENERGY_ALIASES = {
@@ -314,7 +294,7 @@ def parse_records(raw: pl.DataFrame) -> pl.DataFrame:
             else:
                 try:
                     structure = _parse_text(text, fmt)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any parser failure quarantines the row, named
                     msg = " ".join(str(exc).split())[:300] or type(exc).__name__
                     reason, detail = _MALFORMED.get(fmt, "malformed_structure"), f"{type(exc).__name__}: {msg}"
                 if structure is not None:
@@ -326,6 +306,7 @@ def parse_records(raw: pl.DataFrame) -> pl.DataFrame:
             out["reason"].append(reason)
             out["detail"].append(detail)
             if reason is None:
+                assert structure is not None  # reason is None only when the text parsed
                 comp = structure.composition
                 elements = sorted(el.symbol for el in comp.elements)
                 out["formula"].append(comp.formula)
@@ -341,19 +322,20 @@ def parse_records(raw: pl.DataFrame) -> pl.DataFrame:
                           "lattice_matrix", "species", "frac_coords"):
                     out[k].append(None)
     schema = {k: STRUCTURE_SCHEMA[k] for k in out if k in STRUCTURE_SCHEMA}
-    schema.update(source_ref=pl.String, reason=pl.String, detail=pl.String)
+    schema.update(source_ref=pl.String(), reason=pl.String(), detail=pl.String())
     return pl.DataFrame(out, schema=schema)
 
 
 def validate_records(raw: pl.DataFrame, *, source: str, snapshot_id: str,
-                     n_chunks: int | None = None, max_parallel: int = 0) -> LoadedSource:
-    """Parse raw records (in parallel when Ray is up), split valid rows from rejects, flag duplicates."""
+                     n_chunks: int | None = None, max_parallel: int = 0, use_ray: bool = False) -> LoadedSource:
+    """Parse raw records (as Ray tasks with ``use_ray``), split valid rows from rejects, flag duplicates."""
     if raw.height == 0:
         rejects = pl.DataFrame({"source_ref": [source], "material_id": [None], "reason": ["empty_input"],
                                 "detail": [f"source {source} holds no structures"],
                                 "snapshot_id": [snapshot_id]}, schema=REJECT_SCHEMA)
         return LoadedSource(pl.DataFrame(schema=STRUCTURE_SCHEMA), rejects, snapshot_id, source)
-    parsed, stats = map_row_chunks(parse_records, raw, n_chunks=n_chunks, max_parallel=max_parallel)
+    parsed, stats = map_row_chunks(parse_records, raw, n_chunks=n_chunks, max_parallel=max_parallel,
+                                   use_ray=use_ray)
     parsed = pl.concat([parsed, raw.select(list(_ENERGY_ALIASES))], how="horizontal").with_columns(
         pl.int_range(pl.len()).alias("_order"))
     # Duplicates: the first valid row of an id is kept; later rows with that id are quarantined.
@@ -389,11 +371,12 @@ def load_mp_source(
     chemsys: list[str] | None = None,
     n_chunks: int | None = None,
     max_parallel: int = 0,
+    use_ray: bool = False,
 ) -> LoadedSource:
     """Load and validate one MP source (see the module docstring for what ``source`` may be).
 
-    Parsing runs through :func:`lib.parallel.map_row_chunks` (Ray tasks when Ray is initialised,
-    at most ``max_parallel`` at a time when > 0).
+    Parsing runs through :func:`lib.parallel.map_row_chunks` (Ray tasks with ``use_ray``, at
+    most ``max_parallel`` at a time when > 0).
     Raises :class:`MPSourceError` naming the source when it cannot be read at all.
     """
     source = (source or "").strip()
@@ -406,7 +389,7 @@ def load_mp_source(
         snap = content_hash({"embedded": file_sha256(str(path)),
                              "pymatgen": pymatgen.core.__version__}, prefix="snap-")
         return validate_records(raw_from_embedded(), source="embedded:aflow_prototypes",
-                                snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel)
+                                snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel, use_ray=use_ray)
     if source in ("mp-api", "mp_api", "materialsproject"):
         raw = raw_from_mp_api(api_key=api_key, chemsys=chemsys)
         import hashlib
@@ -414,14 +397,15 @@ def load_mp_source(
         digest = hashlib.sha256("\n".join(sorted(raw["text"].to_list())).encode()).hexdigest()
         snap = content_hash({"mp-api": digest, "chemsys": sorted(chemsys or [])}, prefix="snap-")
         label = "mp-api" + (f":{','.join(sorted(chemsys))}" if chemsys else "")
-        return validate_records(raw, source=label, snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel)
+        return validate_records(raw, source=label, snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel,
+                                use_ray=use_ray)
     path = Path(source).expanduser()
     if not path.exists():
         raise MPSourceError(f"MP source {source!r} does not exist (and is not 'embedded' or 'mp-api')")
     if path.is_dir():
         snap = content_hash({"folder": _folder_fingerprint(path)}, prefix="snap-")
         return validate_records(raw_from_folder(path), source=f"folder:{path.name}",
-                                snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel)
+                                snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel, use_ray=use_ray)
     try:
         sha = file_sha256(str(path))
     except OSError as exc:
@@ -429,4 +413,4 @@ def load_mp_source(
     raw = raw_from_table_file(path)
     return validate_records(raw, source=f"file:{path.name}",
                             snapshot_id=content_hash({"file": sha}, prefix="snap-"), n_chunks=n_chunks,
-                            max_parallel=max_parallel)
+                            max_parallel=max_parallel, use_ray=use_ray)

@@ -1,9 +1,11 @@
-"""Map a pure DataFrame -> DataFrame function over row chunks: Ray tasks when Ray is up, else local
-worker processes (``processes > 1``), else in-process.
+"""Map a pure DataFrame -> DataFrame function over row chunks: Ray tasks (``use_ray=True``), else
+local worker processes (``processes > 1``), else in-process. The caller decides: an initialised
+Ray runtime is used only when asked for.
 
 The function must be importable (module level), take a ``pl.DataFrame`` as its first argument and
 keyword settings after it, and return a ``pl.DataFrame`` whose rows belong to that chunk. Results
-come back in chunk order, so ``map_row_chunks(f, df)`` equals ``f(df)`` for row-wise functions.
+come back in chunk order, so ``map_row_chunks(f, df, use_ray=False)`` equals ``f(df)`` for
+row-wise functions.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import polars as pl
@@ -54,7 +57,7 @@ def row_chunks(df: pl.DataFrame, n_chunks: int) -> list[pl.DataFrame]:
     n = df.height
     n_chunks = max(1, min(n_chunks, n)) if n else 1
     bounds = [round(i * n / n_chunks) for i in range(n_chunks + 1)]
-    return [df.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [df.slice(lo, hi - lo) for lo, hi in pairwise(bounds)]
 
 
 def _call(fn: Callable[..., pl.DataFrame], chunk: pl.DataFrame, kwargs: dict[str, Any]) -> pl.DataFrame:
@@ -65,8 +68,8 @@ def map_row_chunks(
     fn: Callable[..., pl.DataFrame],
     df: pl.DataFrame,
     *,
+    use_ray: bool,
     n_chunks: int | None = None,
-    use_ray: bool | None = None,
     chunks_per_cpu: int = 4,
     max_parallel: int = 0,
     processes: int = 0,
@@ -74,14 +77,15 @@ def map_row_chunks(
 ) -> tuple[pl.DataFrame, MapStats]:
     """Apply ``fn(chunk, **kwargs)`` to row chunks of ``df`` and concatenate the results in order.
 
-    ``use_ray=None`` uses Ray when it is initialised (``ray.init`` is the caller's business);
+    ``use_ray=True`` runs the chunks as Ray tasks (``ray.init`` is the caller's business; an
+    error when Ray is not initialised); ``False`` never touches Ray, initialised or not.
     ``n_chunks=None`` gives ``chunks_per_cpu`` chunks per Ray CPU or worker process (load
     balance) or one chunk in-process. ``max_parallel > 0`` keeps at most that many Ray tasks in
     flight (a worker limit below the cluster's CPUs). Without Ray, ``processes > 1`` runs the
     chunks in that many local worker processes (spawned, so ``fn`` and its arguments must
     pickle; chunks are handed out as workers free up). Returns the result and a :class:`MapStats`.
     """
-    ray_on = ray_is_running() if use_ray is None else use_ray
+    ray_on = bool(use_ray)
     if ray_on and not ray_is_running():
         raise RuntimeError("use_ray=True but Ray is not initialised: call ray.init() first")
     pool = 0 if ray_on or processes <= 1 else int(processes)

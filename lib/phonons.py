@@ -135,7 +135,7 @@ def phonon_frame(
             cells.extend(_phonopy_cell_structure(sc) for sc in ph.supercells_with_displacements)
             spans.append((start, len(cells)))
             jobs.append((i, ph, diag, time.perf_counter() - t0, prim, sg))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any setup failure is reported on its row
             rows[i] |= {"status": "error", "error": f"{key}={k}: phonopy setup failed: {type(exc).__name__}: {exc}"}
     t_pred = time.perf_counter()
     preds = surrogate.predict_safe(cells, batch_size=batch_size) if cells else []
@@ -184,7 +184,7 @@ def phonon_frame(
                 "phonon_seconds": setup_s + pred_share * (b - a) + time.perf_counter() - t0,
                 "status": "ok", "error": None,
             }
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any phonon failure is reported on its row
             rows[i] |= {"status": "error",
                         "error": f"{key}={k}: phonon calculation failed: {type(exc).__name__}: {exc}"}
     return pl.DataFrame(rows, schema=PHONON_SCHEMA)

@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -133,12 +133,13 @@ def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32
     keys, structures = prepared_structures(surrogate, candidates, "candidate_id")
     energies = predict_energies(surrogate, structures, batch_size=batch_size)
     n_atoms = [None if isinstance(s, str) else len(s) for s in structures]
-    rows = []
+    rows: list[tuple[str, int | None, float | None, float | None, str, str | None]] = []
     for k, n, e in zip(keys, n_atoms, energies, strict=True):
         if isinstance(e, str):
             err = e if e.startswith("candidate_id=") else f"candidate_id={k}: {e}"
             rows.append((k, n, None, None, "error", err))
         else:
+            assert n is not None, "a structure that cannot be built has an error string, not an energy"
             rows.append((k, n, e, e / n, "ok", None))
     return pl.DataFrame(rows, schema=PRESCREEN_SCHEMA, orient="row")
 
@@ -153,10 +154,11 @@ RELAX_SCHEMA = {"key": pl.String(), **contracts.schema("relaxed", exclude=(
 def spacegroup_number(structure, *, symprec: float = DEFAULT_SYMPREC) -> int | None:
     """Space group number by spglib (through pymatgen), or None when spglib finds none."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    from spglib import SpglibError
 
     try:
         return int(SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number())
-    except Exception:  # noqa: BLE001 - spglib gives up on some distorted cells
+    except (SpglibError, ValueError):  # spglib gives up on some distorted cells (SymmetryUndeterminedError)
         return None
 
 
@@ -165,10 +167,11 @@ def primitive_cell(structure, *, symprec: float = 1e-3):
     pymatgen's ``SpacegroupAnalyzer.find_primitive``); the structure itself when it already is
     primitive or spglib finds none."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    from spglib import SpglibError
 
     try:
         prim = SpacegroupAnalyzer(structure, symprec=symprec).find_primitive()
-    except Exception:  # noqa: BLE001 - keep the cell as it is
+    except (SpglibError, ValueError):  # spglib finds no primitive cell: keep the cell as it is
         return structure
     if prim is None or len(prim) >= len(structure):
         return structure
@@ -324,7 +327,7 @@ def ase_reference_structure(element: str, *, box_a: float = 12.0):
     from pymatgen.io.ase import AseAtomsAdaptor
 
     z = atomic_numbers[element]
-    state = reference_states[z] or {}
+    state: dict[str, Any] = reference_states[z] or {}
     if state.get("symmetry") not in ("diatom", "atom"):
         try:
             return AseAtomsAdaptor.get_structure(bulk(element)), False
@@ -419,8 +422,11 @@ def formation_and_hull(
 
     ref_rows = []
     for e in entries:
+        ref_hull = pd_.get_e_above_hull(e)
+        if ref_hull is None:  # pymatgen returns None only with on_error="ignore"; the default raises
+            raise RuntimeError(f"phase_id={e.name}: no energy above the hull")
         ref_rows.append({"phase_id": e.name, "formation_energy_per_atom_ev": ef(e.composition, e.energy),
-                         "e_above_hull_ev_per_atom": float(pd_.get_e_above_hull(e)),
+                         "e_above_hull_ev_per_atom": float(ref_hull),
                          "is_elemental": len(e.composition.elements) == 1})
     ref_out = pl.DataFrame(ref_rows, schema={"phase_id": pl.String, "formation_energy_per_atom_ev": pl.Float64,
                                              "e_above_hull_ev_per_atom": pl.Float64, "is_elemental": pl.Boolean})
@@ -441,10 +447,13 @@ def formation_and_hull(
             continue
         entry = PDEntry(comp, row["energy_ev"], name=row["candidate_id"])
         decomp, e_hull = pd_.get_decomp_and_e_above_hull(entry, allow_negative=True)
+        if decomp is None or e_hull is None:  # pymatgen returns None only with on_error="ignore"
+            raise RuntimeError(f"candidate_id={row['candidate_id']}: no decomposition on the hull")
         cand_rows.append(base | {
             "formation_energy_per_atom_ev": ef(comp, row["energy_ev"]),
             "e_above_hull_ev_per_atom": float(e_hull),
-            "decomposition": " + ".join(f"{amt:.3f} {d.name}" for d, amt in
+            # the decomposition's entries are the PDEntry objects built above
+            "decomposition": " + ".join(f"{amt:.3f} {cast(PDEntry, d).name}" for d, amt in
                                         sorted(decomp.items(), key=lambda kv: -kv[1])),
             "status": "ok", "error": None})
     cand_out = pl.DataFrame(cand_rows, schema={
@@ -514,8 +523,8 @@ def mark_relaxed_duplicates(shortlist: pl.DataFrame, relaxed: pl.DataFrame, *,
         group = kept.setdefault(s.composition.reduced_formula, [])
         near = [(cid_k, r_k) for e_k, cid_k, r_k in group if abs(e - e_k) <= energy_window_ev]
         r = reduce_structure(s) if near else None
-        match = next((cid_k for cid_k, r_k in near
-                      if fit_reduced(r, r_k, ltol=ltol, stol=stol, angle_tol=angle_tol)), None)
+        match = None if r is None else next(
+            (cid_k for cid_k, r_k in near if fit_reduced(r, r_k, ltol=ltol, stol=stol, angle_tol=angle_tol)), None)
         dup_of.append(match)
         if match is None:
             group.append((e, cid, r if r is not None else reduce_structure(s)))
@@ -584,7 +593,7 @@ def run_batches(
                 results[bid] = pl.read_parquet(path)
                 stats.n_skipped += 1
                 continue
-            except Exception:  # noqa: BLE001 - a torn file: recompute it
+            except (OSError, pl.exceptions.PolarsError):  # a torn file: recompute it
                 path.unlink(missing_ok=True)
         todo.append((bid, g.drop("batch_id")))
     if work_dir is not None:
@@ -682,7 +691,9 @@ class SurrogatePool:
         cls = ray.remote(SurrogateWorker).options(**opts)
         threads = max(1, int(num_cpus_per_actor))
         self._ray = ray
-        self.actors = [cls.remote(surrogate, load_kwargs or {}, loader, threads) for _ in range(num_actors)]
+        # Ray actor handles (Any: ray's hints give their methods without ``.remote``)
+        self.actors: list[Any] = [cls.remote(surrogate, load_kwargs or {}, loader, threads)
+                                  for _ in range(num_actors)]
         self._retries = 0
         self._busy: dict[Any, int] = {}
 
@@ -714,7 +725,7 @@ class SurrogatePool:
         def compute(items):
             yield from self.map(method, items, max_attempts=max_attempts,
                                 in_flight_per_actor=in_flight_per_actor, **kwargs)
-        compute.n_retries = self.n_retries  # type: ignore[attr-defined]
+        compute.n_retries = self.n_retries  # type: ignore[attr-defined]  # mypy does not type function attributes
         return compute
 
     def map(self, method: str, items: Iterable[tuple[str, pl.DataFrame]], *, max_attempts: int = 3,

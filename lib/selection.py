@@ -160,7 +160,8 @@ def static_hull_distance(prescreen: pl.DataFrame, references: pl.DataFrame, *,
         if (a and b and a != b) or len(a) > 1 or len(b) > 1:
             raise ValueError(f"static_hull_distance: prescreen surrogate(s) {sorted(a)} and reference surrogate(s) "
                              f"{sorted(b)} differ: the hull must be built with the candidates' own surrogate")
-    entries, mu = [], {}
+    entries: list[PDEntry] = []
+    mu: dict[str, float] = {}
     for pid, formula, e in refs.select("phase_id", "formula", "energy_ev").iter_rows():
         comp = Composition(formula)
         entries.append(PDEntry(comp, e, name=pid))
@@ -188,7 +189,7 @@ def static_hull_distance(prescreen: pl.DataFrame, references: pl.DataFrame, *,
         mu_f = sum(comp.get_atomic_fraction(el) * mu[el.symbol] for el in comp.elements)
         hull = float(pd_.get_hull_energy_per_atom(comp))
         decomp = pd_.get_decomposition(comp)
-        text = " + ".join(f"{amt:.3f} {e.name}" for e, amt in sorted(decomp.items(), key=lambda kv: (-kv[1], kv[0].name)))
+        text = " + ".join(f"{amt:.3f} {getattr(e, 'name', e.composition.reduced_formula)}" for e, amt in sorted(decomp.items(), key=lambda kv: (-kv[1], str(getattr(kv[0], "name", "")))))
         per_formula[f] = (mu_f, hull, text, None)
     table = pl.DataFrame(
         {"_f": list(per_formula), "_mu": [v[0] for v in per_formula.values()],

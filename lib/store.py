@@ -13,6 +13,13 @@ are never duplicated. Unpartitioned tables use the partition ``all``.
 
 Readers never look at folders, only at pointers: ``TableStore.files`` / ``scan`` / ``read`` and
 the DuckDB views all resolve ``_CURRENT.json``.
+
+A table with a contract (:mod:`lib.contracts`) is validated as it is written: missing columns,
+wrong dtypes, columns the contract does not allow, nulls in key (or other non-null) columns and
+duplicated keys raise :class:`lib.contracts.ContractViolation` naming the table, the column and
+the reason. A single frame is checked before anything touches the disk; a stream is checked chunk
+by chunk and its keys at the end, before the commit point, so a refused write leaves the previous
+version current.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lib import contracts as _contracts
 
 DEFAULT_PARTITION = "all"
 POINTER = "_CURRENT.json"
@@ -59,9 +68,15 @@ class WriteInfo:
 
 @dataclass(frozen=True)
 class TableStore:
-    """Parquet tables under ``home``. Cheap to construct; holds no open handles."""
+    """Parquet tables under ``home``. Cheap to construct; holds no open handles.
+
+    ``contracts``: table name -> contract checked on every write (default: every contract of
+    :mod:`lib.contracts`); tables without one are written as they come.
+    """
 
     home: Path
+    contracts: Mapping[str, _contracts.Contract] = field(
+        default_factory=lambda: _contracts.CONTRACTS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "home", Path(self.home).expanduser().resolve())
@@ -140,7 +155,14 @@ class TableStore:
 
         ``data`` may be one frame or an iterator of frames (streamed shard by shard, so a
         producer never needs the whole table in memory). All frames must share one schema.
+        A table with a contract is validated first (see the module docstring).
         """
+        contract = self.contracts.get(table)
+        check = contract.validator(partition) if contract is not None else None
+        if contract is not None and check is not None and isinstance(data, (pl.DataFrame, pa.Table)):
+            frame = data if isinstance(data, pl.DataFrame) else _polars(data)
+            contract.validate(frame, partition=partition)  # before anything touches the disk
+            check = None
         pdir = self.partition_dir(table, partition)
         pdir.mkdir(parents=True, exist_ok=True)
         version = f"v-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -151,6 +173,8 @@ class TableStore:
         schema: pa.Schema | None = None
         try:
             for chunk in _iter_chunks(data, max_rows_per_shard):
+                if check is not None:
+                    check.check(_polars(chunk))
                 if schema is None:
                     schema = chunk.schema
                 elif not chunk.schema.equals(schema, check_metadata=False):
@@ -162,7 +186,11 @@ class TableStore:
                                compression_level=compression_level)
                 files.append(name)
                 rows += chunk.num_rows
+            if check is not None:
+                check.finish()  # keys over every chunk, before the commit point
             if not files:  # keep the schema visible even for an empty result
+                if schema is None and contract is not None:
+                    schema = contract.empty().to_arrow().schema
                 empty = schema.empty_table() if schema is not None else _empty_of(data)
                 pq.write_table(empty, vdir / "part-00000.parquet", compression="zstd")
                 files.append("part-00000.parquet")
@@ -267,12 +295,19 @@ def _iter_chunks(
     if isinstance(data, (pl.DataFrame, pa.Table)):
         data = [data]
     for frame in data:
-        tbl = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
+        tbl: pa.Table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
         if tbl.num_rows == 0:
             yield tbl  # carries the schema of an empty result
             continue
         for offset in range(0, tbl.num_rows, max_rows):
             yield tbl.slice(offset, max_rows)
+
+
+def _polars(tbl: pa.Table) -> pl.DataFrame:
+    out = pl.from_arrow(tbl)
+    if not isinstance(out, pl.DataFrame):  # pragma: no cover - a Table always gives a frame
+        raise TypeError(f"expected a table, got {type(tbl).__name__}")
+    return out
 
 
 def _empty_of(data: Any) -> pa.Table:

@@ -81,12 +81,12 @@ def dataset_in_pyxtal_setting(lattice: np.ndarray, frac: np.ndarray, numbers: np
     import spglib
 
     cell = (lattice, frac, numbers)
-    ds = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    ds = spglib.get_symmetry_dataset(cell, symprec=symprec)  # type: ignore[arg-type]  # spglib takes array_like; its Sequence hints reject ndarrays
     if ds is None:
         return None
     hall = pyxtal_hall_number(int(ds.number))
     if int(ds.hall_number) != hall:
-        ds2 = spglib.get_symmetry_dataset(cell, symprec=symprec, hall_number=hall)
+        ds2 = spglib.get_symmetry_dataset(cell, symprec=symprec, hall_number=hall)  # type: ignore[arg-type]  # spglib takes array_like; its Sequence hints reject ndarrays
         if ds2 is not None and int(ds2.number) == int(ds.number):
             return ds2
     return ds
@@ -148,7 +148,7 @@ def asymmetric_unit(
         "spacegroup_number": sg,
         "crystal_system": W.crystal_system(sg),
         "lattice_params": params,
-        "n_atoms": int(len(std_types)),
+        "n_atoms": len(std_types),
         "wyckoff_letters": [s[2] for s in sites],
         "multiplicities": [s[3] for s in sites],
         "asu_elements": [s[1] for s in sites],
@@ -329,7 +329,7 @@ def analyse_symmetry(
                 if exc.spacegroup_number is not None and "spacegroup_number" not in row:
                     row.update(spacegroup_number=exc.spacegroup_number,
                                crystal_system=W.crystal_system(exc.spacegroup_number))
-            except Exception as exc:  # a bad row must not stop the batch; it carries its reason
+            except Exception as exc:  # noqa: BLE001 - a bad row must not stop the batch; it carries its reason
                 row.update(is_round_trip_ok=False, round_trip_error=f"error: {type(exc).__name__}: {exc}")
             rows.append(row)
     return pl.DataFrame(rows, schema=SYMMETRY_SCHEMA)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -373,7 +373,7 @@ def _template_frame(ex: ExpandedSites, keep: np.ndarray, sg, lat, volume, n_atom
         "number_density_per_a3": pa.array(dens[rows]),
         "min_distance_a": pa.array(min_d[rows]),
     })
-    df = pl.from_arrow(tbl)
+    df = cast(pl.DataFrame, pl.from_arrow(tbl))  # a Table gives a DataFrame
     df = df.with_columns(
         pl.concat_str([pl.col("spacegroup_number").cast(pl.String),
                        pl.col("wyckoff_letters").list.join(" ")], separator=" ").alias("wyckoff_sequence"),
@@ -397,7 +397,10 @@ def _hall_numbers() -> dict[int, list[int]]:
 
     out: dict[int, list[int]] = {}
     for h in range(1, 531):
-        out.setdefault(int(spglib.get_spacegroup_type(h).number), []).append(h)
+        sg_type = spglib.get_spacegroup_type(h)
+        if sg_type is None:
+            raise RuntimeError(f"spglib has no space-group type for Hall number {h}")
+        out.setdefault(int(sg_type.number), []).append(h)
     return out
 
 
@@ -426,6 +429,8 @@ def spglib_operations(sg: int) -> tuple[np.ndarray, np.ndarray, int]:
     target = opset(general.rot, general.trans)
     for h in halls:
         s = spglib.get_symmetry_from_database(h)
+        if s is None:
+            raise RuntimeError(f"spglib has no symmetry operations for Hall number {h}")
         if opset(s["rotations"], s["translations"]) == target:
             return np.asarray(s["rotations"], dtype=np.float64), np.asarray(s["translations"]), h
     raise ValueError(f"no spglib Hall setting of space group {sg} matches pyxtal's general position")
@@ -454,7 +459,7 @@ def check_symmetry(df: pl.DataFrame, *, tol_a: float = 1e-4, metric_rtol: float 
                   "max_deviation_a": pl.Float64}
     if df.height == 0:
         return pl.DataFrame(schema=out_schema)
-    max_sites = int(df["wyckoff_letters"].list.len().max())
+    max_sites = int(cast(int, df["wyckoff_letters"].list.len().max()))
     arrs = template_arrays(df, schema=EncodingSchema(max_sites=max_sites))
     sg = arrs["sg"]
     # stored points are expanded as they are (not projected), so a point off its position fails
@@ -591,7 +596,8 @@ def template_fingerprints(df: pl.DataFrame, *, coord_step: float = 0.05, ln_leng
     orbit give one key; origin shifts and other normaliser operations are not folded, so
     novelty measured with it is an upper bound.
     """
-    arrs = template_arrays(df, schema=EncodingSchema(max_sites=max(1, int(df["wyckoff_letters"].list.len().max() or 1))))
+    max_sites = max(1, int(cast(int, df["wyckoff_letters"].list.len().max() or 1)))
+    arrs = template_arrays(df, schema=EncodingSchema(max_sites=max_sites))
     ex = expand_sites(arrs["sg"], arrs["present"], arrs["letter_index"], arrs["xyz"])
     lat = arrs["lattice"]
     site_bins = np.floor(np.mod(ex.site_xyz + coord_step / 2, 1.0) / coord_step).astype(np.int64)
@@ -640,8 +646,9 @@ def quality_report(result: DecodeResult, training: pl.DataFrame, *, symmetry: pl
         "rejects": result.rejects,
     }
     if symmetry is not None:
-        out["symmetry_exactness"] = float(symmetry["is_symmetric"].mean()) if symmetry.height else 0.0
-        out["symmetry_max_deviation_a"] = float(symmetry["max_deviation_a"].max() or 0.0) if symmetry.height else None
+        out["symmetry_exactness"] = float(cast(float, symmetry["is_symmetric"].mean())) if symmetry.height else 0.0
+        out["symmetry_max_deviation_a"] = (float(cast(float, symmetry["max_deviation_a"].max() or 0.0))
+                                           if symmetry.height else None)
     if gen.height == 0 or training.height == 0:
         return out
     fp_gen = template_fingerprints(gen)
@@ -696,7 +703,8 @@ def distributions_figure(gen: pl.DataFrame, training: pl.DataFrame):
     for ax, col in zip(axes[1], ("a_a", "c_a", "n_atoms"), strict=True):
         t = training[col].to_numpy() if col in training.columns else training["multiplicities"].list.sum().to_numpy()
         g = gen[col].to_numpy()
-        b = np.linspace(*np.quantile(np.concatenate([t, g]), [0.0, 0.995]), 50)
+        lo, hi = np.quantile(np.concatenate([t, g]), [0.0, 0.995])
+        b = np.linspace(lo, hi, 50)
         ax.hist(t, bins=b, density=True, alpha=0.5, label="training")
         ax.hist(g, bins=b, density=True, alpha=0.5, label="generated")
         ax.set_title(col)

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from lib import contracts
+
 #: Columns of ``mp_symmetry`` that a training template carries (plus ``chemical_system``).
-TEMPLATE_COLUMNS = (
-    "material_id", "spacegroup_number", "crystal_system", "a_a", "b_a", "c_a", "alpha_deg",
-    "beta_deg", "gamma_deg", "n_atoms", "n_asu_sites", "wyckoff_letters", "multiplicities",
-    "asu_elements", "asu_frac_coords", "wyckoff_sequence", "chemical_system", "snapshot_id",
-)
+TEMPLATE_COLUMNS = tuple(contracts.schema("training_templates", exclude=("encoding", "encoding_version")))
 
 
 def normalise_chemical_system(system: str) -> str:

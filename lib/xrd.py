@@ -104,7 +104,7 @@ def broadened_profiles(
     y = patterns["intensity"].to_numpy()
     # Only grid points within 5 sigma of a peak matter: add each peak's window (vectorised per peak
     # count, not per grid point).
-    half = int(math.ceil(5 * sigma / (grid[1] - grid[0]))) if grid.size > 1 else 0
+    half = math.ceil(5 * sigma / (grid[1] - grid[0])) if grid.size > 1 else 0
     centre = np.searchsorted(grid, x)
     offsets = np.arange(-half, half + 1)
     cols = centre[:, None] + offsets[None, :]
@@ -177,7 +177,8 @@ def plot_patterns(
     ids = ids_all[:max_patterns]
     sub = patterns.filter(pl.col("candidate_id").is_in(ids))
     grid = two_theta_grid(two_theta_range, step_deg=0.02)
-    pids, prof = broadened_profiles(sub, grid=grid, fwhm_deg=fwhm_deg) if sub.height else ([], None)
+    pids, prof = (broadened_profiles(sub, grid=grid, fwhm_deg=fwhm_deg) if sub.height
+                  else ([], np.zeros((0, grid.size))))
     fig, ax = subplots(figsize=(8, 1.2 + 1.0 * max(len(ids), 1)))
     offset = 1.15
     for k, cid in enumerate(pids):
@@ -265,13 +266,13 @@ def xrd_report(
     sim = pattern_similarity(peaks.rename({"pattern_id": "candidate_id"}), two_theta_range=two_theta_range,
                              fwhm_deg=fwhm_deg).rename(
         {"candidate_id_a": "pattern_id_a", "candidate_id_b": "pattern_id_b"})
-    table = meta.join(peaks, on="pattern_id", how="inner")
+    joined = meta.join(peaks, on="pattern_id", how="inner")
     front = ["pattern_id", "source_table", *REPORT_ID_COLUMNS, "n_sites"]
-    table = table.select(*front, *[c for c in table.columns if c not in front])
+    joined = joined.select(*front, *[c for c in joined.columns if c not in front])
     labels = {}
     for r in meta.iter_rows(named=True):
         sg = f"SG {r['spacegroup_number']}" if r.get("spacegroup_number") is not None else ""
         parts = (r.get("reduced_formula") or r.get("formula") or "", sg, f"[{r['source_table']}]",
                  r.get("candidate_id") or r.get("material_id") or "")
         labels[r["pattern_id"]] = " ".join(x for x in parts if x)
-    return XrdReport(table, sim, failures, per_table, labels)
+    return XrdReport(joined, sim, failures, per_table, labels)

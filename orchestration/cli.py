@@ -1,6 +1,8 @@
 """``cgwgan``: the scientist's command line.
 
     cgwgan main                      run the whole pipeline (the main job) on CGWGAN_HOME
+    cgwgan main --gan-epochs 20 --n-templates 200 --no-use-ray    ... with other sizes
+    cgwgan main --run-config more.yaml   ... and any stage's config ({job: {ops: {op: {config: ...}}}})
     cgwgan tables                    tables and views with their row counts
     cgwgan sql "SELECT ..."          a read-only query over the tables, printed as a table
     cgwgan sql -f sql/examples/x.sql the queries of a file
@@ -17,7 +19,7 @@ Parquet files.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -43,9 +45,10 @@ class CliError(Exception):
 
 # ----------------------------------------------------------------------------- helpers
 def resolve_home(home: str | None) -> Path:
-    from orchestration.resources import DEFAULT_HOME
+    """``--home``, else the configured ``CGWGAN_HOME``, else ``.cgwgan`` in the checkout."""
+    from orchestration.resources import configured_home
 
-    return Path(home or os.environ.get("CGWGAN_HOME") or DEFAULT_HOME).expanduser().resolve()
+    return configured_home(home)
 
 
 def check_read_only(sql: str) -> list[str]:
@@ -87,6 +90,14 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelati
         return con.sql(sql)
     except duckdb.Error as exc:
         raise CliError(f"{type(exc).__name__}: {exc}") from None
+
+
+def select_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
+    """:func:`run_query` for a statement that must return rows (a SELECT)."""
+    rel = run_query(con, sql)
+    if rel is None:
+        raise CliError(f"statement returned no result set: {sql}")
+    return rel
 
 
 def _printable(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
@@ -187,11 +198,15 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 
 def cmd_main(args: argparse.Namespace) -> int:
-    from orchestration.jobs import run_main  # lazy: imports the whole pipeline
+    from orchestration.jobs import MainSettings
+    from orchestration.main import run_main  # lazy: imports the whole pipeline
 
     home = resolve_home(args.home)
+    settings = MainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MainSettings)
+                               if getattr(args, f.name, None) is not None})
+    run_config = read_run_config(args.run_config) if args.run_config else None
     try:
-        run_main(home=str(home))
+        run_main(home=str(home), settings=settings, run_config=run_config)
     except Exception as exc:  # a failed step: say which and why; --traceback for the whole story
         if args.traceback:
             raise
@@ -199,6 +214,23 @@ def cmd_main(args: argparse.Namespace) -> int:
                        "rerun with --traceback for the full trace, or inspect the run in "
                        "`dagster dev -w workspace.yaml`") from None
     return 0
+
+
+def read_run_config(path: str) -> dict:
+    """``--run-config``: a YAML (or JSON) file ``{job name: run config}``."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"run config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise CliError(f"run config file {p} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise CliError(f"run config file {p} must map job names to run configs, "
+                       "e.g. {screening_job: {ops: {relaxed: {config: {steps: 50}}}}}")
+    return data
 
 
 def select_rows(args: argparse.Namespace, con: duckdb.DuckDBPyConnection, home: Path) -> tuple[pl.DataFrame, str]:
@@ -220,7 +252,7 @@ def select_rows(args: argparse.Namespace, con: duckdb.DuckDBPyConnection, home: 
             if not missing:
                 break
             _require_table(t, available, home)
-            cols = run_query(con, f'SELECT * FROM "{t}" LIMIT 0').columns
+            cols = select_query(con, f'SELECT * FROM "{t}" LIMIT 0').columns
             key = next((c for c in ("candidate_id", "material_id") if c in cols), None)
             if key is None:
                 continue
@@ -240,7 +272,7 @@ def select_rows(args: argparse.Namespace, con: duckdb.DuckDBPyConnection, home: 
     check_read_only(sql)
     if len(duckdb.extract_statements(sql)) != 1:
         raise CliError(f"--where must be one filter expression, got {args.where!r}")
-    df = run_query(con, sql).pl()
+    df = select_query(con, sql).pl()
     return (with_structures(df, home) if df.height else df), f"{table}{where}{limit}"
 
 
@@ -300,6 +332,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _main_settings_arguments(sp: argparse.ArgumentParser) -> None:
+    """One option per field of :class:`orchestration.jobs.MainSettings` (``--gan-epochs``, ...);
+    an option not given keeps the field's default."""
+    from orchestration.jobs import MainSettings
+
+    for f in dataclasses.fields(MainSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            sp.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"(default: {f.default})")
+        else:
+            conv = {"int": int, "float": float}.get(str(getattr(f.type, "__name__", f.type)), str)
+            sp.add_argument(flag, dest=f.name, type=conv, default=None, help=f"(default: {f.default!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cgwgan", description="CGWGAN crystal discovery platform.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -310,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_home(sub.add_parser("main", help="run the whole pipeline (the main job)"))
     sp.add_argument("--traceback", action="store_true", help="show the full Python trace of a failure")
+    sp.add_argument("--run-config", help="YAML/JSON file {job name: run config}, merged into the run "
+                                         "config the options below give (e.g. relaxation steps)")
+    _main_settings_arguments(sp)
     sp.set_defaults(func=cmd_main)
 
     sp = with_home(sub.add_parser("tables", help="tables and views with their row counts"))
@@ -343,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "shortlist", False):
-        if args.table and args.table != "shortlist" or args.ids:
+        if (args.table and args.table != "shortlist") or args.ids:
             print("cgwgan: error: --shortlist cannot be combined with --table or --ids", file=sys.stderr)
             return 1
         args.table = "shortlist"

@@ -1,27 +1,17 @@
-"""Jobs: one per stage (as the UI shows them) and ``run_main``, the end-to-end main job.
+"""Every job of the platform: one per stage (as the UI shows them), and the jobs the schedule
+and sensors launch (``RESCREEN_JOB``, ``CHURN_JOB``, ``DFT_INGEST_JOB``).
 
-Stages have different partitions (the MP and generator groups are unpartitioned, infill is per
-chemical system, screening per chemical system x surrogate), and a Dagster run holds one
-partition set, so the main job is a sequence of stage runs on one Dagster instance: each shows
-in the UI's run list with its logs and metadata.
+The end-to-end main job, a sequence of the stage jobs, is :func:`orchestration.main.run_main`.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
-from assets.partitions import (
-    DEFAULT_CHEMICAL_SYSTEM,
-    chemical_system_partitions,
-    screening_partitions,
-    surrogate_partitions,
-)
+from assets.partitions import DEFAULT_CHEMICAL_SYSTEM, chemical_system_partitions, screening_partitions
 
 mp_job = dg.define_asset_job(
     "mp_job", selection=dg.AssetSelection.groups("mp"),
@@ -42,12 +32,34 @@ screening_job = dg.define_asset_job(
     description="Surrogate pre-screen, relaxation, hull, phonons and shortlist for one system x surrogate.",
 )
 dft_handoff_job = dg.define_asset_job(
-    "dft_handoff_job", selection=dg.AssetSelection.assets("dft_inputs", "xrd_patterns"),
+    "dft_handoff_job", selection=dg.AssetSelection.assets("dft_inputs", "xrd_patterns", "xrd_similarity"),
     description="VASP + phonopy input folders for the shortlists, and their simulated XRD patterns.",
 )
 
-JOBS = [mp_job, generator_job, infill_job, screening_job, dft_handoff_job]
+#: The screening stages, in order (asset keys of ``assets/screening.py``).
+SCREENING_STAGES: tuple[str, ...] = ("prescreen", "relaxed", "references", "reference_energies", "phonons", "shortlist")
 
+# The jobs of the schedule and the sensors.
+RESCREEN_JOB = dg.define_asset_job(
+    "rescreen_surrogate",
+    selection=dg.AssetSelection.assets(*SCREENING_STAGES).required_multi_asset_neighbors(),
+    partitions_def=screening_partitions,
+    description="Screen one chemical system with one surrogate: prescreen → relax → hull → phonons → shortlist.",
+)
+CHURN_JOB = dg.define_asset_job(
+    "surrogate_churn_job", selection=dg.AssetSelection.assets("surrogate_churn"),
+    description="Compare the surrogates' shortlists (rank correlation, top-k overlap, phonon verdict flips).",
+)
+DFT_INGEST_JOB = dg.define_asset_job(
+    "dft_ingest", selection=dg.AssetSelection.assets("dft_results", "discoveries"),
+    description="Ingest finished DFT run folders, then refresh the discoveries.",
+)
+
+#: The stage jobs of the main job, in order.
+STAGE_JOBS = [mp_job, generator_job, infill_job, screening_job, dft_handoff_job]
+JOBS = [*STAGE_JOBS, RESCREEN_JOB, CHURN_JOB, DFT_INGEST_JOB]
+
+# ----------------------------------------------------------------------------- the main job's sizes
 OFFLINE_SURROGATE = "CHGNet-0.3.0"
 M3GNET_SURROGATE = "M3GNet-MP-2021.2.8-PES"
 
@@ -57,7 +69,7 @@ class MainSettings:
     """Sizes of the main job. The defaults finish in about ten minutes on a 2-core laptop."""
 
     chemical_system: str = DEFAULT_CHEMICAL_SYSTEM
-    surrogate: str = ""  # "" = M3GNet when CGWGAN_M3GNET_DIR is set, else CHGNet (offline)
+    surrogate: str = ""  # "" = M3GNet when a models folder (CGWGAN_M3GNET_DIR) is set, else CHGNet (offline)
     gan_epochs: int = 500
     n_templates: int = 3000
     # The embedded default trains on ~150 prototypes, so the demo's templates cannot match the
@@ -68,11 +80,13 @@ class MainSettings:
     prescreen_limit: int = 400
     relax_top_k: int = 8
     phonon_top_n: int = 3
-    extra_run_config: dict[str, Any] = field(default_factory=dict)
+    use_ray: bool = True  # screening stages on Ray actors; False: in each run's own process
 
 
-def _default_surrogate() -> str:
-    return M3GNET_SURROGATE if os.environ.get("CGWGAN_M3GNET_DIR") else OFFLINE_SURROGATE
+
+def default_surrogate(models_dir: str) -> str:
+    """M3GNet when the surrogate registry has a models folder, else CHGNet (offline)."""
+    return M3GNET_SURROGATE if models_dir else OFFLINE_SURROGATE
 
 
 def main_run_config(s: MainSettings) -> dict[str, dict[str, Any]]:
@@ -89,79 +103,23 @@ def main_run_config(s: MainSettings) -> dict[str, dict[str, Any]]:
         "infill_job": {},
         "screening_job": {
             "ops": {
-                "prescreen": {"config": {"max_candidates": s.prescreen_limit}},
-                "relaxed": {"config": {"top_k": s.relax_top_k}},
-                "phonons": {"config": {"top_n": s.phonon_top_n}},
+                "prescreen": {"config": {"max_candidates": s.prescreen_limit, "use_ray": s.use_ray}},
+                "relaxed": {"config": {"top_k": s.relax_top_k, "use_ray": s.use_ray}},
+                "references": {"config": {"use_ray": s.use_ray}},
+                "phonons": {"config": {"top_n": s.phonon_top_n, "use_ray": s.use_ray}},
             }
         },
         "dft_handoff_job": {},
     }
 
 
-def run_main(*, home: str | None = None, settings: MainSettings | None = None,
-             instance: dg.DagsterInstance | None = None, log=print) -> dict[str, Any]:
-    """Run the whole pipeline end to end, stage by stage, and say where the results are."""
-    from orchestration.definitions import defs
-    from orchestration.resources import DEFAULT_HOME, CgwganHome
-
-    s = settings or MainSettings()
-    if home:
-        os.environ["CGWGAN_HOME"] = str(Path(home).resolve())
-    home_path = CgwganHome().path
-    surrogate = s.surrogate or _default_surrogate()
-    if instance is None:
-        if not os.environ.get("DAGSTER_HOME"):
-            dagster_home = home_path / "dagster_home"
-            dagster_home.mkdir(parents=True, exist_ok=True)
-            os.environ["DAGSTER_HOME"] = str(dagster_home)
-        instance = dg.DagsterInstance.get()
-
-    instance.add_dynamic_partitions(chemical_system_partitions.name, [s.chemical_system])
-    instance.add_dynamic_partitions(surrogate_partitions.name, [surrogate])
-    screening_key = dg.MultiPartitionKey({"chemical_system": s.chemical_system, "surrogate": surrogate})
-
-    configs = main_run_config(s)
-    for job_name, cfg in s.extra_run_config.items():
-        configs.setdefault(job_name, {}).update(cfg)
-    steps = [
-        ("mp_job", None),
-        ("generator_job", None),
-        ("infill_job", s.chemical_system),
-        ("screening_job", screening_key),
-        ("dft_handoff_job", None),
-    ]
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    for job_name, partition_key in steps:
-        log(f"[cgwgan] {job_name}" + (f" [{partition_key}]" if partition_key else "") + " ...")
-        t0 = time.perf_counter()
-        job = defs.get_job_def(job_name)
-        result = job.execute_in_process(
-            instance=instance, partition_key=partition_key, run_config=configs.get(job_name, {}),
-            raise_on_error=True,
-        )
-        timings[job_name] = round(time.perf_counter() - t0, 1)
-        log(f"[cgwgan] {job_name} finished in {timings[job_name]} s (run {result.run_id[:8]})")
-    timings["total"] = round(time.perf_counter() - t_all, 1)
-
-    log("")
-    log(f"Results are in {home_path}")
-    log(f"  Parquet tables : {home_path / 'tables'}")
-    log(f"  DuckDB catalog : {home_path / 'catalog.duckdb'}")
-    log(f"  DFT inputs     : {home_path / 'dft' / 'inputs'}")
-    log(f"  Dagster runs   : DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev -w workspace.yaml")
-    log("Three SQL queries to try:")
-    for q in EXAMPLE_QUERIES:
-        log(f'  cgwgan sql "{q}"')
-    if home_path == DEFAULT_HOME:
-        log("(CGWGAN_HOME is the git-ignored .cgwgan/ folder of the checkout)")
-    return {"home": str(home_path), "surrogate": surrogate, "timings_s": timings}
-
-
-EXAMPLE_QUERIES = (
-    "SELECT unique_rank, formula, spacegroup_number_relaxed, e_above_hull_ev_per_atom, "
-    "formation_energy_per_atom_ev, is_dynamically_stable FROM shortlist WHERE duplicate_of IS NULL "
-    "ORDER BY rank LIMIT 10",
-    "SELECT reduced_formula, count(*) AS n FROM candidates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
-    "SELECT spacegroup_number, count(*) AS n FROM templates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
-)
+def merge_run_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged into a copy of ``base`` mapping by mapping, at every depth: a value that is
+    not a mapping replaces the one in ``base``; everything ``extra`` does not name is kept."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_run_config(out[key], value)
+        else:
+            out[key] = value
+    return out

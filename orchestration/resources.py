@@ -1,13 +1,18 @@
-"""Configurable resources: paths, MP source, Ray, surrogate registry.
+"""Configurable resources: paths, MP source, Ray, surrogate registry, DFT; and the one place that
+reads the platform's environment variables.
 
-Each field is fed by an environment variable through ``dg.EnvVar`` in ``definitions.py``; an
-unset variable falls back to the documented default when the resource is *used* (run time),
-never at import.
+Resources never read the environment themselves: a field holds its value, or "" / 0 for the
+documented default. :func:`resources_from_env` builds the resources of ``Definitions``: a field
+whose variable (:data:`ENV_VARS`) is set is fed by ``dg.EnvVar`` (resolved when a run starts,
+shown in the launchpad by name only, so ``MP_API_KEY`` is never displayed); a field whose variable
+is unset keeps its default. Why not ``dg.EnvVar`` for every field: Dagster fails a run whose
+``EnvVar`` names an unset variable, and every variable here is optional.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -19,21 +24,20 @@ DEFAULT_HOME = REPO_ROOT / ".cgwgan"
 SQL_DIR = REPO_ROOT / "sql"
 
 
-def _env_or(value: str | None, var: str, default: str) -> str:
-    """A resource field's value, else the variable (read at run time), else the default."""
-    if value:
-        return value
-    return os.environ.get(var) or default
-
-
 class CgwganHome(dg.ConfigurableResource):
-    """Where Parquet tables, the DuckDB catalog, checkpoints and DFT folders live (``CGWGAN_HOME``)."""
+    """Where Parquet tables, the DuckDB catalog, checkpoints and DFT folders live (``CGWGAN_HOME``;
+    "" = ``.cgwgan`` in the checkout)."""
 
     home: str = ""
 
     @property
+    def root(self) -> Path:
+        """The home folder (not created)."""
+        return Path(self.home or DEFAULT_HOME).expanduser().resolve()
+
+    @property
     def path(self) -> Path:
-        p = Path(_env_or(self.home, "CGWGAN_HOME", str(DEFAULT_HOME))).expanduser().resolve()
+        p = self.root
         p.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -64,7 +68,7 @@ class MPSource(dg.ConfigurableResource):
 
     ``embedded`` (default): pymatgen's 288 AFLOW prototypes, offline. A path to a CSV/CSV.gz/
     Parquet file in the MP-20 layout, or to a folder of CIF/POSCAR files. ``mp-api``: the
-    Materials Project API with ``MP_API_KEY``.
+    Materials Project API with ``api_key`` (``MP_API_KEY``, a secret: fed by ``dg.EnvVar`` only).
     """
 
     source: str = ""
@@ -73,11 +77,11 @@ class MPSource(dg.ConfigurableResource):
 
     @property
     def resolved_source(self) -> str:
-        return _env_or(self.source, "CGWGAN_MP_SOURCE", "embedded")
+        return self.source or "embedded"
 
     @property
     def resolved_api_key(self) -> str:
-        return _env_or(self.api_key, "MP_API_KEY", "")
+        return self.api_key
 
 
 class RayResource(dg.ConfigurableResource):
@@ -86,42 +90,121 @@ class RayResource(dg.ConfigurableResource):
     address: str = ""
     num_cpus: int = 0  # 0 = all local cores (local Ray only)
     object_store_mb: int = 512  # local Ray only; keeps several runs on a 24 GB machine
+    worker_niceness: int = 0  # local Ray only; Ray's own default (15) starves workers on a busy laptop
 
     @property
     def resolved_address(self) -> str:
-        return _env_or(self.address, "RAY_ADDRESS", "")
+        return self.address
 
     def init(self) -> None:
         import ray
 
         if ray.is_initialized():
             return
-        addr = self.resolved_address
-        if addr:
-            ray.init(address=addr, ignore_reinit_error=True, log_to_driver=False)
+        if self.address:
+            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
         else:
-            # Ray starts workers at niceness 15; on a busy laptop they then starve.
-            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=self.num_cpus or None, ignore_reinit_error=True,
                      object_store_memory=self.object_store_mb * 1024 * 1024,
-                     include_dashboard=False, log_to_driver=False)
+                     include_dashboard=False, log_to_driver=False,
+                     _system_config={"worker_niceness": self.worker_niceness})
 
 
 class SurrogateRegistryResource(dg.ConfigurableResource):
     """The surrogate registry (``CGWGAN_SURROGATES``: a JSON/YAML file; default: built-in entries).
 
-    ``CGWGAN_M3GNET_DIR`` points at a folder holding matgl model folders
-    (``M3GNet-MP-2021.2.8-PES``, ``M3GNet-MatPES-PBE-v2025.1-PES``, ...).
+    ``models_dir`` (``CGWGAN_M3GNET_DIR``) points at a folder holding matgl model folders
+    (``M3GNet-MP-2021.2.8-PES``, ``M3GNet-MatPES-PBE-v2025.1-PES``, ...). ``torch_threads``
+    (``CGWGAN_TORCH_THREADS``): torch intra-op CPU threads of a process that loads a surrogate;
+    0 = torch's default in-process, one per actor CPU on Ray.
     """
 
     registry_path: str = ""
     models_dir: str = ""
     device: str = "cpu"
+    torch_threads: int = 0
 
     @property
     def resolved_registry_path(self) -> str:
-        return _env_or(self.registry_path, "CGWGAN_SURROGATES", "")
+        return self.registry_path
 
     @property
     def resolved_models_dir(self) -> str:
-        return _env_or(self.models_dir, "CGWGAN_M3GNET_DIR", "")
+        return self.models_dir
+
+
+class DftResource(dg.ConfigurableResource):
+    """DFT hand-back settings: the results folder the sensor watches (``CGWGAN_DFT_RESULTS``;
+    "" = ``<home>/dft/results``) and the elemental references for formation energies
+    (``CGWGAN_ELEMENTAL_REFS``: pymatgen ``ComputedEntry`` dicts; "" = none, formation energies
+    stay null)."""
+
+    results_dir: str = ""
+    elemental_refs: str = ""
+
+    def results_root(self, cgwgan_home: CgwganHome, override: str = "") -> Path:
+        """The DFT results folder (created): ``override``, else ``results_dir``, else ``<home>/dft/results``."""
+        chosen = override or self.results_dir
+        if chosen:
+            p = Path(chosen).expanduser().resolve()
+            p.mkdir(parents=True, exist_ok=True)
+            return p
+        return cgwgan_home.subdir("dft/results").resolve()
+
+    def references_path(self, override: str = "") -> str:
+        """Elemental references file: ``override``, else ``elemental_refs`` ("" = none)."""
+        return override or self.elemental_refs
+
+
+# ----------------------------------------------------------------------------- environment
+#: Every environment variable of the platform: resource key -> {field: variable}.
+ENV_VARS: dict[str, dict[str, str]] = {
+    "cgwgan_home": {"home": "CGWGAN_HOME"},
+    "mp_source": {"source": "CGWGAN_MP_SOURCE", "api_key": "MP_API_KEY"},
+    "ray_runtime": {"address": "RAY_ADDRESS"},
+    "surrogate_registry": {"registry_path": "CGWGAN_SURROGATES", "models_dir": "CGWGAN_M3GNET_DIR",
+                           "torch_threads": "CGWGAN_TORCH_THREADS"},
+    "dft": {"results_dir": "CGWGAN_DFT_RESULTS", "elemental_refs": "CGWGAN_ELEMENTAL_REFS"},
+}
+RESOURCE_TYPES: dict[str, type[dg.ConfigurableResource]] = {
+    "cgwgan_home": CgwganHome,
+    "mp_source": MPSource,
+    "ray_runtime": RayResource,
+    "surrogate_registry": SurrogateRegistryResource,
+    "dft": DftResource,
+}
+_INT_FIELDS = {("surrogate_registry", "torch_threads")}
+
+
+def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
+    """The platform's resources: each field whose variable is set (non-empty) in ``environ``
+    (default ``os.environ``) is fed by ``dg.EnvVar``; the others keep their defaults."""
+    env = os.environ if environ is None else environ
+    out: dict[str, dg.ConfigurableResource] = {}
+    for key, cls in RESOURCE_TYPES.items():
+        fields: dict[str, object] = {}
+        for field, var in ENV_VARS.get(key, {}).items():
+            if env.get(var, "").strip():
+                fields[field] = dg.EnvVar.int(var) if (key, field) in _INT_FIELDS else dg.EnvVar(var)
+        out[key] = cls(**fields)
+    return out
+
+
+def configured(key: str) -> dg.ConfigurableResource:
+    """Resource ``key`` of :func:`resources_from_env` with its ``EnvVar`` fields resolved, for code
+    that runs outside a Dagster run (the CLI, :func:`orchestration.main.run_main`)."""
+    return resources_from_env()[key].process_config_and_initialize()
+
+
+def configured_home(home: str | None = None) -> Path:
+    """``home``, else the configured ``CGWGAN_HOME`` (else ``.cgwgan`` in the checkout); not created."""
+    if home:
+        return Path(home).expanduser().resolve()
+    res = configured("cgwgan_home")
+    assert isinstance(res, CgwganHome)
+    return res.root
+
+
+def dagster_home(home: Path) -> Path:
+    """The Dagster instance folder of the main job: ``DAGSTER_HOME`` when set, else ``<home>/dagster_home``."""
+    return Path(os.environ.get("DAGSTER_HOME") or home / "dagster_home").expanduser().resolve()

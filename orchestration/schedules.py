@@ -1,32 +1,14 @@
 """Schedules: weekly re-screening of every (chemical system, surrogate) partition.
 
-The jobs the schedules and sensors target are defined here (``RESCREEN_JOB``, ``CHURN_JOB``,
-``DFT_INGEST_JOB``); ``Definitions`` picks them up through the schedules and sensors.
+The job it launches, ``RESCREEN_JOB``, lives in ``orchestration/jobs.py`` with the others.
 """
 
 from datetime import UTC, datetime
 
 import dagster as dg
+from dagster_shared.check import CheckError
 
-from assets.partitions import screening_partitions
-
-#: The screening stages, in order (asset keys of ``assets/screening.py``).
-SCREENING_STAGES: tuple[str, ...] = ("prescreen", "relaxed", "references", "phonons", "shortlist")
-
-RESCREEN_JOB = dg.define_asset_job(
-    "rescreen_surrogate",
-    selection=dg.AssetSelection.assets(*SCREENING_STAGES),
-    partitions_def=screening_partitions,
-    description="Screen one chemical system with one surrogate: prescreen → relax → hull → phonons → shortlist.",
-)
-CHURN_JOB = dg.define_asset_job(
-    "surrogate_churn_job", selection=dg.AssetSelection.assets("surrogate_churn"),
-    description="Compare the surrogates' shortlists (rank correlation, top-k overlap, phonon verdict flips).",
-)
-DFT_INGEST_JOB = dg.define_asset_job(
-    "dft_ingest", selection=dg.AssetSelection.assets("dft_results", "discoveries"),
-    description="Ingest finished DFT run folders, then refresh the discoveries.",
-)
+from orchestration.jobs import RESCREEN_JOB
 
 
 def screening_run_requests(instance: dg.DagsterInstance, *, tag: str) -> list[dg.RunRequest]:
@@ -54,7 +36,7 @@ def screening_run_requests(instance: dg.DagsterInstance, *, tag: str) -> list[dg
 def weekly_rescreen(context: dg.ScheduleEvaluationContext):
     try:
         when = context.scheduled_execution_time.strftime("%Y-%m-%d")
-    except Exception:  # noqa: BLE001 - a manual tick has no scheduled time
+    except CheckError:  # a manual tick (build_schedule_context without a time) has no scheduled time
         when = datetime.now(UTC).strftime("%Y-%m-%d")
     requests = screening_run_requests(context.instance, tag=f"weekly-{when}")
     if not requests:

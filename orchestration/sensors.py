@@ -1,9 +1,9 @@
 """Sensors: DFT results folder, new surrogates in the registry.
 
-* ``dft_results_sensor`` watches the DFT results folder (``CGWGAN_DFT_RESULTS``, default
-  ``<home>/dft/results``). A run folder is requested once it holds outputs and has not changed
-  for ``settle_seconds``; the cursor remembers each folder's file signature, so a folder is sent
-  again only when its files change (and ``dft_results`` itself skips contents it already holds).
+* ``dft_results_sensor`` watches the DFT results folder (``DftResource.results_dir``: from
+  ``CGWGAN_DFT_RESULTS``, default ``<home>/dft/results``). A run folder is requested once it
+  holds outputs and has not changed for ``settle_seconds``; the cursor remembers each folder's
+  file signature, so a folder is sent again only when its files change (and ``dft_results`` itself skips contents it already holds).
   A folder that escapes the root is passed on too, so it lands as a ``refused`` row with its reason.
 * ``surrogate_registry_sensor`` reads the registry file (``CGWGAN_SURROGATES``) and the model
   folders (``CGWGAN_M3GNET_DIR``). A surrogate that appears (or whose weights change) is added to
@@ -14,21 +14,27 @@
   two surrogates, a ``surrogate_churn`` run is requested. Without a registry file it does nothing
   (the built-in surrogates are screened by explicit runs or the weekly schedule).
 
-Neither sensor raises on bad input: a problem becomes a ``SkipReason`` naming it.
+Bad input becomes a ``SkipReason`` naming it: an unreadable results folder (``OSError``), a
+registry file that cannot be read or parsed (``OSError``, ``ValueError`` - which covers JSON errors
+and ``SurrogateError`` - and YAML errors). Anything else is a bug and fails the tick visibly.
 """
 
 import json
 import time
+from pathlib import Path
 
 import dagster as dg
+import yaml
 
-from assets.dft import results_root
 from assets.partitions import DEFAULT_CHEMICAL_SYSTEM, chemical_system_partitions, surrogate_partitions
 from assets.registry import registered_surrogates
 from lib.dft_ingest import content_sha256, scan_results_root
 from lib.ids import content_hash
-from orchestration.resources import CgwganHome, SurrogateRegistryResource
-from orchestration.schedules import CHURN_JOB, DFT_INGEST_JOB, RESCREEN_JOB
+from orchestration.jobs import CHURN_JOB, DFT_INGEST_JOB, RESCREEN_JOB
+from orchestration.resources import CgwganHome, DftResource, SurrogateRegistryResource
+
+#: What reading a registry file raises on bad content (JSON errors and SurrogateError are ValueErrors).
+REGISTRY_INPUT_ERRORS = (OSError, ValueError, yaml.YAMLError)
 
 
 # --------------------------------------------------------------------------- DFT results
@@ -44,7 +50,7 @@ def _ingested(store) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
 
 
 def dft_ingest_request(cgwgan_home: CgwganHome, cursor: str | None, *, settle_seconds: float,
-                       retry_seconds: float = 1800.0, results_dir: str = "",
+                       retry_seconds: float = 1800.0, dft: DftResource | None = None,
                        now: float | None = None) -> tuple[dg.RunRequest | None, str, str]:
     """(run request or None, new cursor, a line saying what was seen).
 
@@ -53,7 +59,7 @@ def dft_ingest_request(cgwgan_home: CgwganHome, cursor: str | None, *, settle_se
     run failed or never ran) is made again, so no finished folder is lost.
     """
     now = time.time() if now is None else now
-    root = results_root(cgwgan_home, results_dir)
+    root = (dft or DftResource()).results_root(cgwgan_home)
     raw = json.loads(cursor) if cursor else {}
     seen = {k: (v if isinstance(v, list) else [v, 0.0, False]) for k, v in raw.items()}
     folders = scan_results_root(root, settle_seconds=settle_seconds)
@@ -104,11 +110,11 @@ def make_dft_results_sensor(*, name: str = "dft_results_sensor", settle_seconds:
     @dg.sensor(name=name, job=DFT_INGEST_JOB, minimum_interval_seconds=minimum_interval_seconds,
                default_status=default_status,
                description="Ingest finished VASP/phonopy run folders from the DFT results folder.")
-    def _sensor(context: dg.SensorEvaluationContext, cgwgan_home: CgwganHome):
+    def _sensor(context: dg.SensorEvaluationContext, cgwgan_home: CgwganHome, dft: DftResource):
         try:
             request, cursor, line = dft_ingest_request(cgwgan_home, context.cursor, settle_seconds=settle_seconds,
-                                                       retry_seconds=retry_seconds)
-        except Exception as exc:  # noqa: BLE001 - a sensor tick must never crash
+                                                       retry_seconds=retry_seconds, dft=dft)
+        except OSError as exc:  # bad input: the results folder cannot be read
             return dg.SkipReason(f"results folder unreadable: {type(exc).__name__}: {exc}")
         context.log.info(line)
         if request is None:
@@ -148,7 +154,12 @@ def registry_requests(
         return dg.SensorResult(skip_reason=dg.SkipReason(
             "no surrogate registry file configured (CGWGAN_SURROGATES): nothing registered to screen"),
             cursor=json.dumps(state, sort_keys=True))
-    active, missing = registered_surrogates(registry_path, surrogate_registry.resolved_models_dir)
+    try:
+        active, missing = registered_surrogates(registry_path, surrogate_registry.resolved_models_dir)
+    except REGISTRY_INPUT_ERRORS as exc:  # bad input: the registry file cannot be read or parsed
+        return dg.SensorResult(skip_reason=dg.SkipReason(
+            f"surrogate registry {Path(registry_path).expanduser()} unreadable: {type(exc).__name__}: {exc}"),
+            cursor=json.dumps(state, sort_keys=True))
     known_surrogates = set(instance.get_dynamic_partitions("surrogate"))
     known_systems = set(instance.get_dynamic_partitions("chemical_system"))
     systems = sorted(known_systems | {default_chemical_system})
@@ -214,12 +225,9 @@ def make_surrogate_registry_sensor(*, name: str = "surrogate_registry_sensor", m
                description="New surrogate in the registry → add its partitions, re-screen, then report churn.")
     def _sensor(context: dg.SensorEvaluationContext, surrogate_registry: SurrogateRegistryResource,
                 cgwgan_home: CgwganHome):
-        try:
-            return registry_requests(context.instance, cgwgan_home, surrogate_registry, context.cursor,
-                                     default_chemical_system=default_chemical_system,
-                                     rescreen_run_config=rescreen_run_config)
-        except Exception as exc:  # noqa: BLE001 - a sensor tick must never crash
-            return dg.SkipReason(f"surrogate registry unreadable: {type(exc).__name__}: {exc}")
+        return registry_requests(context.instance, cgwgan_home, surrogate_registry, context.cursor,
+                                 default_chemical_system=default_chemical_system,
+                                 rescreen_run_config=rescreen_run_config)
 
     return _sensor
 

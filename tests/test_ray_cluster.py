@@ -111,7 +111,7 @@ def _run_on_a_two_node_cluster(home, store, monkeypatch):
             [RAY, "start", "--address", address, *common], env=env, start_new_session=True,
             stdout=open(tmp / "node2.log", "w"), stderr=subprocess.STDOUT))
         monkeypatch.setenv("RAY_ADDRESS", address)
-        RayResource().init()
+        RayResource(address=address).init()
         deadline = time.monotonic() + 120
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             assert time.monotonic() < deadline, (tmp / "node2.log").read_text()[-2000:]
@@ -125,7 +125,7 @@ def _run_on_a_two_node_cluster(home, store, monkeypatch):
         res = dg.materialize(
             [prescreen], instance=inst,
             partition_key=dg.MultiPartitionKey({"chemical_system": "Ba-O-Ru", "surrogate": SURROGATE}),
-            resources={"cgwgan_home": CgwganHome(home=str(home)), "ray_runtime": RayResource(),
+            resources={"cgwgan_home": CgwganHome(home=str(home)), "ray_runtime": RayResource(address=address),
                        "surrogate_registry": SurrogateRegistryResource()},
             run_config={"ops": {"prescreen": {"config": {"num_actors": 2, "batch_rows": 2, "batch_size": 4}}}})
         assert res.success

@@ -17,8 +17,9 @@ from assets.dft import dft_results, discoveries
 from assets.registry import registered_surrogates, registry_version, surrogate_registry
 from lib.store import TableStore
 from orchestration import schedules, sensors
-from orchestration.resources import CgwganHome, SurrogateRegistryResource
-from orchestration.schedules import DFT_INGEST_JOB, weekly_rescreen
+from orchestration.jobs import DFT_INGEST_JOB
+from orchestration.resources import CgwganHome, DftResource, SurrogateRegistryResource
+from orchestration.schedules import weekly_rescreen
 from orchestration.sensors import dft_ingest_request, make_dft_results_sensor, make_surrogate_registry_sensor
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -50,16 +51,17 @@ def test_dft_results_sensor_requests_each_folder_once_and_the_run_ingests(
     _copy(fixtures_dir / "Si", tmp_path / "outside")
     (results / "escape").symlink_to(tmp_path / "outside", target_is_directory=True)
     sensor = make_dft_results_sensor(settle_seconds=0)
+    resources = {"cgwgan_home": cg, "dft": DftResource()}
 
-    r1 = sensor(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}))
+    r1 = sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert len(r1.run_requests) == 1
     req = r1.run_requests[0]
     assert req.run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si", "escape"]
-    r2 = sensor(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}, cursor=r1.cursor))
+    r2 = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=r1.cursor))
     assert not r2.run_requests and "0 new to ingest, 0 retried" in r2.skip_reason.skip_message
 
     # the requested run, executed for real
-    defs = dg.Definitions(assets=[dft_results, discoveries], jobs=[DFT_INGEST_JOB], resources={"cgwgan_home": cg})
+    defs = dg.Definitions(assets=[dft_results, discoveries], jobs=[DFT_INGEST_JOB], resources=resources)
     run = defs.resolve_job_def("dft_ingest").execute_in_process(run_config=req.run_config, instance=instance)
     assert run.success
     rows = {r["run_name"]: r for r in TableStore(home).read("dft_results").to_dicts()}
@@ -82,23 +84,44 @@ def test_dft_results_sensor_requests_each_folder_once_and_the_run_ingests(
     # a folder that finishes later, and a folder that changes, are requested on the next tick only
     (results / "still-copying" / "FORCE_CONSTANTS").write_text("garbage\n")
     (results / "Si" / "OUTCAR").write_text("truncated OUTCAR\n")
-    r3 = sensor(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}, cursor=r2.cursor))
+    r3 = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=r2.cursor))
     assert r3.run_requests[0].run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si", "still-copying"]
     assert r3.run_requests[0].run_key != req.run_key
 
     # settling: a folder written just now is not ready under a 1-hour settle time
     slow = make_dft_results_sensor(name="slow", settle_seconds=3600)
-    r4 = slow(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}))
+    r4 = slow(dg.build_sensor_context(instance=instance, resources=resources))
     assert [r.run_config["ops"]["dft_results"]["config"]["run_names"] for r in r4.run_requests] == [["escape"]]
     old = time.time() - 7200
     for p in (results / "Si").rglob("*"):
         os.utime(p, (old, old))
-    r5 = slow(dg.build_sensor_context(instance=instance, resources={"cgwgan_home": cg}, cursor=r4.cursor))
+    r5 = slow(dg.build_sensor_context(instance=instance, resources=resources, cursor=r4.cursor))
     assert r5.run_requests[0].run_config["ops"]["dft_results"]["config"]["run_names"] == ["Si"]
+
+
+def test_dft_results_sensor_skips_an_unreadable_folder_and_fails_on_a_bug(home: Path, tmp_path: Path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = make_dft_results_sensor(settle_seconds=0)
+    not_a_folder = tmp_path / "results.txt"
+    not_a_folder.write_text("not a folder\n")
+    bad = {"cgwgan_home": CgwganHome(home=str(home)), "dft": DftResource(results_dir=str(not_a_folder))}
+    res = sensor(dg.build_sensor_context(instance=instance, resources=bad))
+    assert isinstance(res, dg.SkipReason)
+    assert "results folder unreadable" in res.skip_message and "results.txt" in res.skip_message
+    # a cursor the sensor cannot have written is a bug, not bad input: the tick fails visibly
+    good = {"cgwgan_home": CgwganHome(home=str(home)), "dft": DftResource()}
+    with pytest.raises(json.JSONDecodeError):
+        sensor(dg.build_sensor_context(instance=instance, resources=good, cursor="{not json"))
 
 
 def _registry(path: Path, names: list[str]) -> None:
     path.write_text(json.dumps({"surrogates": [{"name": n, "kind": "m3gnet"} for n in names]}))
+
+
+def _fixture_store(home: Path) -> TableStore:
+    """The registry sensor reads only which partitions exist and their versions: its fixture
+    tables hold the few columns that matter, written without the pipeline's contracts."""
+    return TableStore(home, contracts={})
 
 
 def _shortlist(store: TableStore, surrogate: str, ids: list[str]) -> None:
@@ -115,7 +138,7 @@ def test_registering_a_surrogate_adds_partitions_and_requests_rescreening(
 
 
 def _registration_flow(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
-    store = TableStore(home)
+    store = _fixture_store(home)
     reg = tmp_path / "surrogates.json"
     _registry(reg, [MP])
     resources = {"cgwgan_home": CgwganHome(home=str(home)),
@@ -166,12 +189,12 @@ def _registration_flow(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Pat
     assert sorted(str(r.partition_key) for r in sched) == [f"Ba-O-Ru|{MP}", f"Ba-O-Ru|{MATPES}"]
 
 
-def test_registry_sensor_never_crashes(home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+def test_registry_sensor_skips_bad_input_and_fails_on_a_bug(home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
     with dg.instance_for_test() as instance:
-        _never_crashes(instance, home, m3gnet_dir, tmp_path)
+        _bad_input(instance, home, m3gnet_dir, tmp_path)
 
 
-def _never_crashes(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+def _bad_input(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
     sensor = make_surrogate_registry_sensor()
     cg = CgwganHome(home=str(home))
     none = sensor(dg.build_sensor_context(instance=instance, resources={
@@ -181,7 +204,17 @@ def _never_crashes(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, t
     broken.write_text("{oops")
     res = sensor(dg.build_sensor_context(instance=instance, resources={
         "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(broken))}))
-    assert isinstance(res, dg.SkipReason) and "broken.json" in res.skip_message
+    assert not res.run_requests and "broken.json" in res.skip_reason.skip_message
+    assert "not valid JSON" in res.skip_reason.skip_message
+    bad_entry = tmp_path / "bad_entry.json"
+    bad_entry.write_text(json.dumps({"surrogates": [{"name": "x", "kind": "not-a-kind"}]}))
+    res = sensor(dg.build_sensor_context(instance=instance, resources={
+        "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(bad_entry))}))
+    assert not res.run_requests and "bad_entry.json" in res.skip_reason.skip_message
+    # a cursor the sensor cannot have written is a bug, not bad input: the tick fails visibly
+    with pytest.raises(json.JSONDecodeError):
+        sensor(dg.build_sensor_context(instance=instance, cursor="{not json", resources={
+            "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(broken))}))
     # registered but without weights here: listed, not screened
     reg = tmp_path / "reg.json"
     _registry(reg, [MATPES])
@@ -221,15 +254,15 @@ def test_new_surrogate_rescreens_ba_ru_o_through_the_sensor_and_churn_compares(
 
     from assets.dft import surrogate_churn
     from assets.screening import phonons, prescreen, references, relaxed, shortlist
+    from orchestration.jobs import CHURN_JOB, RESCREEN_JOB
     from orchestration.resources import RayResource
-    from orchestration.schedules import CHURN_JOB, RESCREEN_JOB
     from tests.lib.test_screening import ba_ru_o_candidates
 
     torch.set_num_threads(1)
     store = TableStore(home)
     cands = ba_ru_o_candidates().with_columns(pl.lit(1).alias("n_folded"), pl.lit(False).alias("is_known_in_mp"),
                                               pl.lit(None, pl.String).alias("mp_material_id"))
-    store.write("candidates_dedup", cands, partition="Ba-O-Ru")
+    _fixture_store(home).write("candidates_dedup", cands, partition="Ba-O-Ru")  # the screening's input only
     mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
     csv = tmp_path / "ba_ru_o_small.csv"
     mp.filter(pl.col("material_id").is_in(["mp-1342", "mp-1009490", "mp-1977763"])).write_csv(csv)
@@ -277,7 +310,13 @@ def test_new_surrogate_rescreens_ba_ru_o_through_the_sensor_and_churn_compares(
     assert set(sl_new["surrogate_sha256"]) == {registered_surrogates(str(reg), str(m3gnet_dir))[0][MATPES].sha256}
     churn = store.read("surrogate_churn").row(0, named=True)
     assert (churn["chemical_system"], churn["surrogate_a"], churn["surrogate_b"]) == ("Ba-O-Ru", MP, MATPES)
-    assert churn["n_common"] == 2 and -1.0 <= churn["spearman_rho"] <= 1.0
+    # Spearman's rho over the candidates both ranked, from the two shortlists themselves
+    from scipy.stats import spearmanr
+
+    both = sl_mp.select("candidate_id", pl.col("rank").alias("a")).join(
+        sl_new.select("candidate_id", pl.col("rank").alias("b")), on="candidate_id")
+    assert churn["n_common"] == both.height == 2
+    assert churn["spearman_rho"] == pytest.approx(spearmanr(both["a"], both["b"]).statistic)
     side = dict(zip(churn["candidate_ids"], zip(churn["ranks_a"], churn["ranks_b"], strict=True), strict=True))
     assert side == {r["candidate_id"]: (r["rank"], sl_new.filter(pl.col("candidate_id") == r["candidate_id"])
                                         ["rank"][0]) for r in sl_mp.iter_rows(named=True)}

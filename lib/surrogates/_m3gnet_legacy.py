@@ -24,7 +24,7 @@ first use so that importing it does not import matgl):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,9 @@ def split_gated_mlp(mlp: nn.Module, node_feat: Tensor, src: Tensor, dst: Tensor,
     is a per-bond product (a third of the first layer's work; the first layer is 3/5 of the
     MLP's multiply-adds). The result equals matgl's up to float32 summation order.
     """
-    l0, g0 = mlp.layers[0], mlp.gates[0]
+    # a matgl GatedMLP: two nn.Sequential stacks whose first layers are nn.Linear
+    layers, gates = cast(nn.Sequential, mlp.layers), cast(nn.Sequential, mlp.gates)
+    l0, g0 = cast(nn.Linear, layers[0]), cast(nn.Linear, gates[0])
     n = node_feat.size(1)
     h = l0.out_features
     w = torch.cat([l0.weight, g0.weight], dim=0)  # (2h, 2n + e)
@@ -56,9 +58,9 @@ def split_gated_mlp(mlp: nn.Module, node_feat: Tensor, src: Tensor, dst: Tensor,
     first.add_(F.linear(node_feat, w[:, :n]).index_select(0, src))
     first.add_(F.linear(node_feat, w[:, n:2 * n]).index_select(0, dst))
     x, g = first[:, :h], first[:, h:]
-    for layer in mlp.layers[1:]:
+    for layer in list(layers)[1:]:
         x = layer(x)
-    for layer in mlp.gates[1:]:
+    for layer in list(gates)[1:]:
         g = layer(g)
     return x * g
 

@@ -347,7 +347,7 @@ class Surrogate:
                     for s in batch:
                         try:
                             preds.extend(self._predict_batch([s], energy_only=energy_only))
-                        except Exception as exc1:  # noqa: BLE001
+                        except Exception as exc1:  # noqa: BLE001 -- reported on its structure
                             preds.append(failed_prediction(len(s), f"{type(exc1).__name__}: {exc1}",
                                                            energy_only=energy_only))
             for p in preds:

@@ -117,7 +117,8 @@ class CHGNetSurrogate(Surrogate):
                     for s, e in zip(structures, energies, strict=True)]
         k = len(graphs)
         grads = torch.autograd.grad((e_model * scale).sum(), [*bg.atom_positions, *bg.strains])
-        volumes = bg.volumes.detach().cpu().double().numpy().reshape(-1)
+        # from_graphs always sets a Tensor; chgnet's hint also allows a sequence of them
+        volumes = bg.volumes.detach().cpu().double().numpy().reshape(-1)  # type: ignore[union-attr]
         preds = []
         for j, s in enumerate(structures):
             forces = -grads[j].detach().cpu().double().numpy().reshape(len(s), 3)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from lib.ids import file_sha256
 from lib.surrogates.base import (
     GPA_TO_EV_PER_A3,
+    Convention,
     Family,
     Prediction,
     Surrogate,
@@ -113,7 +114,7 @@ class M3GNetSurrogate(Surrogate):
         return PESCalculator(self.potential, stress_unit="eV/A3", use_voigt=True)
 
 
-def detect_m3gnet_convention(folder: str | Path, *, sha256: str | None = None) -> tuple[str, str]:
+def detect_m3gnet_convention(folder: str | Path, *, sha256: str | None = None) -> tuple[Convention, str]:
     """(``dgl-legacy``|``native``, why) for a matgl M3GNet folder.
 
     Known legacy ``state.pt`` sha256 -> ``dgl-legacy``; ``model.json`` naming a DGL backend or a
@@ -183,7 +184,7 @@ def load(spec: SurrogateSpec, wfile: Path, device: str) -> M3GNetSurrogate:
         _m3gnet_legacy.restore_dgl_conventions(potential.model)
     potential = potential.to(device)
     potential.eval()
-    spec = replace(spec, convention=convention)  # type: ignore[arg-type]
+    spec = replace(spec, convention=convention)
     return M3GNetSurrogate(spec, potential, device=device,
                            library_version=f"matgl {matgl.__version__}", convention_source=why)
 

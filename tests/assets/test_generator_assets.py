@@ -48,8 +48,8 @@ def test_training_templates_to_templates(home: Path, mp_file: Path) -> None:
                                                 min_density_overlap=0.0, crystal_system="cubic"),
     })
     result = dg.materialize(
-        [dg.AssetSpec("training_templates", group_name="mp"), gen_assets.wgan_checkpoint, gen_assets.templates, gen_assets.wgan_checkpoint_reloads,
-         gen_assets.templates_quality],
+        [dg.AssetSpec("training_templates", group_name="mp"), gen_assets.wgan_checkpoint, gen_assets.templates,
+         gen_assets.wgan_checkpoint_reloads, gen_assets.templates_quality, *gen_assets.contract_checks],
         resources=resources, run_config=run_config, raise_on_error=True,
     )
     assert result.success
@@ -79,6 +79,7 @@ def test_training_templates_to_templates(home: Path, mp_file: Path) -> None:
 
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["wgan_checkpoint_reloads"].passed
+    assert checks["wgan_checkpoints_matches_contract"].passed and checks["templates_matches_contract"].passed
     q = checks["templates_quality"]
     assert q.passed  # threshold 0 here; symmetry must still be exact
     assert q.metadata["symmetry_exactness"].value == 1.0

@@ -57,9 +57,13 @@ def _group_assets():
 
 
 def _group_checks():
-    return [mp_assets.mp_structures_unique_ids, mp_assets.mp_structures_rows_accounted,
-            mp_assets.mp_symmetry_round_trip_rate, mp_assets.mp_symmetry_covers_structures,
-            mp_assets.training_templates_valid]
+    return [mp_assets.mp_structures_rows_accounted, mp_assets.mp_symmetry_round_trip_rate,
+            mp_assets.mp_symmetry_covers_structures, mp_assets.training_templates_valid,
+            *mp_assets.contract_checks]
+
+
+CONTRACT_CHECKS = tuple(f"{t}_matches_contract" for t in
+                        ("mp_structures", "mp_structures_rejects", "mp_symmetry", "training_templates"))
 
 
 def test_mp_group_end_to_end(home: Path, mp_slice: Path, ray_down) -> None:
@@ -70,9 +74,12 @@ def test_mp_group_end_to_end(home: Path, mp_slice: Path, ray_down) -> None:
     )
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {c: True for c in ("mp_structures_unique_ids", "mp_structures_rows_accounted",
-                                        "mp_symmetry_round_trip_rate", "mp_symmetry_covers_structures",
-                                        "training_templates_valid")}
+    assert checks == {c: True for c in ("mp_structures_rows_accounted", "mp_symmetry_round_trip_rate",
+                                        "mp_symmetry_covers_structures", "training_templates_valid",
+                                        *CONTRACT_CHECKS)}
+    mats = result.asset_materializations_for_node("mp_structures")
+    assert {m.asset_key.to_user_string(): m.metadata["dagster/row_count"].value for m in mats} == {
+        "mp_structures": N_SLICE, "mp_structures_rejects": 2}
 
     from lib.store import TableStore
 
@@ -124,11 +131,15 @@ def test_embedded_default_on_fresh_home(home: Path, ray_down, monkeypatch: pytes
     monkeypatch.delenv("CGWGAN_MP_SOURCE", raising=False)
     assert not any(home.iterdir())
     result = dg.materialize(
-        [mp_assets.mp_structures, mp_assets.mp_structures_unique_ids, mp_assets.mp_structures_rows_accounted],
+        [mp_assets.mp_structures, mp_assets.mp_structures_rows_accounted, *mp_assets.contract_checks[:2]],
         resources=_resources(home, ""),
     )
     assert result.success
-    md = result.asset_materializations_for_node("mp_structures")[0].metadata
+    assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == {
+        "mp_structures_rows_accounted": True, "mp_structures_matches_contract": True,
+        "mp_structures_rejects_matches_contract": True}
+    md = next(m.metadata for m in result.asset_materializations_for_node("mp_structures")
+              if m.asset_key == dg.AssetKey("mp_structures"))
     assert md["source"].value == "embedded:aflow_prototypes"
     assert md["n_input"].value == 288
     from lib.store import TableStore
@@ -156,7 +167,7 @@ def test_mp_module_definitions_resolve() -> None:
     )
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"mp_structures", "mp_symmetry", "training_templates"}
+    assert keys == {"mp_structures", "mp_structures_rejects", "mp_symmetry", "training_templates"}
     assert {graph.get(dg.AssetKey(k)).group_name for k in keys} == {"mp"}
-    assert len(graph.asset_check_keys) == 5
+    assert len(graph.asset_check_keys) == 4 + len(CONTRACT_CHECKS)
     defs.resolve_implicit_global_asset_job_def()

@@ -2,38 +2,85 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import polars as pl
 import pytest
+from pymatgen.core import Structure
 
-from assets.reports import xrd_patterns_asset, xrd_patterns_complete
+from assets.reports import contract_checks, xrd_patterns_asset, xrd_patterns_complete
+from lib.contracts import conform
+from lib.store import TableStore
 from orchestration.resources import CgwganHome
-from tests.test_cli import SURROGATE, ba_ru_o_store  # noqa: F401  (fixture)
+
+SURROGATE = "M3GNet-MP-2021.2.8-PES"
+
+
+@pytest.fixture()
+def ba_ru_o_store(store: TableStore, ba_ru_o_dir: Path) -> TableStore:
+    """The 23 real Ba-Ru-O MP structures as ``mp_structures`` and as ``relaxed`` cells (partitioned
+    like screening tables); the ones within 0.1 eV/atom of the MP hull as ``shortlist`` (no cells,
+    as lib.screening writes it). Every table in its contract's shape."""
+    raw = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv")
+    structs = [Structure.from_str(c, fmt="cif") for c in raw["cif"]]
+    mp = pl.DataFrame({
+        "material_id": raw["material_id"],
+        "formula": [s.composition.formula.replace(" ", "") for s in structs],
+        "reduced_formula": [s.composition.reduced_formula for s in structs],
+        "chemical_system": [s.composition.chemical_system for s in structs],
+        "nsites": [len(s) for s in structs],
+        "lattice_matrix": [s.lattice.matrix.ravel().tolist() for s in structs],
+        "species": [[site.specie.symbol for site in s] for s in structs],
+        "frac_coords": [s.frac_coords.tolist() for s in structs],
+        "formation_energy_per_atom_ev": raw["formation_energy_per_atom"],
+        "e_above_hull_ev_per_atom": raw["e_above_hull"],
+    })
+    store.write("mp_structures", conform("mp_structures", mp))
+    rel = mp.with_columns(candidate_id="cand-" + pl.col("material_id"), surrogate_name=pl.lit(SURROGATE),
+                          energy_ev=-5.0 * pl.col("nsites"), status=pl.lit("ok"))
+    for (sys_,), part in rel.group_by("chemical_system"):
+        key = f"{sys_}|{SURROGATE}"
+        store.write("relaxed", conform("relaxed", part), partition=key)
+        short = part.filter(pl.col("e_above_hull_ev_per_atom") < 0.1).sort("e_above_hull_ev_per_atom")
+        store.write("shortlist", conform("shortlist", short.with_columns(
+            rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int64)).select(
+            "rank", "candidate_id", "surrogate_name", "formula", "reduced_formula", "e_above_hull_ev_per_atom",
+            "formation_energy_per_atom_ev")), partition=key)
+    return store
 
 
 def _materialize(home, **config):
     return dg.materialize(
-        [xrd_patterns_asset, xrd_patterns_complete],
+        [xrd_patterns_asset, xrd_patterns_complete, *contract_checks],
         resources={"cgwgan_home": CgwganHome(home=str(home))},
         run_config={"ops": {"xrd_patterns": {"config": config}}} if config else None,
         raise_on_error=False,
     )
 
 
-def test_xrd_of_shortlist_and_discoveries(ba_ru_o_store):  # noqa: F811
+def test_xrd_of_shortlist_and_discoveries(ba_ru_o_store):
     store = ba_ru_o_store
     mp = store.read("mp_structures")
-    store.write("discoveries", mp.filter(pl.col("reduced_formula") == "BaO2").with_columns(
-        candidate_id="cand-" + pl.col("material_id"), dft_formation_energy_per_atom_ev=pl.lit(-1.0)))
+    # four BaO2 polymorphs as DFT discoveries (no cell: xrd_patterns finds it in relaxed by candidate_id)
+    found = mp.filter(pl.col("reduced_formula") == "BaO2").select(
+        "formula", "reduced_formula", candidate_id="cand-" + pl.col("material_id"),
+        result_id="dftres-" + pl.col("material_id"), run_name="cand-" + pl.col("material_id"),
+        status=pl.lit("ok"), is_linked=pl.lit(True), formation_energy_per_atom_ev=pl.lit(-1.0))
+    store.write("discoveries", conform("discoveries", found))
     res = _materialize(store.home)
     assert res.success
     n_short = store.rows("shortlist")
-    meta = res.asset_materializations_for_node("xrd_patterns")[0].metadata
+    assert {m.asset_key.to_user_string() for m in res.asset_materializations_for_node("xrd_patterns")} == {
+        "xrd_patterns", "xrd_similarity"}
+    meta = next(m.metadata for m in res.asset_materializations_for_node("xrd_patterns")
+                if m.asset_key == dg.AssetKey("xrd_patterns"))
     assert meta["n_patterns"].value == n_short + 4
     assert meta["n_rows_not_rebuilt"].value == 0
     assert meta["xrd_plot"].value.startswith("![simulated powder XRD patterns](data:image/png;base64,")
-    checks = res.get_asset_check_evaluations()
-    assert len(checks) == 1 and checks[0].passed
+    checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
+    assert checks == {"xrd_patterns_complete": True, "xrd_patterns_matches_contract": True,
+                      "xrd_similarity_matches_contract": True}
 
     peaks = store.read("xrd_patterns")
     assert set(peaks["source_table"].unique()) == {"shortlist", "discoveries"}
@@ -58,7 +105,7 @@ def test_missing_required_table_fails_with_its_name(home):
     assert "required_tables" in failure.event_specific_data.error.message
 
 
-def test_any_structure_table_can_be_selected(ba_ru_o_store):  # noqa: F811
+def test_any_structure_table_can_be_selected(ba_ru_o_store):
     res = _materialize(ba_ru_o_store.home, tables=["mp_structures"], required_tables=["mp_structures"],
                        max_structures_per_table=5)
     assert res.success

@@ -8,7 +8,9 @@ import duckdb
 import polars as pl
 import pytest
 
+from assets._checks import contract_check
 from assets.screening import phonons, prescreen, references, relaxed, shortlist, surrogate_models
+from lib.contracts import conform
 from orchestration.resources import REPO_ROOT, CgwganHome, RayResource, SurrogateRegistryResource
 from tests.lib.test_screening import SURROGATE, ba_ru_o_candidates
 
@@ -35,8 +37,9 @@ def _checks(result) -> dict[str, bool]:
 
 def test_surrogate_models_table(home, store):
     inst = dg.DagsterInstance.ephemeral()
-    res = dg.materialize([surrogate_models], instance=inst, resources=_resources(home))
-    assert res.success
+    res = dg.materialize([surrogate_models, contract_check("surrogate_models")], instance=inst,
+                         resources=_resources(home))
+    assert res.success and _checks(res) == {"surrogate_models_matches_contract": True}
     df = store.read("surrogate_models")
     assert {"CHGNet-0.3.0", "M3GNet-MP-2021.2.8-PES"} <= set(df["surrogate_name"])
     chg = df.filter(pl.col("surrogate_name") == "CHGNet-0.3.0").row(0, named=True)
@@ -53,8 +56,8 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path,
     torch.set_num_threads(1)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cands = ba_ru_o_candidates().with_columns(pl.lit(1).alias("n_folded"), pl.lit(False).alias("is_known_in_mp"),
-                                              pl.lit(None, pl.String).alias("mp_material_id"))
-    store.write("candidates_dedup", cands, partition=CHEMSYS)
+                                              ("fp-" + pl.col("candidate_id")).alias("fingerprint"))
+    store.write("candidates_dedup", conform("candidates_dedup", cands), partition=CHEMSYS)
     # a small slice of the real Ba-Ru-O MP file: BaO, one O2, one Ba (Ru comes from ASE's reference state)
     mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
     csv = tmp_path / "ba_ru_o_small.csv"
@@ -70,12 +73,17 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path,
     inst = _instance()
     pk = dg.MultiPartitionKey({"chemical_system": CHEMSYS, "surrogate": SURROGATE})
     try:
-        res = dg.materialize([prescreen, relaxed, references, phonons, shortlist], partition_key=pk, instance=inst,
+        tables = ("prescreen", "relaxed", "reference_energies", "phonons", "shortlist")
+        res = dg.materialize([prescreen, relaxed, references, phonons, shortlist,
+                              *(contract_check(t) for t in tables)], partition_key=pk, instance=inst,
                              resources=_resources(home), run_config=run_config)
         assert res.success
         checks = _checks(res)
-        assert checks["covers_every_candidate"] and checks["unique_candidate_surrogate"]
-        assert checks["hull_is_consistent"] and checks["ranked_and_unique"]
+        assert checks == {"covers_every_candidate": True, "convergence_rate": checks["convergence_rate"],
+                          "hull_is_consistent": True, "ranked_and_unique": True,
+                          **{f"{t}_matches_contract": True for t in tables}}, checks
+        assert {m.asset_key.to_user_string() for m in res.asset_materializations_for_node("references")} == {
+            "references", "reference_energies"}
 
         pre = store.read("prescreen", partition=PART)
         assert pre.height == 5 and pre["candidate_id"].n_unique() == 5

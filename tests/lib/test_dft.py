@@ -264,5 +264,5 @@ def test_potcar_check_and_supercell_rules(tmp_path: Path) -> None:
 def test_bad_reference_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "refs.json"
     bad.write_text('{"O": {"energy": 1}}')
-    with pytest.raises(ValueError, match="refs.json"):
+    with pytest.raises(ValueError, match=r"refs\.json"):
         load_elemental_references(bad)

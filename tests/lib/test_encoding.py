@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_schema_layout_and_json(tmp_path: Path) -> None:
     assert s.dim == 230 + 4 * (1 + 27 + 3) + 6 == 360
     blocks = sorted(s.layout().values())
     assert blocks[0][0] == 0 and blocks[-1][1] == s.dim
-    assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))  # contiguous
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))  # contiguous
     assert EncodingSchema.load(s.save(tmp_path / "enc.json")) == s
     assert EncodingSchema.from_json(EncodingSchema(max_sites=6).to_json()).dim == 230 + 6 * 31 + 6
 

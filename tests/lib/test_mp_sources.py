@@ -33,7 +33,7 @@ def _write_csv_gz(df: pl.DataFrame, path: Path) -> Path:
 
 
 def _first_atom_line(cif: str) -> str:
-    return [ln for ln in cif.splitlines() if ln.strip().endswith(" 1") and len(ln.split()) == 7][0]
+    return next(ln for ln in cif.splitlines() if ln.strip().endswith(" 1") and len(ln.split()) == 7)
 
 
 def _bad_rows(real: pl.DataFrame) -> pl.DataFrame:
@@ -106,11 +106,11 @@ def test_empty_file_is_quarantined_as_empty_input(tmp_path: Path, content: bytes
 
 
 def test_unreadable_sources_raise_naming_them(tmp_path: Path, real_rows: pl.DataFrame) -> None:
-    with pytest.raises(MPSourceError, match="nowhere.csv.gz"):
+    with pytest.raises(MPSourceError, match=r"nowhere\.csv\.gz"):
         load_mp_source(str(tmp_path / "nowhere.csv.gz"))
     corrupt = tmp_path / "corrupt.csv.gz"
     corrupt.write_bytes(b"\x1f\x8b\x08\x00garbage that is not gzip")
-    with pytest.raises(MPSourceError, match="corrupt.csv.gz"):
+    with pytest.raises(MPSourceError, match=r"corrupt\.csv\.gz"):
         load_mp_source(str(corrupt))
     no_cif = tmp_path / "no_cif.csv"
     real_rows.drop("cif").write_csv(no_cif)
@@ -176,8 +176,8 @@ def test_parsing_through_ray_equals_in_process(real_rows: pl.DataFrame, tmp_path
     local = load_mp_source(str(path))
     ray.init(num_cpus=1, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
     try:
-        remote = load_mp_source(str(path), n_chunks=3)
-        throttled = load_mp_source(str(path), n_chunks=4, max_parallel=1)
+        remote = load_mp_source(str(path), n_chunks=3, use_ray=True)
+        throttled = load_mp_source(str(path), n_chunks=4, max_parallel=1, use_ray=True)
     finally:
         ray.shutdown()
     assert remote.parse_stats is not None and remote.parse_stats.backend == "ray"

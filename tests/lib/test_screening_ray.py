@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from lib import screening as scr
+from lib.cells import ASU_COLUMNS
 from tests.lib.test_screening import SURROGATE, ba_ru_o_candidates
 
 pytestmark = pytest.mark.ray
@@ -28,7 +29,7 @@ def local_ray(monkeypatch):
 
 def test_killed_worker_batch_is_retried_without_loss_or_duplicates(local_ray, tmp_path):
     df = ba_ru_o_candidates()
-    plan = scr.plan_batches(df.select("candidate_id", *scr.ASU_COLUMNS), rows_per_batch=1,
+    plan = scr.plan_batches(df.select("candidate_id", *ASU_COLUMNS), rows_per_batch=1,
                             salt={"surrogate_sha256": "test", "stage": "prescreen"})
     pool = scr.SurrogatePool(SURROGATE, num_actors=2, num_cpus_per_actor=1, max_restarts=2)
     try:

@@ -121,7 +121,7 @@ def test_registry_file_adds_entries(tmp_path: Path, m3gnet_dir: Path) -> None:
     with pytest.raises(SurrogateError, match="quote it in YAML"):
         load_registry(str(tmp_path / "unquoted.yaml"))
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "x", "kind": "mace"}]))
-    with pytest.raises(SurrogateError, match="bad.json entry 0"):
+    with pytest.raises(SurrogateError, match=r"bad\.json entry 0"):
         load_registry(str(tmp_path / "bad.json"))
 
 

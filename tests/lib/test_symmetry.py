@@ -173,7 +173,7 @@ def test_shared_sample_matches_mp_space_groups(mp_file: Path) -> None:
 
 def test_to_primitive_of_centred_cells() -> None:
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    lat, frac, sp = S.to_primitive(225, nacl.lattice.matrix, nacl.frac_coords, [x.symbol for x in nacl.species])
+    lat, _frac, sp = S.to_primitive(225, nacl.lattice.matrix, nacl.frac_coords, [x.symbol for x in nacl.species])
     assert sorted(sp) == ["Cl", "Na"]
     assert abs(np.linalg.det(lat)) == pytest.approx(nacl.volume / 4)
 

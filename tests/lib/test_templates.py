@@ -201,5 +201,5 @@ def test_quality_report_and_fingerprints(training_rows: pl.DataFrame) -> None:
     wp = wyckoff.position(row["spacegroup_number"], row["wyckoff_letters"][0])
     orbit = wp.expand(np.array(row["asu_frac_coords"][0]))[0]
     fixed = [p for p in orbit if np.allclose(wp.project(p), p, atol=1e-9)]
-    moved = r.with_columns(pl.Series("asu_frac_coords", [[fixed[-1].tolist()] + row["asu_frac_coords"][1:]]))
+    moved = r.with_columns(pl.Series("asu_frac_coords", [[fixed[-1].tolist(), *row["asu_frac_coords"][1:]]]))
     assert template_fingerprints(moved).to_list() == fp.to_list()

@@ -1,0 +1,114 @@
+"""``run_main``: the end-to-end main job (``cgwgan main``).
+
+Stages have different partitions (the MP and generator groups are unpartitioned, infill is per
+chemical system, screening per chemical system x surrogate), and a Dagster run holds one
+partition set, so the main job is a sequence of stage runs on one Dagster instance: each shows
+in the UI's run list with its logs and metadata. The instance and the resources are passed to
+each run explicitly; nothing is written to the environment.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from assets.partitions import chemical_system_partitions, surrogate_partitions
+from orchestration.definitions import build_definitions
+from orchestration.jobs import MainSettings, default_surrogate, main_run_config, merge_run_config
+from orchestration.resources import (
+    DEFAULT_HOME,
+    CgwganHome,
+    SurrogateRegistryResource,
+    dagster_home,
+    resources_from_env,
+)
+
+
+def run_main(*, home: str | None = None, settings: MainSettings | None = None,
+             instance: dg.DagsterInstance | None = None,
+             resources: dict[str, dg.ConfigurableResource] | None = None,
+             run_config: dict[str, dict[str, Any]] | None = None, log=print) -> dict[str, Any]:
+    """Run the whole pipeline end to end, stage by stage, and say where the results are.
+
+    ``resources``: default :func:`~orchestration.resources.resources_from_env`; ``home`` replaces
+    their ``cgwgan_home``. ``instance``: default the Dagster instance in ``DAGSTER_HOME``, else in
+    ``<home>/dagster_home``. ``run_config``: more run config per stage job (``{job name: run
+    config}``), merged at every depth into :func:`main_run_config` of ``settings``.
+    """
+    s = settings or MainSettings()
+    configs = main_run_config(s)
+    unknown = sorted(set(run_config or {}) - set(configs))
+    if unknown:
+        raise ValueError(f"run config for unknown job(s) {unknown}; the main job runs {list(configs)}")
+    configs = merge_run_config(configs, run_config or {})
+    res = dict(resources or resources_from_env())
+    if home:
+        res["cgwgan_home"] = CgwganHome(home=str(Path(home).expanduser().resolve()))
+    home_res = res["cgwgan_home"].process_config_and_initialize()
+    assert isinstance(home_res, CgwganHome)
+    home_path = home_res.path
+    registry = res["surrogate_registry"].process_config_and_initialize()
+    assert isinstance(registry, SurrogateRegistryResource)
+    surrogate = s.surrogate or default_surrogate(registry.models_dir)
+    instance_dir = None
+    if instance is None:
+        instance_dir = dagster_home(home_path)
+        instance_dir.mkdir(parents=True, exist_ok=True)
+        instance = dg.DagsterInstance.from_config(str(instance_dir))
+
+    for partitions, key in ((chemical_system_partitions, s.chemical_system), (surrogate_partitions, surrogate)):
+        assert partitions.name is not None  # both are named in orchestration.partitions
+        instance.add_dynamic_partitions(partitions.name, [key])
+    screening_key = dg.MultiPartitionKey({"chemical_system": s.chemical_system, "surrogate": surrogate})
+
+    defs = build_definitions(res)
+    steps = [
+        ("mp_job", None),
+        ("generator_job", None),
+        ("infill_job", s.chemical_system),
+        ("screening_job", screening_key),
+        ("dft_handoff_job", None),
+    ]
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    try:
+        for job_name, partition_key in steps:
+            log(f"[cgwgan] {job_name}" + (f" [{partition_key}]" if partition_key else "") + " ...")
+            t0 = time.perf_counter()
+            job = defs.resolve_job_def(job_name)
+            result = job.execute_in_process(
+                instance=instance, partition_key=partition_key, run_config=configs.get(job_name, {}),
+                raise_on_error=True,
+            )
+            timings[job_name] = round(time.perf_counter() - t0, 1)
+            log(f"[cgwgan] {job_name} finished in {timings[job_name]} s (run {result.run_id[:8]})")
+    finally:
+        if instance_dir is not None:  # the instance this call opened
+            instance.dispose()
+    timings["total"] = round(time.perf_counter() - t_all, 1)
+
+    log("")
+    log(f"Results are in {home_path}")
+    log(f"  Parquet tables : {home_path / 'tables'}")
+    log(f"  DuckDB catalog : {home_path / 'catalog.duckdb'}")
+    log(f"  DFT inputs     : {home_path / 'dft' / 'inputs'}")
+    if instance_dir is not None:
+        log(f"  Dagster runs   : DAGSTER_HOME={instance_dir} dagster dev -w workspace.yaml")
+    log("Three SQL queries to try:")
+    for q in EXAMPLE_QUERIES:
+        log(f'  cgwgan sql "{q}"')
+    if home_path == DEFAULT_HOME:
+        log("(CGWGAN_HOME is the git-ignored .cgwgan/ folder of the checkout)")
+    return {"home": str(home_path), "surrogate": surrogate, "timings_s": timings}
+
+
+EXAMPLE_QUERIES = (
+    "SELECT unique_rank, formula, spacegroup_number_relaxed, e_above_hull_ev_per_atom, "
+    "formation_energy_per_atom_ev, is_dynamically_stable FROM shortlist WHERE duplicate_of IS NULL "
+    "ORDER BY rank LIMIT 10",
+    "SELECT reduced_formula, count(*) AS n FROM candidates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+    "SELECT spacegroup_number, count(*) AS n FROM templates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+)

@@ -1,0 +1,151 @@
+"""The main job end to end on a tiny configuration: ``run_main`` with an explicit instance and
+resources, and ``cgwgan main`` through the CLI. Real components throughout: the embedded MP
+prototypes, a WGAN trained for a few epochs, CHGNet (offline) for the screening, pymatgen's VASP
+input sets for the DFT hand-off."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from lib.store import TableStore
+from orchestration.cli import main as cli_main
+from orchestration.jobs import OFFLINE_SURROGATE, MainSettings, merge_run_config
+from orchestration.main import run_main
+from orchestration.resources import CgwganHome, DftResource, MPSource, RayResource, SurrogateRegistryResource
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+STAGES = ["mp_job", "generator_job", "infill_job", "screening_job", "dft_handoff_job"]
+TINY = MainSettings(surrogate=OFFLINE_SURROGATE, gan_epochs=30, n_templates=150, min_density_overlap=0.0,
+                    max_asu_sites=3, prescreen_limit=12, relax_top_k=2, phonon_top_n=1, use_ray=False)
+
+
+#: The slow knobs of each stage turned down too (merged into the sizes' run config).
+TINY_RUN_CONFIG = {
+    "mp_job": {"ops": {"mp_symmetry": {"config": {"round_trip_method": "direct"}}}},
+    "generator_job": {"ops": {
+        "wgan_checkpoint": {"config": {"batch_size": 32, "generator_hidden": 64, "critic_hidden": 64,
+                                       "n_critic": 2}},
+        "templates": {"config": {"tsne_points": 0}}}},
+    "screening_job": {"ops": {
+        "relaxed": {"config": {"steps": 30}},
+        "references": {"config": {"use_ray": False, "steps": 30}},
+        "phonons": {"config": {"supercell": [1, 1, 1], "mesh": [4, 4, 4], "band_npoints": 5}},
+        "shortlist": {"config": {"n_plots": 0}}}},
+    "dft_handoff_job": {"ops": {"dft_inputs": {"config": {"top_k": 1}}}},
+}
+
+
+def _assert_tables(home: Path) -> None:
+    store = TableStore(home)
+    for table in ("mp_structures", "training_templates", "templates", "candidates", "candidates_dedup",
+                  "prescreen", "relaxed", "phonons", "shortlist", "dft_inputs", "xrd_patterns"):
+        assert store.rows(table) > 0, f"{table} is empty"
+    part = f"Ba-O-Ru|{OFFLINE_SURROGATE}"
+    shortlist = store.read("shortlist", partition=part)
+    assert shortlist.height > 0 and set(shortlist["surrogate_name"]) == {OFFLINE_SURROGATE}
+    manifest = store.read("dft_inputs").filter(pl.col("status") == "written")
+    assert manifest.height >= 1
+    for run_dir in manifest["run_dir"]:
+        d = Path(run_dir)
+        assert d.is_dir() and d.parent == home / "dft" / "inputs"
+        assert all((d / f).is_file() for f in ("INCAR", "KPOINTS", "POSCAR", "phonopy/phonopy_disp.yaml"))
+
+
+def _our_env() -> dict[str, str]:
+    """The variables the platform reads (or once wrote): Ray and torch set their own."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("CGWGAN_", "DAGSTER_", "MP_API"))}
+
+
+@pytest.mark.slow
+def test_run_main_with_explicit_instance_and_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("CGWGAN_HOME", "DAGSTER_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    resources = {"cgwgan_home": CgwganHome(home=str(home)),
+                 "mp_source": MPSource(source="embedded"),
+                 "ray_runtime": RayResource(num_cpus=1, object_store_mb=256),
+                 "surrogate_registry": SurrogateRegistryResource(torch_threads=1), "dft": DftResource()}
+    env_before = _our_env()
+    lines: list[str] = []
+    with dg.instance_for_test() as instance:
+        out = run_main(settings=TINY, instance=instance, resources=resources, run_config=TINY_RUN_CONFIG,
+                       log=lines.append)
+        runs = instance.get_runs()
+        assert sorted(r.job_name for r in runs) == sorted(STAGES)
+        assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+        assert instance.get_dynamic_partitions("surrogate") == [OFFLINE_SURROGATE]
+        assert instance.get_dynamic_partitions("chemical_system") == ["Ba-O-Ru"]
+    assert _our_env() == env_before  # nothing written to the environment
+    assert out["home"] == str(home.resolve()) and out["surrogate"] == OFFLINE_SURROGATE
+    assert list(out["timings_s"]) == [*STAGES, "total"]
+    assert f"Results are in {home.resolve()}" in lines
+    assert not (home / "dagster_home").exists()  # the given instance was used, no other
+    assert TableStore(home).read("mp_structures")["source"].unique().to_list() == ["embedded:aflow_prototypes"]
+    _assert_tables(home)
+
+
+@pytest.mark.slow
+def test_cgwgan_main_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``cgwgan main`` with the sizes as options and the settings from the environment, as a user
+    runs it (the other stage settings at their defaults); its Dagster instance lands in
+    ``<home>/dagster_home``."""
+    for var in ("DAGSTER_HOME", "CGWGAN_MP_SOURCE", "CGWGAN_SURROGATES", "CGWGAN_M3GNET_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CGWGAN_TORCH_THREADS", "1")
+    home = tmp_path / "cli_home"
+    extra = tmp_path / "tiny.yaml"
+    extra.write_text(yaml.safe_dump(TINY_RUN_CONFIG))
+    rc = cli_main(["main", "--home", str(home), "--run-config", str(extra), "--surrogate", OFFLINE_SURROGATE,
+                   "--gan-epochs", "30",
+                   "--n-templates", "150", "--min-density-overlap", "0", "--max-asu-sites", "3",
+                   "--prescreen-limit", "12", "--relax-top-k", "2", "--phonon-top-n", "1", "--no-use-ray"])
+    cap = capsys.readouterr()
+    out = cap.out
+    assert rc == 0, out + cap.err
+    assert f"Results are in {home.resolve()}" in out
+    assert f"DAGSTER_HOME={home.resolve() / 'dagster_home'}" in out
+    instance = dg.DagsterInstance.from_config(str(home / "dagster_home"))
+    try:
+        runs = {r.job_name: r for r in instance.get_runs()}
+    finally:
+        instance.dispose()
+    assert sorted(runs) == sorted(STAGES)
+    assert {r.status for r in runs.values()} == {dg.DagsterRunStatus.SUCCESS}
+    # the options and the file, merged: neither drops the other's settings of the same op
+    relaxed = runs["screening_job"].run_config["ops"]["relaxed"]["config"]
+    assert relaxed == {"top_k": 2, "use_ray": False, "steps": 30}
+    _assert_tables(home)
+
+
+def test_merge_run_config_keeps_what_it_does_not_name() -> None:
+    base = {"screening_job": {"ops": {"prescreen": {"config": {"max_candidates": 5}},
+                                      "relaxed": {"config": {"top_k": 2, "steps": 100}}}}}
+    extra = {"screening_job": {"ops": {"relaxed": {"config": {"steps": 30, "fmax": 0.1}}}},
+             "dft_handoff_job": {"ops": {"dft_inputs": {"config": {"top_k": 1}}}}}
+    assert merge_run_config(base, extra) == {
+        "screening_job": {"ops": {"prescreen": {"config": {"max_candidates": 5}},
+                                  "relaxed": {"config": {"top_k": 2, "steps": 30, "fmax": 0.1}}}},
+        "dft_handoff_job": {"ops": {"dft_inputs": {"config": {"top_k": 1}}}}}
+    assert base["screening_job"]["ops"]["relaxed"]["config"]["steps"] == 100  # base is not changed
+
+
+def test_run_config_for_an_unknown_job_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="screening_jobb"):
+        run_main(home=str(tmp_path / "h"), settings=TINY, run_config={"screening_jobb": {}},
+                 instance=dg.DagsterInstance.ephemeral(), log=lambda _: None)
+    assert not (tmp_path / "h").exists()  # refused before anything ran
+
+
+def test_cgwgan_main_cli_says_which_step_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("CGWGAN_MP_SOURCE", str(tmp_path / "no_such_file.csv"))
+    rc = cli_main(["main", "--home", str(tmp_path / "h"), "--surrogate", OFFLINE_SURROGATE])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "the main job failed" in err and "no_such_file.csv" in err
