@@ -116,16 +116,18 @@ def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) 
 
 
 def load_configured_surrogate(name: str, *, registry_path: str | None = None, models_dir: str | None = None,
-                              device: str = "cpu", threads: int | None = None, cache: bool = False):
+                              device: str = "cpu", threads: int | None = None, cache: bool = False,
+                              worker_python: str | None = None):
     """``lib.surrogates.load_surrogate`` with the registry read from ``registry_path`` (the
     default loader of :class:`SurrogatePool`; its arguments are plain strings, so they travel to
     Ray actors). ``threads``: torch CPU threads (``None``: torch's setting stays); ``cache``: reuse
-    a surrogate this process loaded from the same weights (sha256)."""
+    a surrogate this process loaded from the same weights (sha256); ``worker_python``: the python
+    of a surrogate that runs in its own environment (the TensorFlow M3GNet's venv)."""
     from lib.surrogates import load_registry, load_surrogate
 
     registry = load_registry(registry_path or None, models_dir=models_dir or None)
     return load_surrogate(name, registry=registry, models_dir=models_dir or None, device=device,
-                          threads=threads, cache=cache)
+                          threads=threads, cache=cache, worker_python=worker_python or None)
 
 
 def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32) -> pl.DataFrame:

@@ -18,9 +18,11 @@
 torch's CPU threads: :func:`set_torch_threads` (``load_surrogate(threads=...)``; the caller
 decides, this library reads no environment); BLAS is held to one thread during relaxations.
 
-Surrogates are named in a registry (:func:`load_registry`): three built-ins
+Surrogates are named in a registry (:func:`load_registry`): four built-ins
 (``CHGNet-0.3.0``, whose weights ship inside the ``chgnet`` wheel and so is the offline default;
-``M3GNet-MP-2021.2.8-PES`` and ``M3GNet-MatPES-PBE-v2025.1-PES``, folders under ``models_dir``)
+``M3GNet-MP-2021.2.8-PES`` and ``M3GNet-MatPES-PBE-v2025.1-PES``, matgl folders under
+``models_dir``; ``M3GNet-TF-MP-2021.2.8-EFS``, the paper's TensorFlow M3GNet, a folder under
+``models_dir`` run in a worker under ``worker_python``, see :mod:`lib.surrogates.m3gnet_tf`)
 plus any entries of an optional JSON/YAML registry file. Each entry records the sha256 of its
 weights file, and :func:`surrogate_id` gives the ``sur-`` id used in table lineage.
 
@@ -63,6 +65,7 @@ from lib.surrogates.base import (
 from lib.surrogates.chgnet import CHGNET_WHEEL_SHA256, CHGNetSurrogate
 from lib.surrogates.loading import clear_surrogate_cache, load_surrogate, set_torch_threads
 from lib.surrogates.m3gnet import KNOWN_DGL_LEGACY_STATE_SHA256, M3GNetSurrogate, detect_m3gnet_convention
+from lib.surrogates.m3gnet_tf import M3GNetTFSurrogate
 from lib.surrogates.registry import (
     DEFAULT_SURROGATE,
     FAMILIES,
@@ -84,6 +87,7 @@ __all__ = [
     "Convention",
     "Family",
     "M3GNetSurrogate",
+    "M3GNetTFSurrogate",
     "Optimizer",
     "Prediction",
     "RelaxResult",

@@ -105,8 +105,9 @@ class Family:
     """
 
     kind: SurrogateKind
-    #: ``(spec, weights_file, device) -> Surrogate``; ``spec.sha256`` is already verified
-    load: Callable[[SurrogateSpec, Path, str], Surrogate]
+    #: ``(spec, weights_file, device) -> Surrogate``; ``spec.sha256`` is already verified (a
+    #: family that :attr:`runs_in_worker` also takes ``python=`` and ``threads=`` keywords)
+    load: Callable[..., Surrogate]
     #: ``weights -> file``: the file whose sha256 identifies the weights (may import the model
     #: library for weights shipped inside its package)
     weights_file: Callable[[str], Path]
@@ -121,6 +122,8 @@ class Family:
     packaged_prefix: str = ""
     #: a registry entry without ``weights`` is the folder ``<models_dir>/<name>``
     weights_in_models_dir: bool = False
+    #: the model runs in a worker process under another python (``load_surrogate(worker_python=)``)
+    runs_in_worker: bool = False
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from lib.surrogates.registry import family, resolve_spec
 
 #: Loaded surrogates kept by :func:`load_surrogate` (``cache=True``), at most this many.
 CACHE_SIZE = 4
-_CACHE: dict[tuple[str, str, str, str, str], Surrogate] = {}
+_CACHE: dict[tuple[str, str, str, str, str, str], Surrogate] = {}
 
 
 def set_torch_threads(threads: int | None = None) -> int:
@@ -50,6 +50,7 @@ def load_surrogate(
     device: str = "cpu",
     threads: int | None = None,
     cache: bool = False,
+    worker_python: str | None = None,
 ) -> Surrogate:
     """Load a surrogate by registry name or weights folder/file.
 
@@ -59,6 +60,9 @@ def load_surrogate(
     :mod:`lib.surrogates._m3gnet_legacy`). ``threads``: torch CPU threads for this process
     (:func:`set_torch_threads`; ``None``: torch's setting stays). ``cache``: reuse a surrogate
     this process already loaded with the same weights (sha256), name, convention and device.
+    ``worker_python``: the python of a family that runs in its own environment in a worker
+    process (``m3gnet_tf``: ``.venv-m3gnet-tf/bin/python``, built by ``make tf-m3gnet``); the
+    worker gets ``threads`` as its CPU threads. Other families ignore it.
     """
     set_torch_threads(threads)
     spec = resolve_spec(name_or_folder, registry, models_dir)
@@ -74,10 +78,14 @@ def load_surrogate(
             f"{spec.sha256}; register these weights under their own name"
         )
     spec = replace(spec, sha256=actual)
-    key = (actual, spec.kind, spec.name, spec.convention, device)
+    key = (actual, spec.kind, spec.name, spec.convention, device,
+           str(worker_python or "") if fam.runs_in_worker else "")
     if cache and key in _CACHE:
         return _CACHE[key]
-    surrogate = fam.load(spec, wfile, device)
+    if fam.runs_in_worker:
+        surrogate = fam.load(spec, wfile, device, python=worker_python, threads=threads)
+    else:
+        surrogate = fam.load(spec, wfile, device)
     if cache:
         while len(_CACHE) >= CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]

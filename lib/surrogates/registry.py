@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from lib.ids import file_sha256
-from lib.surrogates import chgnet, m3gnet
+from lib.surrogates import chgnet, m3gnet, m3gnet_tf
 from lib.surrogates.base import Family, SurrogateError, SurrogateSpec
 
 #: kind -> family. A new family: its module plus one entry here. Folders/files given by path are
@@ -25,6 +25,7 @@ from lib.surrogates.base import Family, SurrogateError, SurrogateSpec
 FAMILIES: dict[str, Family] = {
     "m3gnet": m3gnet.FAMILY,
     "chgnet": chgnet.FAMILY,
+    "m3gnet_tf": m3gnet_tf.FAMILY,
 }
 
 DEFAULT_SURROGATE = "CHGNet-0.3.0"
@@ -42,7 +43,8 @@ def family(kind: str) -> Family:
 
 
 def builtin_specs(*, models_dir: str | None = None) -> dict[str, SurrogateSpec]:
-    """The three built-in surrogates; M3GNet folders are ``<models_dir>/<name>`` when given."""
+    """The built-in surrogates; M3GNet folders (matgl and TensorFlow) are ``<models_dir>/<name>``
+    when given."""
     legacy_sha = {name: sha for sha, name in m3gnet.KNOWN_DGL_LEGACY_STATE_SHA256.items()}
 
     def m3gnet_folder(name: str) -> str | None:
@@ -65,7 +67,9 @@ def builtin_specs(*, models_dir: str | None = None) -> dict[str, SurrogateSpec]:
             sha256=legacy_sha["M3GNet-MP-2021.2.8-PES"],
             version="2021.2.8",
             convention="dgl-legacy",
-            description="matgl M3GNet universal potential, MP-2021.2.8 (the paper's surrogate)",
+            description="matgl's M3GNet universal potential trained on MP-2021.2.8: a separately "
+                        "trained model, not the paper's surrogate (about 0.15 eV/atom from it on "
+                        "Ba-Ru-O; the paper's is M3GNet-TF-MP-2021.2.8-EFS)",
         ),
         SurrogateSpec(
             name="M3GNet-MatPES-PBE-v2025.1-PES",
@@ -75,6 +79,16 @@ def builtin_specs(*, models_dir: str | None = None) -> dict[str, SurrogateSpec]:
             version="v2025.1",
             convention="dgl-legacy",
             description="matgl M3GNet trained on MatPES-PBE 2025.1",
+        ),
+        SurrogateSpec(
+            name="M3GNet-TF-MP-2021.2.8-EFS",
+            kind="m3gnet_tf",
+            weights=m3gnet_folder("M3GNet-TF-MP-2021.2.8-EFS"),
+            sha256=m3gnet_tf.M3GNET_TF_MP_2021_SHA256,
+            version="2021.2.8",
+            convention="native",
+            description="the paper's surrogate: the original TensorFlow M3GNet (pip m3gnet 0.2.4, "
+                        "MP-2021.2.8-EFS weights), run in its own venv (make tf-m3gnet)",
         ),
     ]
     return {s.name: s for s in specs}
@@ -115,7 +129,7 @@ def load_registry(
     """The built-in surrogates plus the entries of an optional JSON/YAML registry file.
 
     A file holds a list of entries (or ``{"surrogates": [...]}``, or a mapping name -> entry),
-    each with ``name``, ``kind`` (a key of :data:`FAMILIES`: ``m3gnet``/``chgnet``) and
+    each with ``name``, ``kind`` (a key of :data:`FAMILIES`: ``m3gnet``/``chgnet``/``m3gnet_tf``) and
     optionally ``weights``, ``sha256``, ``version``, ``convention``, ``description``. ``weights``
     may use ``${models_dir}``; a relative path is taken relative to the registry file's folder;
     an M3GNet entry without ``weights`` is the folder ``<models_dir>/<name>``. So a model folder

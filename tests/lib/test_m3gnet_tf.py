@@ -207,3 +207,147 @@ def test_worker_is_persistent_and_closes(tf_client: M3GNetTFClient) -> None:
     tf_client.close()
     assert proc is not None and proc.poll() == 0  # it exited on the shutdown request
     assert not tf_client.running and tf_client.pid is None
+
+
+# --- the registered surrogate family (lib.surrogates.load_surrogate) -------------------------
+
+
+def _mp_structure(shared_dir: Path, material_id: str) -> Structure:
+    import polars as pl
+
+    path = shared_dir / "data" / "mp" / "ba_ru_o" / "ba_ru_o_mp_structures.csv"
+    rows = pl.read_csv(path).filter(pl.col("material_id") == material_id)
+    assert rows.height == 1, f"{material_id} not in {path}"
+    return Structure.from_str(rows["cif"][0], fmt="cif")
+
+
+@pytest.fixture(scope="module")
+def tf_surrogate(weights_dir: Path):
+    from lib.surrogates import load_surrogate
+
+    python = venv_python(REPO / DEFAULT_VENV)
+    if not python.exists():
+        _skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
+                      "run `make tf-m3gnet`")
+    sur = load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(python))
+    yield sur
+    sur.close()
+
+
+def test_registered_as_the_papers_surrogate() -> None:
+    from lib.surrogates import FAMILIES, builtin_specs
+    from lib.surrogates.m3gnet_tf import M3GNET_TF_MP_2021_SHA256
+
+    specs = builtin_specs(models_dir="/models")
+    spec = specs[MODEL]
+    assert "m3gnet_tf" in FAMILIES and spec.kind == "m3gnet_tf"
+    assert spec.weights == f"/models/{MODEL}" and spec.sha256 == M3GNET_TF_MP_2021_SHA256
+    assert "paper's surrogate" in spec.description and "0.2.4" in spec.description
+    # matgl's M3GNet is a separately trained model, and says so
+    assert "not the paper's surrogate" in specs["M3GNet-MP-2021.2.8-PES"].description
+
+
+def test_weights_folder_resolves_to_the_registry_entry(weights_dir: Path) -> None:
+    from lib.surrogates import resolve_spec
+    from lib.surrogates.m3gnet_tf import M3GNET_TF_MP_2021_SHA256
+
+    spec = resolve_spec(str(weights_dir))
+    assert spec.kind == "m3gnet_tf" and spec.sha256 == M3GNET_TF_MP_2021_SHA256
+    assert spec.name == MODEL and spec.surrogate_id == "sur-" + M3GNET_TF_MP_2021_SHA256[:16]
+
+
+def test_load_surrogate_without_the_environment_names_make_tf_m3gnet(
+        weights_dir: Path, tmp_path: Path) -> None:
+    from lib.surrogates import load_surrogate
+
+    for python in (None, str(tmp_path / "no-venv" / "bin" / "python")):
+        with pytest.raises(M3GNetTFEnvError, match=r"make tf-m3gnet"):
+            load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=python)
+
+
+def test_load_surrogate_matches_tf_reference(tf_surrogate, reference: dict) -> None:
+    from lib.surrogates import M3GNetTFSurrogate
+    from lib.surrogates.m3gnet_tf import M3GNET_TF_MP_2021_SHA256
+
+    assert isinstance(tf_surrogate, M3GNetTFSurrogate)
+    assert tf_surrogate.weights_sha256 == M3GNET_TF_MP_2021_SHA256
+    assert tf_surrogate.library_version.startswith("m3gnet 0.2.4 (tensorflow 2.15.")
+    names = list(reference)
+    assert len(names) == 12
+    preds = tf_surrogate.predict([reference[n]["structure"] for n in names], batch_size=5)
+    de, df, ds = _deviations(preds, reference, names)
+    print(f"load_surrogate: max |dE| {de:.2e} eV/atom, |dF| {df:.2e} eV/Å, |dS| {ds:.2e} eV/Å^3")
+    assert de <= E_TOL_EV_PER_ATOM
+    assert df <= F_TOL_EV_PER_A
+    assert ds <= S_TOL_EV_PER_A3
+    # the ASE calculator gives the same numbers
+    atoms = reference["SrTiO3_rattled"]["structure"].to_ase_atoms()
+    atoms.calc = tf_surrogate.calculator()
+    n = len(atoms)
+    assert abs(atoms.get_potential_energy() - reference["SrTiO3_rattled"]["energy"]) / n <= E_TOL_EV_PER_ATOM
+    assert np.abs(atoms.get_forces() - np.asarray(reference["SrTiO3_rattled"]["forces"])).max() <= F_TOL_EV_PER_A
+
+
+def test_element_not_covered_is_a_clear_error(tf_surrogate, reference: dict) -> None:
+    from lib.surrogates import StructureInputError
+
+    americium = Structure(Lattice.cubic(4.0), ["Am", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    good = reference["BaRuO3_cub_a4.0"]["structure"]
+    preds = tf_surrogate.predict_safe([good, americium], energy_only=True)
+    assert preds[0].ok and not preds[1].ok
+    assert "Am" in preds[1].error and "not covered by surrogate " + MODEL in preds[1].error
+    with pytest.raises(StructureInputError, match=r"structure 1: element\(s\) Am not covered"):
+        tf_surrogate.predict([good, americium])
+    with pytest.raises(StructureInputError, match="Am not covered"):
+        tf_surrogate.relax(americium)
+
+
+def test_relax_rattled_bao_rocksalt(tf_surrogate, shared_dir: Path) -> None:
+    """MP's BaO rocksalt (mp-1342), conventional cell strained 3 % and rattled: the shared
+    driver (FIRE on FrechetCellFilter) through the worker's calculator, and ``relax_many``."""
+    bao = _mp_structure(shared_dir, "mp-1342")
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    conv = SpacegroupAnalyzer(bao).get_conventional_standard_structure()
+    assert conv.composition.reduced_formula == "BaO" and len(conv) == 8
+    start = conv.copy()
+    start.apply_strain(0.03)
+    rng = np.random.default_rng(0)
+    start = Structure(start.lattice, start.species,
+                      start.cart_coords + rng.normal(0, 0.05, (len(start), 3)), coords_are_cartesian=True)
+    r = tf_surrogate.relax(start, fmax=0.05, steps=300)
+    assert r.ok, r.error
+    assert r.is_converged and r.steps < 300
+    assert r.energy_ev < r.initial_energy_ev - 0.05, (r.initial_energy_ev, r.energy_ev)
+    again = tf_surrogate.predict([r.structure])[0]
+    assert float(np.abs(again.forces_ev_per_a).max()) < 0.05
+    [rm] = tf_surrogate.relax_many([start], fmax=0.05, steps=300)
+    assert rm.ok and rm.is_converged
+    assert abs(rm.energy_ev - r.energy_ev) / len(start) <= 1e-4
+    print(f"BaO relax: {r.initial_energy_ev / 8:.4f} -> {r.energy_ev / 8:.4f} eV/atom in {r.steps} "
+          f"steps, a = {r.structure.lattice.a:.3f} Å (MP {conv.lattice.a:.3f})")
+
+
+def test_surrogate_close_stops_its_worker(weights_dir: Path) -> None:
+    from lib.surrogates import load_surrogate
+
+    python = venv_python(REPO / DEFAULT_VENV)
+    if not python.exists():
+        _skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing)")
+    with load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(python)) as sur:
+        proc = sur.client._proc
+        assert sur.client.running and proc is not None
+    assert proc.poll() == 0 and not sur.client.running
+
+
+def test_resource_passes_the_tf_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestration.resources import SurrogateRegistryResource, configured
+
+    monkeypatch.delenv("CGWGAN_M3GNET_TF_PYTHON", raising=False)
+    reg = configured("surrogate_registry")
+    assert isinstance(reg, SurrogateRegistryResource)
+    assert reg.resolved_m3gnet_tf_python == str(venv_python(REPO / DEFAULT_VENV))
+    monkeypatch.setenv("CGWGAN_M3GNET_TF_PYTHON", "/opt/tf/bin/python")
+    reg = configured("surrogate_registry")
+    assert isinstance(reg, SurrogateRegistryResource)
+    assert reg.resolved_m3gnet_tf_python == "/opt/tf/bin/python"

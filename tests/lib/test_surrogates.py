@@ -82,14 +82,14 @@ def chgnet():
 
 def test_builtin_registry_and_ids(m3gnet_dir: Path) -> None:
     reg = load_registry(None, models_dir=str(m3gnet_dir))
-    assert set(reg) == {"CHGNet-0.3.0", *M3GNET_MODELS}
+    assert set(reg) == {"CHGNet-0.3.0", *M3GNET_MODELS, "M3GNet-TF-MP-2021.2.8-EFS"}
     mp = reg["M3GNet-MP-2021.2.8-PES"]
     assert mp.kind == "m3gnet" and mp.convention == "dgl-legacy"
     assert mp.weights == str(m3gnet_dir / "M3GNet-MP-2021.2.8-PES")
     assert surrogate_id(mp) == "sur-" + MP_SHA[:16]
     assert reg["CHGNet-0.3.0"].weights == "chgnet:0.3.0"
     frame = registry_frame(reg)
-    assert frame.height == 3 and frame["surrogate_id"].null_count() == 0
+    assert frame.height == 4 and frame["surrogate_id"].null_count() == 0
     # without a models dir the M3GNet folders are unknown, and loading says what to set
     bare = load_registry(None)
     assert bare["M3GNet-MP-2021.2.8-PES"].weights is None
