@@ -6,9 +6,11 @@ Thin wrappers around :mod:`lib.gan` (model, training, checkpoints) and :mod:`lib
 """
 
 
+import hashlib
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -21,6 +23,7 @@ from lib import templates as tpl
 from lib.encoding import DEFAULT_SCHEMA, EncodingSchema, encode_templates, encodings_to_numpy
 from lib.ids import content_hash
 from lib.plots import figure_markdown, subplots
+from orchestration.progress import new_bar
 from orchestration.resources import CgwganHome
 
 GROUP = "generator"
@@ -104,33 +107,63 @@ def wgan_checkpoint(context: dg.AssetExecutionContext, config: WganCheckpointCon
                        critic_hidden=config.critic_hidden, epochs=config.epochs, batch_size=config.batch_size,
                        n_critic=config.n_critic, gp_lambda=config.gp_lambda,
                        lr_generator=config.learning_rate, lr_critic=config.learning_rate)
-    parent = None
-    if config.resume_checkpoint_id:
-        parent = gan.load_checkpoint(_latest_checkpoint(cgwgan_home, config.resume_checkpoint_id)["path"],
-                                     device=config.device or None)
-    result = gan.train_wgan(x, config=hp, schema=schema, seed=config.seed, device=config.device or None,
-                            training_snapshot_id=snapshot, log_every=max(1, config.epochs // 10),
-                            log=context.log.info, cpu_threads=config.cpu_threads or None, init_from=parent)
-    model = result.model
-    path = gan.save_checkpoint(model, cgwgan_home.subdir("checkpoints"))
+    device = config.device or gan.default_device()
+    training_key = content_hash({
+        "rows_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(), "shape": list(x.shape),
+        "training_snapshot_id": snapshot, "encoding_version": schema.version, "hyperparameters": hp.to_dict(),
+        "seed": config.seed, "device": device, "resume_checkpoint_id": config.resume_checkpoint_id,
+    }, prefix="train-")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    model, previous = _reusable_checkpoint(cgwgan_home, training_key, device)
+    if model is not None and previous is not None:  # same rows and settings: no training
+        context.log.info(f"reusing {model.checkpoint_id} (training key {training_key})")
+        path, wall, history = Path(previous["path"]), float(previous["wall_time_s"]), model.history
+        created_at, reused_at = previous["created_at"], now
+    else:
+        parent = None
+        if config.resume_checkpoint_id:
+            parent = gan.load_checkpoint(_latest_checkpoint(cgwgan_home, config.resume_checkpoint_id)["path"],
+                                         device=config.device or None)
+        every = max(1, config.epochs // 10)
+        bar = new_bar(config.epochs, "training", unit="epoch")
+        epochs_done = [0]
+
+        def on_epoch(message: str) -> None:  # every epoch: the bar; every tenth of them: the run log
+            epochs_done[0] += 1
+            bar.update(1)
+            if epochs_done[0] % every == 0:
+                context.log.info(message)
+
+        try:
+            result = gan.train_wgan(x, config=hp, schema=schema, seed=config.seed, device=device,
+                                    training_snapshot_id=snapshot, log_every=1, log=on_epoch,
+                                    cpu_threads=config.cpu_threads or None, init_from=parent)
+        finally:
+            bar.close()
+        model, wall, history = result.model, result.wall_time_s, result.history
+        path = gan.save_checkpoint(model, cgwgan_home.subdir("checkpoints"))
+        created_at, reused_at = now, None
     row = pl.DataFrame({
         "checkpoint_id": [model.checkpoint_id], "path": [str(path)], "encoding_version": [schema.version],
         "training_snapshot_id": [snapshot], "seed": [config.seed], "epochs": [config.epochs],
-        "n_training_rows": [int(x.shape[0])], "device": [result.device],
-        "wall_time_s": [round(result.wall_time_s, 2)],
+        "n_training_rows": [int(x.shape[0])], "device": [device],
+        "wall_time_s": [round(wall, 2)],
         "parent_checkpoint_id": [model.parent_checkpoint_id],
-        "created_at": [datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")],
+        "created_at": [created_at],
         "hyperparameters": [json.dumps(hp.to_dict(), sort_keys=True)],
-    })
+        "training_key": [training_key], "reused_at": [reused_at],
+    }, schema_overrides={"reused_at": pl.String})
     store = cgwgan_home.store
     if store.exists("wgan_checkpoints"):
         old = store.read("wgan_checkpoints").filter(pl.col("checkpoint_id") != model.checkpoint_id)
         row = pl.concat([old, row], how="diagonal_relaxed")
-    store.write("wgan_checkpoints", row.sort("created_at"))
+    store.write("wgan_checkpoints", _newest_last(row))
     cgwgan_home.refresh_catalog()
-    h = result.history
+    h = history
     return dg.MaterializeResult(metadata={
         "checkpoint_id": model.checkpoint_id,
+        "reused": reused_at is not None,
+        "training_key": training_key,
         "path": dg.MetadataValue.path(str(path)),
         "training_snapshot_id": snapshot,
         "parent_checkpoint_id": model.parent_checkpoint_id,
@@ -138,8 +171,8 @@ def wgan_checkpoint(context: dg.AssetExecutionContext, config: WganCheckpointCon
         "seed": config.seed,
         "epochs": config.epochs,
         "n_training_rows": int(x.shape[0]),
-        "device": result.device,
-        "wall_time_s": round(result.wall_time_s, 1),
+        "device": device,
+        "wall_time_s": round(wall, 1),
         "final_wasserstein": round(h["wasserstein"][-1], 5),
         "final_gradient_penalty": round(h["gradient_penalty"][-1], 5),
         "hyperparameters": dg.MetadataValue.json(hp.to_dict()),
@@ -150,7 +183,7 @@ def wgan_checkpoint(context: dg.AssetExecutionContext, config: WganCheckpointCon
 @dg.asset_check(asset=wgan_checkpoint, description="The newest checkpoint reloads with the same content hash, "
                 "its curves are finite, and its generator's outputs lie in [-1, 1].")
 def wgan_checkpoint_reloads(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
-    rows = cgwgan_home.store.read("wgan_checkpoints").sort("created_at")
+    rows = _newest_last(cgwgan_home.store.read("wgan_checkpoints"))
     last = rows.row(-1, named=True)
     try:
         model = gan.load_checkpoint(last["path"], device="cpu")
@@ -165,8 +198,36 @@ def wgan_checkpoint_reloads(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
         "curves_finite": bool(finite), "outputs_in_range": in_range})
 
 
+def _newest_last(rows: pl.DataFrame) -> pl.DataFrame:
+    """Checkpoint rows ordered by when they were last trained or reused (the newest last)."""
+    if "reused_at" not in rows.columns:
+        return rows.sort("created_at")
+    return rows.sort(pl.coalesce("reused_at", "created_at"))
+
+
+def _reusable_checkpoint(cgwgan_home: CgwganHome, training_key: str,
+                         device: str) -> tuple[gan.WganModel | None, dict | None]:
+    """The checkpoint trained on the same rows with the same settings (``training_key``), reloaded
+    (its weights hash checked), with its row; (None, None) when there is none or it does not load."""
+    store = cgwgan_home.store
+    if not store.exists("wgan_checkpoints"):
+        return None, None
+    rows = store.read("wgan_checkpoints")
+    if "training_key" not in rows.columns:
+        return None, None
+    rows = _newest_last(rows.filter(pl.col("training_key") == training_key))
+    for previous in reversed(rows.to_dicts()):
+        if not Path(previous["path"]).is_dir():
+            continue
+        try:
+            return gan.load_checkpoint(previous["path"], device=device), previous
+        except (OSError, ValueError, RuntimeError):  # damaged or edited files: train again
+            continue
+    return None, None
+
+
 def _latest_checkpoint(cgwgan_home: CgwganHome, checkpoint_id: str) -> dict:
-    rows = cgwgan_home.store.read("wgan_checkpoints").sort("created_at")
+    rows = _newest_last(cgwgan_home.store.read("wgan_checkpoints"))
     if checkpoint_id:
         rows = rows.filter(pl.col("checkpoint_id") == checkpoint_id)
         if rows.height == 0:

@@ -101,14 +101,14 @@ def _keys(context: dg.AssetExecutionContext) -> tuple[str, str, str]:
 def _load_kwargs(reg: SurrogateRegistryResource) -> dict[str, Any]:
     return {"registry_path": reg.resolved_registry_path or None,
             "models_dir": reg.resolved_models_dir or None, "device": reg.device,
-            "threads": reg.torch_threads or None}
+            "threads": reg.torch_threads or None, "worker_python": reg.resolved_m3gnet_tf_python}
 
 
 def _local_surrogate(name: str, registry_path: str | None, models_dir: str | None, device: str,
-                     threads: int | None = None):
+                     threads: int | None = None, worker_python: str | None = None):
     """The surrogate loaded in this process, cached by its weights' sha256 (changed weights reload)."""
     return scr.load_configured_surrogate(name, registry_path=registry_path, models_dir=models_dir, device=device,
-                                         threads=threads, cache=True)
+                                         threads=threads, cache=True, worker_python=worker_python)
 
 
 @contextmanager
@@ -117,7 +117,7 @@ def _compute(config: RayStageConfig, method: str, surrogate: str, reg: Surrogate
     """A ``compute`` for ``run_batches`` (Ray actors or in-process) and what ran it."""
     lk = _load_kwargs(reg)
     if not config.use_ray or n_batches == 0:
-        sur = _local_surrogate(surrogate, lk["registry_path"], lk["models_dir"], lk["device"], lk["threads"])
+        sur = _local_surrogate(surrogate, **lk)
         yield scr.local_compute(sur, method, **kwargs), {"backend": "local", "actors": 0}
         return
     import ray
@@ -140,13 +140,21 @@ def _work_dir(home: CgwganHome, stage: str, partition: str) -> Path:
 
 
 def _progress(context: dg.AssetExecutionContext, stage: str, batches):
-    """A callback that reports each finished batch in the run log (long stages show progress)."""
+    """A callback that reports each finished batch in the run log (long stages show progress),
+    and advances the stage's progress bar (structures; a no-op unless ``cgwgan main`` turned bars on)."""
+    from orchestration.progress import new_bar
+
     total = batches["batch_id"].n_unique()
+    sizes = dict(batches.group_by("batch_id").len().iter_rows())
     done = [0]
     t0 = time.perf_counter()
+    bar = new_bar(batches.height, stage, unit="structure")  # closed when full, else when dropped
 
     def report(batch_id: str) -> None:
         done[0] += 1
+        bar.update(sizes.get(batch_id, 0))
+        if done[0] == total:
+            bar.close()
         context.log.info(f"{stage}: batch {done[0]}/{total} written ({batch_id}, "
                          f"{time.perf_counter() - t0:.0f} s)")
 

@@ -468,7 +468,11 @@ _ALL: tuple[Contract, ...] = (
               Column("wall_time_s", _F64, "s", "training wall time"),
               Column("parent_checkpoint_id", _S, None, "checkpoint training resumed from (null: from scratch)"),
               Column("created_at", _S, None, "UTC time of the checkpoint (ISO 8601)"),
-              Column("hyperparameters", _S, None, "GanConfig as JSON")),
+              Column("hyperparameters", _S, None, "GanConfig as JSON"),
+              Column("training_key", _S, None, "content hash of the training rows and settings: a "
+                     "materialisation with the same key reuses this checkpoint instead of training"),
+              Column("reused_at", _S, None, "UTC time the checkpoint was last reused (null: never); "
+                     "the newest of created_at / reused_at picks the templates' checkpoint")),
         primary_key=("checkpoint_id",), asset="wgan_checkpoint",
         extra_columns_allowed=True,
         extra_columns_note="rows accumulate across runs, so columns of checkpoints written by older "

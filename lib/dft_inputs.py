@@ -104,7 +104,11 @@ def _write_phonopy_set(structure, folder: Path, settings: DftInputSettings) -> d
                         scaled_positions=np.asarray(structure.frac_coords))
     m = supercell_matrix(structure.lattice.abc, len(structure), min_length_a=settings.supercell_min_length_a,
                          max_atoms=settings.max_supercell_atoms)
-    ph = Phonopy(unit, supercell_matrix=m, primitive_matrix="auto")
+    # The primitive cell phonopy's "auto" finds, passed explicitly (as a matrix, it is a choice, and
+    # phonopy 4 does not warn that "auto" differs from phonopy 3's identity default).
+    from phonopy.structure.cells import guess_primitive_matrix
+
+    ph = Phonopy(unit, supercell_matrix=m, primitive_matrix=guess_primitive_matrix(unit))
     ph.generate_displacements(distance=settings.displacement_a)
     folder.mkdir(parents=True, exist_ok=True)
     ph.save(str(folder / "phonopy_disp.yaml"), settings={"force_sets": False, "force_constants": False})

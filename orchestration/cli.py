@@ -3,6 +3,7 @@
     cgwgan main                      run the whole pipeline (the main job) on CGWGAN_HOME
     cgwgan main --gan-epochs 20 --n-templates 200 --no-use-ray    ... with other sizes
     cgwgan main --run-config more.yaml   ... and any stage's config ({job: {ops: {op: {config: ...}}}})
+    cgwgan main --system Ba-Ru-O --surrogate CHGNet-0.3.0 --profile standard --relax 200
     cgwgan tables                    tables and views with their row counts
     cgwgan sql "SELECT ..."          a read-only query over the tables, printed as a table
     cgwgan sql -f sql/examples/x.sql the queries of a file
@@ -197,16 +198,66 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_main(args: argparse.Namespace) -> int:
+def main_settings(args: argparse.Namespace):
+    """``cgwgan main``'s sizes: the ``--profile``'s, overridden by the options given; the chemical
+    system and the surrogate checked (a clear error before anything runs)."""
     from orchestration.jobs import MainSettings
+    from orchestration.profiles import DEFAULT_PROFILE, profile_settings
+
+    try:
+        fields = profile_settings(getattr(args, "profile", None) or DEFAULT_PROFILE)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    fields.update({f.name: getattr(args, f.name) for f in dataclasses.fields(MainSettings)
+                   if getattr(args, f.name, None) is not None})
+    settings = MainSettings(**fields)
+    settings.chemical_system = check_chemical_system(settings.chemical_system)
+    if settings.surrogate:
+        check_surrogate(settings.surrogate)
+    for name in ("gan_epochs", "n_templates", "max_asu_sites", "prescreen_limit", "relax_top_k", "phonon_top_n"):
+        value = getattr(settings, name)
+        if value < 0 or (value == 0 and name not in ("prescreen_limit",)):
+            flag = "--" + name.replace("_", "-")
+            raise CliError(f"{flag} must be {'>= 0 (0 = all)' if name == 'prescreen_limit' else '> 0'}, got {value}")
+    return settings
+
+
+def check_chemical_system(system: str) -> str:
+    """``--system Ba-Ru-O`` (any order, '-' or ',') -> ``Ba-O-Ru``; at least two elements."""
+    from lib.training import normalise_chemical_system
+
+    try:
+        canonical = normalise_chemical_system(system)
+    except ValueError as exc:
+        raise CliError(f"--system {system!r}: {exc}; give element symbols joined by '-', e.g. Ba-Ru-O") from None
+    if canonical.count("-") < 1:
+        raise CliError(f"--system {system!r}: a chemical system needs at least two elements, e.g. Ba-Ru-O")
+    return canonical
+
+
+def check_surrogate(name: str) -> None:
+    """``--surrogate NAME`` must be in the surrogate registry (``CGWGAN_SURROGATES``, else built in)."""
+    from lib.surrogates import load_registry
+    from orchestration.resources import SurrogateRegistryResource, configured
+
+    reg = configured("surrogate_registry")
+    assert isinstance(reg, SurrogateRegistryResource)
+    try:
+        names = list(load_registry(reg.resolved_registry_path or None, models_dir=reg.resolved_models_dir or None))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the surrogate registry: {exc}") from None
+    if name not in names:
+        raise CliError(f"--surrogate {name!r} is not in the surrogate registry; known: {', '.join(names)}")
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    settings = main_settings(args)
+    run_config = read_run_config(args.run_config) if args.run_config else None
     from orchestration.main import run_main  # lazy: imports the whole pipeline
 
-    home = resolve_home(args.home)
-    settings = MainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MainSettings)
-                               if getattr(args, f.name, None) is not None})
-    run_config = read_run_config(args.run_config) if args.run_config else None
     try:
-        run_main(home=str(home), settings=settings, run_config=run_config)
+        run_main(home=str(home), settings=settings, run_config=run_config, verbose=args.verbose)
     except Exception as exc:  # a failed step: say which and why; --traceback for the whole story
         if args.traceback:
             raise
@@ -336,15 +387,31 @@ def _main_settings_arguments(sp: argparse.ArgumentParser) -> None:
     """One option per field of :class:`orchestration.jobs.MainSettings` (``--gan-epochs``, ...);
     an option not given keeps the field's default."""
     from orchestration.jobs import MainSettings
+    from orchestration.profiles import PROFILES
 
     for f in dataclasses.fields(MainSettings):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *MAIN_OPTION_ALIASES.get(f.name, ())]
+        by_profile = {p: v[f.name] for p, v in PROFILES.items() if f.name in v}
+        default = f"(default: {f.default!r}" + (
+            "; " + ", ".join(f"{p}: {v!r}" for p, v in by_profile.items()) if by_profile else "") + ")"
         if f.type in (bool, "bool"):
-            sp.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                            help=f"(default: {f.default})")
+            sp.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                            help=default)
         else:
             conv = {"int": int, "float": float}.get(str(getattr(f.type, "__name__", f.type)), str)
-            sp.add_argument(flag, dest=f.name, type=conv, default=None, help=f"(default: {f.default!r})")
+            sp.add_argument(*flags, dest=f.name, type=conv, default=None,
+                            help=MAIN_OPTION_HELP.get(f.name, "") + default)
+
+
+#: Short names of ``cgwgan main``'s size options (``--templates`` = ``--n-templates``, ...).
+MAIN_OPTION_ALIASES = {"chemical_system": ("--system",), "gan_epochs": ("--epochs",),
+                       "n_templates": ("--templates",), "prescreen_limit": ("--prescreen",),
+                       "relax_top_k": ("--relax",), "phonon_top_n": ("--phonons",)}
+MAIN_OPTION_HELP = {
+    "chemical_system": "elements joined by '-' in any order, e.g. Ba-Ru-O ",
+    "surrogate": "a name of the surrogate registry (default: M3GNet when CGWGAN_M3GNET_DIR is set, else CHGNet) ",
+    "prescreen_limit": "candidates pre-screened, 0 = all ",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--traceback", action="store_true", help="show the full Python trace of a failure")
     sp.add_argument("--run-config", help="YAML/JSON file {job name: run config}, merged into the run "
                                          "config the options below give (e.g. relaxation steps)")
+    sp.add_argument("--verbose", action="store_true",
+                    help="Dagster's full event stream on the console (always in <home>/logs/), no progress bars")
+    from orchestration.profiles import DEFAULT_PROFILE, PROFILE_COSTS, PROFILES
+
+    sp.add_argument("--profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
+                    help="sizes of every stage; the options below override it. "
+                    + "; ".join(f"{p}: {c}" for p, c in PROFILE_COSTS.items()))
     _main_settings_arguments(sp)
     sp.set_defaults(func=cmd_main)
 

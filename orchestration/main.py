@@ -10,14 +10,21 @@ each run explicitly; nothing is written to the environment.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from assets.partitions import chemical_system_partitions, surrogate_partitions
-from orchestration.definitions import build_definitions
+
+with warnings.catch_warnings():
+    # Dagster's notice that the assets use beta APIs (observable source asset, partition mapping),
+    # said once per import; the APIs are used on purpose.
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    from orchestration.definitions import build_definitions
 from orchestration.jobs import MainSettings, default_surrogate, main_run_config, merge_run_config
+from orchestration.progress import enable_bars, main_job_logger, terminal_stream
 from orchestration.resources import (
     DEFAULT_HOME,
     CgwganHome,
@@ -30,13 +37,20 @@ from orchestration.resources import (
 def run_main(*, home: str | None = None, settings: MainSettings | None = None,
              instance: dg.DagsterInstance | None = None,
              resources: dict[str, dg.ConfigurableResource] | None = None,
-             run_config: dict[str, dict[str, Any]] | None = None, log=print) -> dict[str, Any]:
+             run_config: dict[str, dict[str, Any]] | None = None, log=print, verbose: bool = False,
+             progress: bool | None = None) -> dict[str, Any]:
     """Run the whole pipeline end to end, stage by stage, and say where the results are.
 
     ``resources``: default :func:`~orchestration.resources.resources_from_env`; ``home`` replaces
     their ``cgwgan_home``. ``instance``: default the Dagster instance in ``DAGSTER_HOME``, else in
     ``<home>/dagster_home``. ``run_config``: more run config per stage job (``{job name: run
     config}``), merged at every depth into :func:`main_run_config` of ``settings``.
+
+    Output: ``log`` gets one line per stage run and one per finished asset step (wall time and key
+    numbers, see :mod:`orchestration.progress`); Dagster's whole event log goes to
+    ``<home>/logs/main-<time>.log`` (its path is said first). ``verbose``: Dagster's console
+    stream too, and no bars. ``progress``: progress bars on stderr (default: when stderr is a
+    terminal and not ``verbose``).
     """
     s = settings or MainSettings()
     configs = main_run_config(s)
@@ -74,18 +88,32 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     ]
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
+    log_file = home_path / "logs" / time.strftime("main-%Y%m%dT%H%M%S.log")
+    job_log = main_job_logger(log_file, emit=log)
+    loggers = {"cgwgan": job_log.logger_def}
+    if verbose:
+        loggers["console"] = dg.colored_console_logger
+    log(f"[cgwgan] Dagster event log: {log_file}" + ("" if verbose else " (--verbose to see it here)"))
+    bar_stream = terminal_stream(verbose) if progress in (None, True) else None
+    enable_bars(bar_stream)
     try:
         for job_name, partition_key in steps:
-            log(f"[cgwgan] {job_name}" + (f" [{partition_key}]" if partition_key else "") + " ...")
+            log(f"[cgwgan] {job_name}" + (f" [{partition_key}]" if partition_key else ""))
             t0 = time.perf_counter()
-            job = defs.resolve_job_def(job_name)
+            job = defs.resolve_job_def(job_name).with_logger_defs(loggers)
+            # loggers named in the run config replace Dagster's default console logger
+            job_config = {**configs.get(job_name, {}), "loggers": {
+                name: {"config": {"log_level": "DEBUG"}} if name == "console" else {} for name in loggers}}
             result = job.execute_in_process(
-                instance=instance, partition_key=partition_key, run_config=configs.get(job_name, {}),
-                raise_on_error=True,
+                instance=instance, partition_key=partition_key, run_config=job_config, raise_on_error=True,
             )
             timings[job_name] = round(time.perf_counter() - t0, 1)
-            log(f"[cgwgan] {job_name} finished in {timings[job_name]} s (run {result.run_id[:8]})")
+            log(f"[cgwgan] {job_name} done in {timings[job_name]} s (run {result.run_id[:8]})")
     finally:
+        enable_bars(None)
+        if bar_stream is not None:
+            bar_stream.close()
+        job_log.close()
         if instance_dir is not None:  # the instance this call opened
             instance.dispose()
     timings["total"] = round(time.perf_counter() - t_all, 1)
@@ -102,7 +130,9 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         log(f'  cgwgan sql "{q}"')
     if home_path == DEFAULT_HOME:
         log("(CGWGAN_HOME is the git-ignored .cgwgan/ folder of the checkout)")
-    return {"home": str(home_path), "surrogate": surrogate, "timings_s": timings}
+    log(f"Dagster event log: {log_file}")
+    return {"home": str(home_path), "surrogate": surrogate, "timings_s": timings, "log_file": str(log_file),
+            "stage_lines": list(job_log.stages.lines)}
 
 
 EXAMPLE_QUERIES = (

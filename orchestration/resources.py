@@ -91,6 +91,9 @@ class RayResource(dg.ConfigurableResource):
     num_cpus: int = 0  # 0 = all local cores (local Ray only)
     object_store_mb: int = 512  # local Ray only; keeps several runs on a 24 GB machine
     worker_niceness: int = 0  # local Ray only; Ray's own default (15) starves workers on a busy laptop
+    # Local Ray only (``RAY_AUTH_MODE``): "token" (Ray's default since 2.59, chosen explicitly here,
+    # so Ray does not warn at every start that it turned token authentication on) or "disabled".
+    auth_mode: str = "token"
 
     @property
     def resolved_address(self) -> str:
@@ -104,9 +107,19 @@ class RayResource(dg.ConfigurableResource):
         if self.address:
             ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
         else:
+            import logging
+
+            # Ray reads the mode from the environment only (it refuses it in _system_config) and caches
+            # its config at import, so the cache is refreshed as Ray itself does when it turns token
+            # auth on by default (ray._private.authentication.authentication_token_setup); chosen
+            # explicitly, the mode comes without Ray's warning.
+            os.environ["RAY_AUTH_MODE"] = self.auth_mode or "token"
+            from ray._raylet import Config  # type: ignore[attr-defined]  # Cython module
+
+            Config.initialize("")
             ray.init(num_cpus=self.num_cpus or None, ignore_reinit_error=True,
                      object_store_memory=self.object_store_mb * 1024 * 1024,
-                     include_dashboard=False, log_to_driver=False,
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                      _system_config={"worker_niceness": self.worker_niceness})
 
 
@@ -116,13 +129,21 @@ class SurrogateRegistryResource(dg.ConfigurableResource):
     ``models_dir`` (``CGWGAN_M3GNET_DIR``) points at a folder holding matgl model folders
     (``M3GNet-MP-2021.2.8-PES``, ``M3GNet-MatPES-PBE-v2025.1-PES``, ...). ``torch_threads``
     (``CGWGAN_TORCH_THREADS``): torch intra-op CPU threads of a process that loads a surrogate;
-    0 = torch's default in-process, one per actor CPU on Ray.
+    0 = torch's default in-process, one per actor CPU on Ray. ``m3gnet_tf_python``
+    (``CGWGAN_M3GNET_TF_PYTHON``): the python of the TensorFlow venv the paper's M3GNet
+    (``M3GNet-TF-MP-2021.2.8-EFS``) runs under; "" = ``<repo>/.venv-m3gnet-tf/bin/python``
+    (``make tf-m3gnet``).
     """
 
     registry_path: str = ""
     models_dir: str = ""
     device: str = "cpu"
     torch_threads: int = 0
+    m3gnet_tf_python: str = ""
+
+    @property
+    def resolved_m3gnet_tf_python(self) -> str:
+        return self.m3gnet_tf_python or str(REPO_ROOT / ".venv-m3gnet-tf" / "bin" / "python")
 
     @property
     def resolved_registry_path(self) -> str:
@@ -161,9 +182,10 @@ class DftResource(dg.ConfigurableResource):
 ENV_VARS: dict[str, dict[str, str]] = {
     "cgwgan_home": {"home": "CGWGAN_HOME"},
     "mp_source": {"source": "CGWGAN_MP_SOURCE", "api_key": "MP_API_KEY"},
-    "ray_runtime": {"address": "RAY_ADDRESS"},
+    "ray_runtime": {"address": "RAY_ADDRESS", "auth_mode": "RAY_AUTH_MODE"},
     "surrogate_registry": {"registry_path": "CGWGAN_SURROGATES", "models_dir": "CGWGAN_M3GNET_DIR",
-                           "torch_threads": "CGWGAN_TORCH_THREADS"},
+                           "torch_threads": "CGWGAN_TORCH_THREADS",
+                           "m3gnet_tf_python": "CGWGAN_M3GNET_TF_PYTHON"},
     "dft": {"results_dir": "CGWGAN_DFT_RESULTS", "elemental_refs": "CGWGAN_ELEMENTAL_REFS"},
 }
 RESOURCE_TYPES: dict[str, type[dg.ConfigurableResource]] = {

@@ -18,26 +18,13 @@ SURROGATE = "M3GNet-MP-2021.2.8-PES"
 
 
 @pytest.fixture()
-def ba_ru_o_store(store: TableStore, ba_ru_o_dir: Path) -> TableStore:
+def ba_ru_o_store(store: TableStore, ba_ru_o_mp: pl.DataFrame) -> TableStore:
     """The 23 real Ba-Ru-O MP structures as ``mp_structures``; the ones within 0.1 eV/atom of the
     MP hull as ``relaxed`` (cells) and ``shortlist`` (no cells, as lib.screening writes it), both
     partitioned like screening tables; plus two ``candidates`` rows in the ASU layout. The tables
     hold only the columns the CLI reads, so they are written without the pipeline's contracts."""
     store = TableStore(store.home, contracts={})
-    raw = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv")
-    structs = [Structure.from_str(c, fmt="cif") for c in raw["cif"]]
-    mp = pl.DataFrame({
-        "material_id": raw["material_id"],
-        "formula": [s.composition.formula.replace(" ", "") for s in structs],
-        "reduced_formula": [s.composition.reduced_formula for s in structs],
-        "chemical_system": [s.composition.chemical_system for s in structs],
-        "nsites": [len(s) for s in structs],
-        "lattice_matrix": [s.lattice.matrix.ravel().tolist() for s in structs],
-        "species": [[site.specie.symbol for site in s] for s in structs],
-        "frac_coords": [s.frac_coords.tolist() for s in structs],
-        "formation_energy_per_atom_ev": raw["formation_energy_per_atom"],
-        "e_above_hull_ev_per_atom": raw["e_above_hull"],
-    })
+    mp = ba_ru_o_mp
     store.write("mp_structures", mp)
     short = (mp.filter(pl.col("e_above_hull_ev_per_atom") < 0.1)
              .with_columns(candidate_id="cand-" + pl.col("material_id"), surrogate_name=pl.lit(SURROGATE)))
@@ -226,3 +213,40 @@ def test_example_queries_are_read_only():
     files = sorted((Path(__file__).resolve().parents[1] / "sql" / "examples").glob("*.sql"))
     for f in files:
         assert check_read_only(f.read_text()), f
+
+
+# ----------------------------------------------------------------------------- cgwgan main options
+def test_main_options_profile_and_overrides():
+    """--profile sets every size, an individual option overrides it, --system takes any order."""
+    from orchestration.cli import build_parser, main_settings
+    from orchestration.profiles import PROFILES
+
+    args = build_parser().parse_args(["main", "--system", "Ru-Ba-O", "--profile", "standard", "--relax", "7",
+                                      "--surrogate", "CHGNet-0.3.0"])
+    s = main_settings(args)
+    assert s.chemical_system == "Ba-O-Ru" and s.surrogate == "CHGNet-0.3.0"
+    assert s.relax_top_k == 7  # the option, not the profile's 500
+    assert s.n_templates == PROFILES["standard"]["n_templates"] == 5000
+    assert s.prescreen_limit == 0 and s.phonon_top_n == PROFILES["standard"]["phonon_top_n"]
+    demo = main_settings(build_parser().parse_args(["main", "--templates", "10", "--epochs", "2"]))
+    assert (demo.n_templates, demo.gan_epochs, demo.relax_top_k) == (10, 2, 8)  # demo: MainSettings' defaults
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--system", "Ba-Xx-O"], "'Xx' is not an element"),
+    (["--system", "Ba"], "at least two elements"),
+    (["--system=,"], "empty chemical system"),
+    (["--surrogate", "NoSuchNet-1.0"], "not in the surrogate registry"),
+    (["--relax", "-1"], "--relax-top-k must be > 0"),
+    (["--prescreen", "-5"], "--prescreen-limit must be >= 0"),
+])
+def test_main_options_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
+    rc, _, err = run(capsys, "main", "--home", str(tmp_path / "h"), *argv)
+    assert rc == 1 and message in err and "cgwgan: error:" in err, err
+    assert not (tmp_path / "h").exists()  # refused before the pipeline started
+
+
+def test_main_unknown_profile_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["main", "--profile", "huge"])
+    assert exc.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err

@@ -22,6 +22,11 @@ from orchestration.resources import CgwganHome, DftResource, MPSource, RayResour
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 STAGES = ["mp_job", "generator_job", "infill_job", "screening_job", "dft_handoff_job"]
+#: One output line each (a step materialising several assets says it once, by its main asset).
+ASSET_STAGES = ["mp_structures", "mp_symmetry", "training_templates", "wgan_checkpoint", "templates", "candidates",
+                "candidates_dedup", "prescreen", "surrogate_models", "relaxed", "references", "phonons",
+                "shortlist", "dft_inputs", "xrd_patterns"]
+MAX_LINES = 60  # issue 17: a short readable summary
 TINY = MainSettings(surrogate=OFFLINE_SURROGATE, gan_epochs=30, n_templates=150, min_density_overlap=0.0,
                     max_asu_sites=3, prescreen_limit=12, relax_top_k=2, phonon_top_n=1, use_ray=False)
 
@@ -58,6 +63,21 @@ def _assert_tables(home: Path) -> None:
         assert all((d / f).is_file() for f in ("INCAR", "KPOINTS", "POSCAR", "phonopy/phonopy_disp.yaml"))
 
 
+def _assert_quiet(lines: list[str], log_file: Path, jobs: list[str] = STAGES) -> None:
+    """Fewer than MAX_LINES lines, one per asset stage, no Dagster event stream; the events are
+    in the log file instead."""
+    assert len(lines) < MAX_LINES, "\n".join(lines)
+    assert not [ln for ln in lines if " - DEBUG - " in ln or "STEP_START" in ln], "\n".join(lines)
+    stage_names = [ln.split()[0] for ln in lines if ln.startswith("  ") and " s  " in ln]
+    assert sorted(stage_names) == sorted(ASSET_STAGES), "\n".join(lines)
+    relaxed = next(ln for ln in lines if ln.startswith("  relaxed "))
+    assert "converged" in relaxed and "relaxed 2" in relaxed
+    text = log_file.read_text()
+    for job in jobs:
+        assert f"- {job} - " in text and "RUN_START" in text
+    assert text.count("STEP_SUCCESS") >= len(ASSET_STAGES) and " - DEBUG - " in text
+
+
 def _our_env() -> dict[str, str]:
     """The variables the platform reads (or once wrote): Ray and torch set their own."""
     return {k: v for k, v in os.environ.items() if k.startswith(("CGWGAN_", "DAGSTER_", "MP_API"))}
@@ -89,6 +109,48 @@ def test_run_main_with_explicit_instance_and_resources(tmp_path: Path, monkeypat
     assert not (home / "dagster_home").exists()  # the given instance was used, no other
     assert TableStore(home).read("mp_structures")["source"].unique().to_list() == ["embedded:aflow_prototypes"]
     _assert_tables(home)
+    log_file = Path(out["log_file"])
+    assert log_file.parent == home.resolve() / "logs" and lines[0].endswith(f"{log_file} (--verbose to see it here)")
+    _assert_quiet(lines, log_file)
+    assert out["stage_lines"] == [ln for ln in lines if ln.startswith("  ") and (" s  " in ln or "! check" in ln)]
+
+
+@pytest.mark.slow
+def test_training_is_reused_for_the_same_rows_and_settings(tmp_path: Path) -> None:
+    """The generator stage run twice on the same training table with the same settings trains
+    once: the second materialisation reloads the checkpoint (its weights hash checked) and says so;
+    other settings train again, and the templates follow the newest checkpoint used."""
+    from orchestration.definitions import build_definitions
+    from orchestration.jobs import main_run_config
+
+    home = tmp_path / "home"
+    resources = {"cgwgan_home": CgwganHome(home=str(home)), "mp_source": MPSource(source="embedded"),
+                 "ray_runtime": RayResource(num_cpus=1, object_store_mb=256),
+                 "surrogate_registry": SurrogateRegistryResource(torch_threads=1), "dft": DftResource()}
+    defs = build_definitions(resources)
+    configs = merge_run_config(main_run_config(TINY), TINY_RUN_CONFIG)
+    with dg.instance_for_test() as instance:
+        defs.resolve_job_def("mp_job").execute_in_process(instance=instance, run_config=configs["mp_job"])
+
+        def generate(epochs: int) -> dict:
+            cfg = merge_run_config(configs["generator_job"],
+                                   {"ops": {"wgan_checkpoint": {"config": {"epochs": epochs}}}})
+            res = defs.resolve_job_def("generator_job").execute_in_process(instance=instance, run_config=cfg)
+            return {k: getattr(v, "value", v)
+                    for k, v in res.asset_materializations_for_node("wgan_checkpoint")[0].metadata.items()}
+
+        first, second, other, again = generate(30), generate(30), generate(20), generate(30)
+    assert first["reused"] is False and second["reused"] is True and other["reused"] is False
+    assert second["checkpoint_id"] == first["checkpoint_id"] and second["training_key"] == first["training_key"]
+    assert other["training_key"] != first["training_key"] and other["checkpoint_id"] != first["checkpoint_id"]
+    assert again["reused"] is True and again["checkpoint_id"] == first["checkpoint_id"]
+    rows = TableStore(home).read("wgan_checkpoints")
+    assert rows.height == 2 and rows.filter(pl.col("checkpoint_id") == first["checkpoint_id"])["reused_at"].item()
+    # the templates of the last run came from the reused checkpoint, not from the newer 20-epoch one
+    store = TableStore(home)
+    newest = max((store.pointer("templates", p) for p in store.partitions("templates")),
+                 key=lambda p: p["written_at"] + p["version"])
+    assert newest["metadata"]["checkpoint_id"] == first["checkpoint_id"]
 
 
 @pytest.mark.slow
@@ -110,6 +172,10 @@ def test_cgwgan_main_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     out = cap.out
     assert rc == 0, out + cap.err
     assert f"Results are in {home.resolve()}" in out
+    logs = sorted((home / "logs").glob("main-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in out.splitlines()[0]
+    _assert_quiet(out.splitlines(), logs[0])
+    assert " - DEBUG - " not in cap.err and "Token authentication" not in cap.err
     assert f"DAGSTER_HOME={home.resolve() / 'dagster_home'}" in out
     instance = dg.DagsterInstance.from_config(str(home / "dagster_home"))
     try:
@@ -144,8 +210,22 @@ def test_run_config_for_an_unknown_job_is_refused(tmp_path: Path) -> None:
 
 
 def test_cgwgan_main_cli_says_which_step_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Quiet: the failed stage in one line, the events in the log file; ``--verbose``: Dagster's
+    event stream on the console as well."""
     monkeypatch.setenv("CGWGAN_MP_SOURCE", str(tmp_path / "no_such_file.csv"))
     rc = cli_main(["main", "--home", str(tmp_path / "h"), "--surrogate", OFFLINE_SURROGATE])
-    err = capsys.readouterr().err
+    cap = capsys.readouterr()
+    err = cap.err
     assert rc == 1
     assert "the main job failed" in err and "no_such_file.csv" in err
+    failed = [ln for ln in cap.out.splitlines() if "FAILED" in ln]
+    assert len(failed) == 1 and failed[0].split()[0] == "mp_structures" and "no_such_file.csv" in failed[0]
+    assert "STEP_FAILURE" not in cap.out + err and len(cap.out.splitlines()) <= 3
+    (log_file,) = (tmp_path / "h" / "logs").glob("main-*.log")
+    assert "STEP_FAILURE" in log_file.read_text() and "RUN_START" in log_file.read_text()
+
+    rc = cli_main(["main", "--home", str(tmp_path / "h"), "--surrogate", OFFLINE_SURROGATE, "--verbose"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "RUN_START" in cap.err and "STEP_FAILURE" in cap.err and " - DEBUG - " in cap.err
+    assert len(list((tmp_path / "h" / "logs").glob("main-*.log"))) == 2  # the file too, in either mode

@@ -1,0 +1,61 @@
+"""Size profiles of ``cgwgan main`` (``--profile``): data, one entry per profile, naming the
+:class:`orchestration.jobs.MainSettings` fields it sets. The individual size options of
+``cgwgan main`` override a profile's value.
+
+The costs in :data:`PROFILE_COSTS` are estimates from measured rates, not guesses; the sources:
+
+* ``benchmarks/results/bench_mp.md``: the whole ``mp`` group on the full MP CSV (27,248 rows),
+  1,524 s on 2 shared cores.
+* training: the WGAN at the asset's default size (batch 128, hidden 256, 5 critic steps) on
+  14,111 rows, measured at :data:`TRAINING_S_PER_EPOCH_14K` s per epoch (below).
+* ``benchmarks/results/bench_templates.md``: 2,441 valid templates per second.
+* ``benchmarks/results/bench_infill.md`` / ``bench_dedup.md``: 120,000 templates -> 1,348,713
+  candidates (11.2 per template) in 14 s; their dedup 1,722 s, 1,025,037 unique (76 %).
+* ``benchmarks/results/bench_surrogates.md`` (2 CPU cores) and ``bench_surrogates_gpu.md``
+  (H200): M3GNet batched energies 50.0 / 1,451 structures/s, ``relax_many`` 27.0 / 546
+  relaxations/min, phonon screens 119 / 10,956 per hour; CHGNet (CPU) 20.7 structures/s,
+  22.2 relaxations/min, 36 phonon screens per hour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_PROFILE = "demo"
+
+#: Measured: seconds per epoch of the default WGAN on 14,111 training rows (MP's training-table size
+#: in bench_mp.md), one torch thread, 2 CPU cores, load 0.7 (3 epochs: 11.2 s).
+TRAINING_S_PER_EPOCH_14K = 3.7
+
+#: ``profile -> {MainSettings field: value}``; a field not named keeps MainSettings' default.
+PROFILES: dict[str, dict[str, Any]] = {
+    # The embedded prototypes, a few minutes on a laptop (MainSettings' own defaults).
+    "demo": {},
+    # MP data, full training, tens of thousands of candidates (5,000 templates -> ~56,000
+    # candidates, ~43,000 unique), all of them pre-screened.
+    "standard": {"gan_epochs": 500, "n_templates": 5000, "min_density_overlap": 0.93, "max_asu_sites": 4,
+                 "prescreen_limit": 0, "relax_top_k": 500, "phonon_top_n": 20},
+    # The paper's Ba-Ru-O campaign: 120,000 templates of at most four Wyckoff sites, every
+    # candidate pre-screened, the best 5,000 relaxed and phonon-screened.
+    "paper": {"gan_epochs": 500, "n_templates": 120_000, "min_density_overlap": 0.93, "max_asu_sites": 4,
+              "prescreen_limit": 0, "relax_top_k": 5000, "phonon_top_n": 5000},
+}
+
+#: What a profile costs, from the measured rates above (one line each, for --help and the README).
+PROFILE_COSTS: dict[str, str] = {
+    "demo": "embedded prototypes, about 5 min on 2 cores",
+    "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 1.7 h with M3GNet (MP group 25 min, "
+                "training 31 min, dedup 1 min, pre-screen of ~43,000 unique candidates 14 min, "
+                "500 relaxations 19 min, 20 phonon screens 10 min), about 2.5 h with CHGNet",
+    "paper": "MP data; on 2 CPU cores about 52 h with M3GNet (MP group, training and dedup 1.5 h, "
+             "pre-screen of ~1.0 M unique candidates 5.7 h, 5,000 relaxations 3.1 h, 5,000 phonon "
+             "screens 42 h); on one H200 the surrogate stages take about 50 min (12 + 9 + 27 min), "
+             "plus the CPU stages",
+}
+
+
+def profile_settings(profile: str) -> dict[str, Any]:
+    """The MainSettings fields of ``profile``; a clear error for an unknown name."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return dict(PROFILES[profile])
