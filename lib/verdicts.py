@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import polars as pl
 
 from lib.cells import CELL_COLUMNS, cell_to_structure
+from lib.phonons import DEFAULT_THRESHOLD_THZ
 
 if TYPE_CHECKING:
     from lib.dft_ingest import ElementalReferences
@@ -65,8 +66,9 @@ MP2020 = "MP2020"
 #: Numerical slack of the hull threshold (eV/atom): a phase on the hull computes to ~1e-12.
 HULL_TOLERANCE_EV_PER_ATOM = 1e-6
 DEFAULT_MAX_E_ABOVE_HULL_EV_PER_ATOM = 0.0
-#: Dynamically stable when the lowest phonon frequency is above this (THz; imaginary < 0).
-DEFAULT_MIN_FREQUENCY_THZ = -0.5
+#: Dynamically stable when the lowest phonon frequency is above this (THz; imaginary < 0): the
+#: phonon screen's own threshold, one number.
+DEFAULT_MIN_FREQUENCY_THZ = DEFAULT_THRESHOLD_THZ
 VERDICTS: tuple[str, ...] = ("discovery", "rediscovery", "above_hull", "unstable", "no_phonons",
                              "novelty_unchecked", "missing_references", "footing_mismatch", "not_evaluated")
 

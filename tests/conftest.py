@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from lib.store import TableStore
@@ -64,3 +65,25 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture()
 def store(home: Path) -> TableStore:
     return TableStore(home)
+
+
+@pytest.fixture(scope="session")
+def ba_ru_o_mp(ba_ru_o_dir: Path) -> pl.DataFrame:
+    """The 23 real Ba-Ru-O MP structures (shared CSV) in the ``mp_structures`` cell layout, with
+    MP's formation energy and energy above the hull."""
+    from pymatgen.core import Structure
+
+    raw = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv")
+    structs = [Structure.from_str(c, fmt="cif") for c in raw["cif"]]
+    return pl.DataFrame({
+        "material_id": raw["material_id"],
+        "formula": [s.composition.formula.replace(" ", "") for s in structs],
+        "reduced_formula": [s.composition.reduced_formula for s in structs],
+        "chemical_system": [s.composition.chemical_system for s in structs],
+        "nsites": [len(s) for s in structs],
+        "lattice_matrix": [s.lattice.matrix.ravel().tolist() for s in structs],
+        "species": [[site.specie.symbol for site in s] for s in structs],
+        "frac_coords": [s.frac_coords.tolist() for s in structs],
+        "formation_energy_per_atom_ev": raw["formation_energy_per_atom"],
+        "e_above_hull_ev_per_atom": raw["e_above_hull"],
+    })

@@ -35,7 +35,7 @@ import pytest
 
 from assets.screening import prescreen
 from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
-from tests.lib.test_screening import SURROGATE, ba_ru_o_candidates
+from tests.lib.test_screening import SURROGATE, ba_ru_o_dedup_frame
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -118,7 +118,7 @@ def _run_on_a_two_node_cluster(home, store, monkeypatch):
             time.sleep(1)
         assert ray.cluster_resources().get("CPU") == 2
 
-        store.write("candidates_dedup", ba_ru_o_candidates(), partition="Ba-O-Ru")
+        store.write("candidates_dedup", ba_ru_o_dedup_frame(), partition="Ba-O-Ru")
         inst = dg.DagsterInstance.ephemeral()
         inst.add_dynamic_partitions("chemical_system", ["Ba-O-Ru"])
         inst.add_dynamic_partitions("surrogate", [SURROGATE])

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 import polars as pl
 import pytest
-from pymatgen.core import Structure
 
 from assets.reports import contract_checks, xrd_patterns_asset, xrd_patterns_complete
 from lib.contracts import conform
@@ -18,24 +15,11 @@ SURROGATE = "M3GNet-MP-2021.2.8-PES"
 
 
 @pytest.fixture()
-def ba_ru_o_store(store: TableStore, ba_ru_o_dir: Path) -> TableStore:
+def ba_ru_o_store(store: TableStore, ba_ru_o_mp: pl.DataFrame) -> TableStore:
     """The 23 real Ba-Ru-O MP structures as ``mp_structures`` and as ``relaxed`` cells (partitioned
     like screening tables); the ones within 0.1 eV/atom of the MP hull as ``shortlist`` (no cells,
     as lib.screening writes it). Every table in its contract's shape."""
-    raw = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv")
-    structs = [Structure.from_str(c, fmt="cif") for c in raw["cif"]]
-    mp = pl.DataFrame({
-        "material_id": raw["material_id"],
-        "formula": [s.composition.formula.replace(" ", "") for s in structs],
-        "reduced_formula": [s.composition.reduced_formula for s in structs],
-        "chemical_system": [s.composition.chemical_system for s in structs],
-        "nsites": [len(s) for s in structs],
-        "lattice_matrix": [s.lattice.matrix.ravel().tolist() for s in structs],
-        "species": [[site.specie.symbol for site in s] for s in structs],
-        "frac_coords": [s.frac_coords.tolist() for s in structs],
-        "formation_energy_per_atom_ev": raw["formation_energy_per_atom"],
-        "e_above_hull_ev_per_atom": raw["e_above_hull"],
-    })
+    mp = ba_ru_o_mp
     store.write("mp_structures", conform("mp_structures", mp))
     rel = mp.with_columns(candidate_id="cand-" + pl.col("material_id"), surrogate_name=pl.lit(SURROGATE),
                           energy_ev=-5.0 * pl.col("nsites"), status=pl.lit("ok"))

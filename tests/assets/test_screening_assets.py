@@ -10,9 +10,8 @@ import pytest
 
 from assets._checks import contract_check
 from assets.screening import phonons, prescreen, references, relaxed, shortlist, surrogate_models
-from lib.contracts import conform
 from orchestration.resources import REPO_ROOT, CgwganHome, RayResource, SurrogateRegistryResource
-from tests.lib.test_screening import SURROGATE, ba_ru_o_candidates
+from tests.lib.test_screening import SURROGATE, ba_ru_o_dedup_frame
 
 CHEMSYS = "Ba-O-Ru"
 PART = f"{CHEMSYS}|{SURROGATE}"
@@ -55,9 +54,7 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path,
 
     torch.set_num_threads(1)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cands = ba_ru_o_candidates().with_columns(pl.lit(1).alias("n_folded"), pl.lit(False).alias("is_known_in_mp"),
-                                              ("fp-" + pl.col("candidate_id")).alias("fingerprint"))
-    store.write("candidates_dedup", conform("candidates_dedup", cands), partition=CHEMSYS)
+    store.write("candidates_dedup", ba_ru_o_dedup_frame(), partition=CHEMSYS)
     # a small slice of the real Ba-Ru-O MP file: BaO, one O2, one Ba (Ru comes from ASE's reference state)
     mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
     csv = tmp_path / "ba_ru_o_small.csv"

@@ -37,6 +37,16 @@ def ba_ru_o_candidates() -> pl.DataFrame:
                            pl.Series("reduced_formula", ["BaRuO3", "BaO", "RuO2", "BaO", "RuOgO3"]))
 
 
+def ba_ru_o_dedup_frame() -> pl.DataFrame:
+    """``ba_ru_o_candidates`` as a ``candidates_dedup`` partition the store accepts: the dedup
+    columns (one fold each, none known in MP) added, the rest conformed to the contract."""
+    from lib.contracts import conform
+
+    cands = ba_ru_o_candidates().with_columns(pl.lit(1).alias("n_folded"), pl.lit(False).alias("is_known_in_mp"),
+                                              ("fp-" + pl.col("candidate_id")).alias("fingerprint"))
+    return conform("candidates_dedup", cands)
+
+
 @pytest.fixture(scope="module")
 def surrogate():
     import torch
