@@ -275,13 +275,13 @@ def test_asset_graph_materialise_and_plot(dagster_dev: Dagster, browser) -> None
     #    mp_structures in the graph, so one run would not order them.
     in_process = {"execution": {"config": {"in_process": {}}}}
     t0 = time.monotonic()
-    # mp_structures is a multi-asset with its rejects table (one parse writes both), so the
-    # selection names both, as the UI's "Materialize" on the group does.
+    # mp_structures and xrd_patterns are multi-assets (mp_structures_rejects, xrd_similarity are
+    # written by the same op), so each selection names both tables, as the UI's "Materialize" does.
     mp_run = dagster_dev.launch(["mp_structures", "mp_structures_rejects"], in_process)
     dagster_dev.wait_for_run(mp_run, RUN_TIMEOUT_S)
     print(f"mp_structures run: {time.monotonic() - t0:.0f} s")
     t0 = time.monotonic()
-    xrd_run = dagster_dev.launch(["xrd_patterns"], {**in_process, "ops": {"xrd_patterns": {"config": {
+    xrd_run = dagster_dev.launch(["xrd_patterns", "xrd_similarity"], {**in_process, "ops": {"xrd_patterns": {"config": {
         "tables": ["mp_structures"], "required_tables": ["mp_structures"],
         "max_structures_per_table": XRD_STRUCTURES}}}})
     dagster_dev.wait_for_run(xrd_run, RUN_TIMEOUT_S)
