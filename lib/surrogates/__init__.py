@@ -31,8 +31,8 @@ The package:
 - ``base``: :class:`SurrogateSpec`, :class:`Prediction`, errors, the :class:`Surrogate` base
   (input checks, batching) and the :class:`Family` contract of a model family;
 - ``relax``: the relaxation driver (optimisers, cell filter, lockstep ``relax_many``);
-- ``m3gnet`` (+ ``_m3gnet_legacy``, the DGL-era conventions) and ``chgnet``: one module per
-  model family;
+- ``m3gnet`` (+ ``_m3gnet_legacy``, the DGL-era conventions), ``chgnet`` and ``m3gnet_tf``
+  (+ ``m3gnet_tf_client``, the transport to its TensorFlow worker): one module per model family;
 - ``registry``: :data:`FAMILIES` (kind -> family: a new family is its module plus one entry
   there), built-in specs, registry files;
 - ``loading``: :func:`load_surrogate` (sha256 check, the in-process cache) and

@@ -3,7 +3,7 @@
 ``m3gnet`` needs TensorFlow 2.15, numpy 1.x and an older pymatgen, so it cannot share the
 project's environment: it runs in a worker process under the python of ``.venv-m3gnet-tf``
 (``make tf-m3gnet``), started once per surrogate and spoken to by
-:class:`lib.m3gnet_tf_client.M3GNetTFClient`. Batched single points go through the worker's
+:class:`lib.surrogates.m3gnet_tf_client.M3GNetTFClient`. Batched single points go through the worker's
 ``predict``; relaxations use the shared driver (:mod:`lib.surrogates.relax`) with
 :meth:`M3GNetTFSurrogate.calculator`, a small ASE calculator that asks the worker, so ``relax``
 and ``relax_many`` work as for every family. m3gnet's own ``Relaxer`` loop is
@@ -22,13 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lib.ids import file_sha256
-from lib.m3gnet_tf_client import (
-    REQUIRED_WEIGHT_FILES,
-    WEIGHTS_FILE,
-    M3GNetTFClient,
-    M3GNetTFEnvError,
-    TFRelaxResult,
-)
 from lib.surrogates.base import (
     Family,
     Prediction,
@@ -36,6 +29,13 @@ from lib.surrogates.base import (
     SurrogateKind,
     SurrogateSpec,
 )
+from lib.surrogates.m3gnet_tf_client import (
+    WEIGHTS_FILE,
+    M3GNetTFClient,
+    M3GNetTFEnvError,
+    check_weights_dir,
+)
+from lib.surrogates.relax import RelaxResult
 
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
@@ -85,19 +85,17 @@ class M3GNetTFSurrogate(Surrogate):
 
     def _predict_batch(self, structures: list[Structure], *, energy_only: bool) -> list[Prediction]:
         """One worker request; the worker runs the structures as one forward pass."""
-        raw = self.client.predict(structures, batch_size=max(1, len(structures)),
-                                  energy_only=energy_only)
-        return [Prediction(p.energy_ev, p.forces_ev_per_a, p.stress_ev_per_a3, p.n_atoms, p.error)
-                for p in raw]
+        return self.client.predict(structures, batch_size=max(1, len(structures)), energy_only=energy_only)
 
     def calculator(self) -> Calculator:
         """An ASE calculator whose energy, forces and stress (eV/Å³) come from the worker."""
         return _calculator_class()(self)
 
     def relax_m3gnet(self, structures: Sequence[Structure], *, fmax: float = 0.1, steps: int = 500,
-                     relax_cell: bool = True, optimizer: str = "FIRE") -> list[TFRelaxResult]:
+                     relax_cell: bool = True, optimizer: str = "FIRE") -> list[RelaxResult]:
         """m3gnet's own ``Relaxer`` loop in the worker (its ``ExpCellFilter``, stress weight
-        0.01: the paper's relaxation), one structure at a time; per-structure errors."""
+        0.01: the paper's relaxation), one structure at a time; per-structure errors; each
+        result carries the forces and stress at its final structure."""
         return self.client.relax(structures, fmax=fmax, steps=steps, relax_cell=relax_cell,
                                  optimizer=optimizer)
 
@@ -148,12 +146,7 @@ def spec_from_path(path: Path) -> SurrogateSpec | None:
     folder = path.parent if path.is_file() and path.name == WEIGHTS_FILE else path
     if not (folder.is_dir() and (folder / "m3gnet.json").is_file()):
         return None
-    missing = [n for n in REQUIRED_WEIGHT_FILES if not (folder / n).is_file()]
-    if missing:
-        from lib.surrogates.base import SurrogateError
-
-        raise SurrogateError(f"{folder}: not a TensorFlow M3GNet model folder, missing "
-                             f"{', '.join(missing)}")
+    check_weights_dir(folder)  # M3GNetTFWeightsError (a SurrogateError) naming what is missing
     return SurrogateSpec(name=folder.name, kind="m3gnet_tf", weights=str(folder),
                          sha256=file_sha256(str(folder / WEIGHTS_FILE)), version="",
                          convention="native")
@@ -163,7 +156,7 @@ def load(spec: SurrogateSpec, wfile: Path, device: str, *,
          python: str | Path | None = None, threads: int | None = None) -> M3GNetTFSurrogate:
     """Start the worker under ``python`` (the TensorFlow venv's) with the folder of ``wfile``.
 
-    :class:`~lib.m3gnet_tf_client.M3GNetTFEnvError` (naming ``make tf-m3gnet``) when no python
+    :class:`~lib.surrogates.m3gnet_tf_client.M3GNetTFEnvError` (naming ``make tf-m3gnet``) when no python
     is given, it does not exist or cannot run m3gnet. The worker runs TensorFlow on the CPU
     unless its environment has a GPU build; ``device`` is recorded.
     """

@@ -48,6 +48,12 @@ class RelaxResult:
     #: compute time spent on this structure (its share of each batched forward pass plus its
     #: own optimiser work in :meth:`Surrogate.relax_many`; wall time in :meth:`Surrogate.relax`)
     seconds: float = math.nan
+    #: forces (n, 3, eV/Å) and stress (6, eV/Å³, ASE Voigt and sign) of a single point at
+    #: ``structure``, when the relaxation reports them (m3gnet's own loop,
+    #: :meth:`lib.surrogates.m3gnet_tf_client.M3GNetTFClient.relax`); ``None`` from this
+    #: module's drivers, whose results keep only ``max_force_ev_per_a``
+    forces_ev_per_a: np.ndarray | None = field(default=None, compare=False, repr=False)
+    stress_ev_per_a3: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:

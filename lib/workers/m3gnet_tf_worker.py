@@ -1,8 +1,8 @@
 """The original TensorFlow M3GNet (pip ``m3gnet`` 0.2.4, the paper's surrogate) as a worker process.
 
 Runs under the TensorFlow venv's python (``make tf-m3gnet``: ``.venv-m3gnet-tf/bin/python``), never
-in the project's venv, and imports nothing from the project. :mod:`lib.m3gnet_tf_client` starts it
-and speaks to it; anything else may too::
+in the project's venv, and imports nothing from the project.
+:mod:`lib.surrogates.m3gnet_tf_client` starts it and speaks to it; anything else may too::
 
     .venv-m3gnet-tf/bin/python lib/workers/m3gnet_tf_worker.py --weights <dir> [--threads N]
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pytest
 
 from assets import generator as gen_assets
 from lib.gan import load_checkpoint
-from lib.templates import TEMPLATE_COLUMNS
+from lib.templates import MIN_DENSITY_OVERLAP, TEMPLATE_COLUMNS, density_overlap, training_density
 from orchestration.resources import CgwganHome
 
 N_SLICE = 150
@@ -86,3 +87,53 @@ def test_training_templates_to_templates(home: Path, mp_file: Path) -> None:
 
     con = store.connect()
     assert con.execute("SELECT count(*) FROM templates").fetchone()[0] == out.height
+
+
+def test_templates_quality_gate_fails_and_blocks_the_infill(home: Path, mp_file: Path) -> None:
+    """The blocking gate shown failing: a WGAN trained for 3 epochs yields templates whose number
+    densities do not reach the production threshold (``MIN_DENSITY_OVERLAP``) of overlap with
+    training_templates; the check fails with severity ERROR, and the infill downstream in the same
+    run is skipped (the templates themselves are written: the gate judges them, it does not undo them)."""
+    from assets.infill import candidates
+    from assets.partitions import chemical_system_partitions
+
+    store = CgwganHome(home=str(home)).store
+    train = _write_training_templates(mp_file, store)
+    run_config = dg.RunConfig(ops={
+        "wgan_checkpoint": gen_assets.WganCheckpointConfig(epochs=3, batch_size=32, latent_dim=16,
+                                                           generator_hidden=32, critic_hidden=32, seed=1),
+        "templates": gen_assets.TemplatesConfig(n_samples=600, seed=2, tsne_points=0,
+                                                min_density_overlap=MIN_DENSITY_OVERLAP),
+    })
+    instance = dg.DagsterInstance.ephemeral()
+    assert chemical_system_partitions.name is not None
+    instance.add_dynamic_partitions(chemical_system_partitions.name, ["Ba-O-Ru"])
+    result = dg.materialize(
+        [dg.AssetSpec("training_templates", group_name="mp"), gen_assets.wgan_checkpoint, gen_assets.templates,
+         gen_assets.templates_quality, candidates],
+        resources={"cgwgan_home": CgwganHome(home=str(home))}, run_config=run_config, instance=instance,
+        partition_key="Ba-O-Ru", raise_on_error=False,
+    )
+    assert not result.success
+    q = {e.check_name: e for e in result.get_asset_check_evaluations()}["templates_quality"]
+    assert not q.passed and q.severity == dg.AssetCheckSeverity.ERROR
+    # why it failed, from the data: the overlap the check reports is the one the tables give, and
+    # it is below the threshold (the templates exist and are exactly symmetric: not those reasons)
+    generation = q.metadata["generation_id"].value
+    out = store.read("templates", partition=generation)
+    overlap = density_overlap(out["number_density_per_a3"].to_numpy(), training_density(train))
+    assert out.height == q.metadata["n_templates"].value > 0
+    assert q.metadata["symmetry_exactness"].value == 1.0
+    assert q.metadata["density_overlap_threshold"].value == MIN_DENSITY_OVERLAP
+    assert q.metadata["density_overlap"].value == pytest.approx(overlap, abs=1e-5)
+    assert overlap < MIN_DENSITY_OVERLAP
+    # the gate blocked the infill: its step never started and nothing was written
+    steps = {kind: {e.step_key for e in result.all_events if e.event_type_value == kind}
+             for kind in ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")}
+    assert steps["STEP_FAILURE"] == {"templates_templates_quality"}
+    assert {"wgan_checkpoint", "templates"} <= steps["STEP_SUCCESS"]
+    assert "candidates" not in steps["STEP_START"]
+    assert not result.asset_materializations_for_node("candidates")
+    assert not store.exists("candidates")
+    print(f"templates_quality failed: density overlap {overlap:.3f} < {MIN_DENSITY_OVERLAP} "
+          f"on {out.height} templates")

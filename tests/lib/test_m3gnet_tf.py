@@ -1,4 +1,5 @@
-"""The paper's surrogate, the original TensorFlow M3GNet, through its worker (lib.m3gnet_tf_client).
+"""The paper's surrogate, the original TensorFlow M3GNet, through its worker
+(lib.surrogates.m3gnet_tf_client).
 
 The reference file holds energies, forces and stresses computed by ``m3gnet`` 0.2.4 itself (its
 ASE ``M3GNetCalculator``) on 12 structures. The worker runs in ``.venv-m3gnet-tf`` (``make
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from lib.m3gnet_tf_client import (
+from lib.surrogates.m3gnet_tf_client import (
     DEFAULT_VENV,
     M3GNetTFClient,
     M3GNetTFEnvError,

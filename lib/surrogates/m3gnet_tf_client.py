@@ -1,26 +1,32 @@
 """Client for the paper's surrogate, the original TensorFlow M3GNet, run in its own environment.
 
+The transport of the ``m3gnet_tf`` family (:mod:`lib.surrogates.m3gnet_tf`): it lives in the
+package because it returns the package's own result types (:class:`~lib.surrogates.base.Prediction`,
+:class:`~lib.surrogates.relax.RelaxResult`), and imports only ``base`` and ``relax``.
+
 The ``m3gnet`` package (0.2.4) needs TensorFlow 2.15, numpy 1.x and an older pymatgen, which cannot
 share the project's venv. ``make tf-m3gnet`` builds ``.venv-m3gnet-tf/``; the worker
 ``lib/workers/m3gnet_tf_worker.py`` runs under that venv's python with the model loaded once and
 answers JSON-line requests on stdin/stdout (its docstring is the protocol). This module starts it,
-sends batches of pymatgen structures and returns numpy arrays::
+sends batches of pymatgen structures and returns the package's results::
 
-    from lib.m3gnet_tf_client import M3GNetTFClient, venv_python
+    from lib.surrogates.m3gnet_tf_client import M3GNetTFClient, venv_python
 
     with M3GNetTFClient(venv_python(".venv-m3gnet-tf"), "/path/to/M3GNet-TF-MP-2021.2.8-EFS") as tf:
-        preds = tf.predict(structures, batch_size=32)        # list[TFPrediction]
-        relaxed = tf.relax(structures, fmax=0.1, steps=500)  # list[TFRelaxResult]
+        preds = tf.predict(structures, batch_size=32)        # list[Prediction]
+        relaxed = tf.relax(structures, fmax=0.1, steps=500)  # list[RelaxResult]
 
 Units: energy eV per cell, forces eV/Å, stress eV/Å³ in ASE Voigt order (xx yy zz yz xz xy) and
-ASE sign (m3gnet's GPa divided by 160.21766208), as ``lib.surrogates.Prediction``. A structure
-that fails carries ``error`` and NaN values; the rest of the batch proceeds.
+ASE sign (m3gnet's GPa times :data:`~lib.surrogates.base.GPA_TO_EV_PER_A3`), as every family's
+:class:`~lib.surrogates.base.Prediction`. A structure that fails carries ``error`` and NaN values
+(:func:`~lib.surrogates.base.failed_prediction`, :func:`~lib.surrogates.relax.failed_relax`); the
+rest of the batch proceeds.
 
 Errors: :class:`M3GNetTFEnvError` when the environment is missing or broken (run
 ``make tf-m3gnet``), :class:`M3GNetTFWeightsError` when the weights folder is missing or
-incomplete, :class:`M3GNetTFWorkerError` when the worker dies or breaks the protocol (with the tail
-of its log). This module reads no environment variables: the python and the weights folder are
-arguments.
+incomplete (also a :class:`~lib.surrogates.base.SurrogateError`), :class:`M3GNetTFWorkerError`
+when the worker dies or breaks the protocol (with the tail of its log). This module reads no
+environment variables: the python and the weights folder are arguments.
 """
 
 from __future__ import annotations
@@ -34,15 +40,17 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from lib.surrogates.base import Prediction, SurrogateError, failed_prediction
+from lib.surrogates.relax import RelaxResult, failed_relax
+
 __all__ = [
     "DEFAULT_VENV",
-    "GPA_PER_EV_PER_A3",
     "WEIGHTS_FILE",
     "WORKER_SCRIPT",
     "M3GNetTFClient",
@@ -50,8 +58,6 @@ __all__ = [
     "M3GNetTFError",
     "M3GNetTFWeightsError",
     "M3GNetTFWorkerError",
-    "TFPrediction",
-    "TFRelaxResult",
     "check_weights_dir",
     "venv_python",
 ]
@@ -59,13 +65,11 @@ __all__ = [
 #: The venv ``make tf-m3gnet`` builds, relative to the repository root.
 DEFAULT_VENV = ".venv-m3gnet-tf"
 #: The worker script (runs under the TensorFlow venv's python).
-WORKER_SCRIPT = Path(__file__).resolve().parent / "workers" / "m3gnet_tf_worker.py"
+WORKER_SCRIPT = Path(__file__).resolve().parents[1] / "workers" / "m3gnet_tf_worker.py"
 #: The file of a TensorFlow M3GNet model folder whose sha256 identifies the weights.
 WEIGHTS_FILE = "m3gnet.data-00000-of-00001"
 #: Files a model folder must hold for ``M3GNet.from_dir``.
 REQUIRED_WEIGHT_FILES = ("m3gnet.json", "m3gnet.index", WEIGHTS_FILE)
-#: 1 eV/Å³ in GPa (m3gnet reports stress in GPa).
-GPA_PER_EV_PER_A3 = 160.21766208
 _INSTALL_HINT = "run `make tf-m3gnet` to build it"
 
 
@@ -77,59 +81,12 @@ class M3GNetTFEnvError(M3GNetTFError):
     """The TensorFlow M3GNet environment is missing or cannot import its packages."""
 
 
-class M3GNetTFWeightsError(M3GNetTFError):
+class M3GNetTFWeightsError(M3GNetTFError, SurrogateError):
     """The weights folder is missing or is not a TensorFlow M3GNet model folder."""
 
 
 class M3GNetTFWorkerError(M3GNetTFError):
     """The worker died, timed out or answered outside the protocol."""
-
-
-@dataclass(frozen=True)
-class TFPrediction:
-    """One structure's single point (fields as ``lib.surrogates.Prediction``).
-
-    ``forces_ev_per_a`` (n, 3) and ``stress_ev_per_a3`` (6, ASE Voigt, ASE sign) are ``None``
-    when only energies were asked for; NaN when ``error`` is set.
-    """
-
-    energy_ev: float
-    forces_ev_per_a: np.ndarray | None
-    stress_ev_per_a3: np.ndarray | None
-    n_atoms: int
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True)
-class TFRelaxResult:
-    """One structure relaxed by m3gnet's own optimiser loop (``m3gnet.models.Relaxer``'s way).
-
-    ``structure`` is the final structure (the input's type; the input itself when ``error`` is
-    set). ``energy_ev``, ``forces_ev_per_a``, ``stress_ev_per_a3`` are a single point at it.
-    ``max_force_ev_per_a`` is the largest force the optimiser saw at the end (the cell's
-    generalised forces included), ``is_converged`` ASE's verdict.
-    """
-
-    structure: Any
-    energy_ev: float
-    forces_ev_per_a: np.ndarray
-    stress_ev_per_a3: np.ndarray
-    is_converged: bool
-    steps: int
-    max_force_ev_per_a: float
-    initial_energy_ev: float
-    optimizer: str
-    trajectory_energies_ev: list[float] = field(default_factory=list)
-    error: str | None = None
-    seconds: float = math.nan
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def venv_python(venv_dir: str | os.PathLike[str]) -> Path:
@@ -332,22 +289,22 @@ class M3GNetTFClient:
         *,
         batch_size: int = 32,
         energy_only: bool = False,
-    ) -> list[TFPrediction]:
+    ) -> list[Prediction]:
         """Single points of pymatgen ``structures``, ``batch_size`` per forward pass, in order."""
         payloads, local_errors = self._payloads(structures)
         sent = [i for i, p in enumerate(payloads) if p is not None]
         results = self._request({"op": "predict", "structures": [payloads[i] for i in sent],
                                  "energy_only": bool(energy_only), "batch_size": int(batch_size)},
                                 expect=len(sent)) if sent else []
-        out: list[TFPrediction | None] = [None] * len(structures)
+        out: list[Prediction | None] = [None] * len(structures)
         for i, err in local_errors.items():
-            out[i] = self._failed_prediction(_safe_len(structures[i]), err, energy_only)
+            out[i] = failed_prediction(_safe_len(structures[i]), err, energy_only=energy_only)
         for i, r in zip(sent, results, strict=True):
             n = int(r.get("n_atoms", _safe_len(structures[i])))
             if r.get("error") is not None:
-                out[i] = self._failed_prediction(n, str(r["error"]), energy_only)
+                out[i] = failed_prediction(n, str(r["error"]), energy_only=energy_only)
                 continue
-            out[i] = TFPrediction(
+            out[i] = Prediction(
                 energy_ev=_float(r["energy_ev"]),
                 forces_ev_per_a=None if energy_only else _array(r["forces_ev_per_a"], (n, 3)),
                 stress_ev_per_a3=None if energy_only else _array(r["stress_ev_per_a3"], (6,)),
@@ -364,13 +321,15 @@ class M3GNetTFClient:
         relax_cell: bool = True,
         optimizer: str = "FIRE",
         stress_weight: float = 0.01,
-    ) -> list[TFRelaxResult]:
+    ) -> list[RelaxResult]:
         """Relax pymatgen ``structures`` with m3gnet's own loop, one at a time in the worker.
 
         The defaults are ``m3gnet.models.Relaxer``'s (the paper's): FIRE, ``fmax`` 0.1 eV/Å,
         500 steps, the cell through ASE 3.22's ``ExpCellFilter``, and the stress handed to the
         filter as ``stress_weight`` times m3gnet's GPa stress (0.01 GPa^-1 is 1.6 times the
-        stress in eV/Å³; pass ``1 / GPA_PER_EV_PER_A3`` for the physical weight).
+        stress in eV/Å³; pass :data:`~lib.surrogates.base.GPA_TO_EV_PER_A3` for the physical weight).
+        ``forces_ev_per_a`` and ``stress_ev_per_a3`` of each result are a single point at its
+        final structure.
         """
         payloads, local_errors = self._payloads(structures)
         sent = [i for i, p in enumerate(payloads) if p is not None]
@@ -378,21 +337,19 @@ class M3GNetTFClient:
                                  "fmax": float(fmax), "steps": int(steps), "relax_cell": bool(relax_cell),
                                  "optimizer": str(optimizer), "stress_weight": float(stress_weight)},
                                 expect=len(sent)) if sent else []
-        out: list[TFRelaxResult | None] = [None] * len(structures)
+        out: list[RelaxResult | None] = [None] * len(structures)
         for i, err in local_errors.items():
-            out[i] = self._failed_relax(structures[i], err, optimizer)
+            out[i] = failed_relax(structures[i], err, optimizer)
         for i, r in zip(sent, results, strict=True):
             if r.get("error") is not None:
-                out[i] = self._failed_relax(structures[i], str(r["error"]), optimizer,
-                                            seconds=_float(r.get("seconds")))
+                out[i] = replace(failed_relax(structures[i], str(r["error"]), optimizer),
+                                 seconds=_float(r.get("seconds")))
                 continue
             final = _structure_like(structures[i], r["lattice"], r["species"], r["frac_coords"])
             n = len(r["species"])
-            out[i] = TFRelaxResult(
+            out[i] = RelaxResult(
                 structure=final,
                 energy_ev=_float(r["energy_ev"]),
-                forces_ev_per_a=_array(r["forces_ev_per_a"], (n, 3)),
-                stress_ev_per_a3=_array(r["stress_ev_per_a3"], (6,)),
                 is_converged=bool(r["converged"]),
                 steps=int(r["steps"]),
                 max_force_ev_per_a=_float(r["max_force_ev_per_a"]),
@@ -400,6 +357,8 @@ class M3GNetTFClient:
                 optimizer=optimizer,
                 trajectory_energies_ev=[_float(e) for e in r.get("trajectory_energies_ev") or []],
                 seconds=_float(r.get("seconds")),
+                forces_ev_per_a=_array(r["forces_ev_per_a"], (n, 3)),
+                stress_ev_per_a3=_array(r["stress_ev_per_a3"], (6,)),
             )
         return [r for r in out if r is not None]
 
@@ -421,18 +380,6 @@ class M3GNetTFClient:
                 payloads.append(None)
                 errors[i] = str(exc)
         return payloads, errors
-
-    @staticmethod
-    def _failed_prediction(n: int, reason: str, energy_only: bool) -> TFPrediction:
-        return TFPrediction(math.nan, None if energy_only else np.full((n, 3), np.nan),
-                            None if energy_only else np.full(6, np.nan), n, error=reason)
-
-    @staticmethod
-    def _failed_relax(structure: Any, reason: str, optimizer: str,
-                      seconds: float = math.nan) -> TFRelaxResult:
-        n = _safe_len(structure)
-        return TFRelaxResult(structure, math.nan, np.full((n, 3), np.nan), np.full(6, np.nan),
-                             False, 0, math.nan, math.nan, optimizer, [], error=reason, seconds=seconds)
 
     def _request(self, payload: dict[str, Any], *, expect: int) -> list[dict[str, Any]]:
         self.start()
