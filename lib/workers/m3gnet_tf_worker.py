@@ -146,6 +146,22 @@ class Worker:
         # always assembled, one structure too: the same layout for every batch size
         return self.assemble(graphs).as_tf().as_list()
 
+    def _model_input(self, atoms_list: list) -> list:
+        """The graph list of ``atoms_list`` for the model. m3gnet 0.2.4 fails on a batch with no
+        three-body term at all (its spherical-harmonics layer gets empty tensors;
+        materialyzeai/m3gnet#64), e.g. bcc Ba at its experimental volume (neighbours 4.35 A
+        apart, beyond the 4 A three-body cutoff). The model itself handles such a structure: the
+        batch's graphs are disjoint, so the trace template is appended as a carrier and its
+        outputs, the last ones, are never read (Ba's energy is the same to 1e-7 eV/atom with two
+        different carriers)."""
+        from m3gnet.graph import Index
+
+        graph_list = self._graph_list(atoms_list)
+        triples = graph_list[Index.TRIPLE_BOND_INDICES]
+        if triples is not None and int(triples.shape[0]) == 0:
+            return self._graph_list([*atoms_list, _template_atoms(self.Atoms)])
+        return graph_list
+
     def _fits(self, graph_list: list) -> bool:
         return [(None if x is None else x.dtype) for x in graph_list] == self._layout
 
@@ -203,9 +219,9 @@ class Worker:
     def _forward(self, atoms_list: list, energy_only: bool) -> list[dict]:
         """One forward pass over ``atoms_list`` (raises when any of them fails)."""
         np = self.np
-        graph_list = self._graph_list(atoms_list)
+        graph_list = self._model_input(atoms_list)
         if energy_only:
-            energies = self._energies(graph_list).numpy().ravel()
+            energies = self._energies(graph_list).numpy().ravel()[:len(atoms_list)]
             return [_single_point(float(e), None, None, len(a)) for e, a in zip(energies, atoms_list, strict=True)]
         e, f, s = self._efs(graph_list)
         energies = e.numpy().ravel()
@@ -275,10 +291,11 @@ class Worker:
 
             def calculate(self, atoms=None, properties=None, system_changes=all_changes):
                 super().calculate(atoms, properties or ["energy"], system_changes)
-                e, f, s = worker._efs(worker._graph_list([self.atoms]))
+                e, f, s = worker._efs(worker._model_input([self.atoms]))
                 energy = float(e.numpy().ravel()[0])
+                forces = f.numpy()[:len(self.atoms)]  # a carrier's atoms come last
                 self.results.update(energy=energy, free_energy=energy,
-                                    forces=worker.np.asarray(f.numpy(), dtype=worker.np.float64),
+                                    forces=worker.np.asarray(forces, dtype=worker.np.float64),
                                     stress=s.numpy()[0] * stress_weight)
 
         return _Calculator()

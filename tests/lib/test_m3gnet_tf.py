@@ -303,6 +303,24 @@ def test_element_not_covered_is_a_clear_error(tf_surrogate, reference: dict) -> 
         tf_surrogate.relax(americium)
 
 
+def test_structure_without_three_body_terms(tf_surrogate, reference: dict) -> None:
+    """bcc Ba at its experimental volume (a = 5.028 A: neighbours 4.35 A apart, beyond the 4 A
+    three-body cutoff) alone is a batch m3gnet 0.2.4 itself cannot evaluate (m3gnet#64); the
+    worker's carrier makes it evaluable, with the energy, forces and stress Ba gets in a batch
+    beside a crystal that has three-body terms, and it relaxes (the elemental reference the
+    formation energies of every Ba compound need)."""
+    ba = Structure(Lattice.cubic(5.028), ["Ba", "Ba"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    good = reference["BaRuO3_cub_a4.0"]["structure"]
+    alone = tf_surrogate.predict([ba])[0]
+    beside = tf_surrogate.predict([good, ba])[1]
+    assert abs(alone.energy_ev - beside.energy_ev) / 2 < 1e-6
+    assert -2.0 < alone.energy_ev / 2 < -1.7  # eV/atom (MP's GGA Ba: -1.92)
+    np.testing.assert_allclose(alone.forces_ev_per_a, beside.forces_ev_per_a, atol=1e-5)
+    np.testing.assert_allclose(alone.stress_ev_per_a3, beside.stress_ev_per_a3, atol=1e-6)
+    res = tf_surrogate.relax(ba.get_primitive_structure())
+    assert res.ok and res.is_converged and res.energy_ev / len(res.structure) <= alone.energy_ev / 2 + 1e-6
+
+
 def test_relax_rattled_bao_rocksalt(tf_surrogate, shared_dir: Path) -> None:
     """MP's BaO rocksalt (mp-1342), conventional cell strained 3 % and rattled: the shared
     driver (FIRE on FrechetCellFilter) through the worker's calculator, and ``relax_many``."""
