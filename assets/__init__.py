@@ -5,9 +5,9 @@
 | ``assets.mp``        | mp           | mp_structures, mp_symmetry, training_templates      |
 | ``assets.generator`` | generator    | wgan_checkpoint, templates                          |
 | ``assets.infill``    | infill       | candidates, candidates_dedup                        |
-| ``assets.screening`` | screening    | surrogate_models, prescreen, relaxed, references, phonons, shortlist |
-| ``assets.dft``       | dft          | dft_inputs, dft_results, discoveries, surrogate_churn |
-| ``assets.reports``   | reports      | xrd_patterns                                        |
+| ``assets.screening`` | screening    | surrogate_models, prescreen, references, relaxed, phonons, shortlist, consensus |
+| ``assets.dft``       | dft          | dft_inputs, dft_runs, dft_results, discoveries, surrogate_accuracy, surrogate_churn |
+| ``assets.reports``   | reports      | xrd_patterns, discovery_report                      |
 """
 
 import importlib

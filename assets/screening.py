@@ -1,5 +1,13 @@
 """Surrogate screening: surrogate_models, prescreen, relaxed, references, phonons, shortlist.
 
+Order: ``prescreen`` (static energies) and ``references`` (the system's competing phases relaxed
+with the surrogate: its hull) come first; ``relaxed`` selects its K candidates by their static
+energy above that hull (``lib.selection``: composition-aware, a per-composition quota optional),
+relaxes them and stores each relaxed cell's formation energy and energy above the same hull;
+``phonons`` screens the best N of those; ``shortlist`` ranks them, marks relaxed duplicates, the
+known phase each relaxed cell matches (``lib.novelty``) and oxidation-state charge balance
+(``lib.oxidation``).
+
 Partitioned by chemical system x surrogate (store partition ``"<chemsys>|<surrogate>"``). The
 compute runs in ``lib.screening`` / ``lib.phonons``; batches go to Ray actors that load the
 surrogate once (``ray_runtime``: local Ray, or a cluster through ``RAY_ADDRESS``) and land in
@@ -18,14 +26,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dagster as dg
+import numpy as np
 import polars as pl
 
 from assets._checks import build_contract_checks
 from assets.partitions import screening_partitions
 from lib import screening as scr
-from lib.cells import ASU_COLUMNS, CELL_COLUMNS
+from lib.cells import ASU_COLUMNS, CELL_COLUMNS, MATCHER_TOLERANCES
+from lib.consensus import ConsensusRankBy
 from lib.phonons import DEFAULT_PHONON_SYMPREC, DEFAULT_THRESHOLD_THZ, band_structure_figure
 from lib.plots import figure_markdown
+from lib.selection import RankBy
 from lib.store import partition_dirname
 from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
 
@@ -41,16 +52,24 @@ class RayStageConfig(dg.Config):
     use_ray: bool = True  # False: compute in the run's own process (no actors)
     num_actors: int = 0  # 0 = one per CPU of the Ray cluster (at most one per batch)
     cpus_per_actor: float = 1.0  # torch threads per actor = max(1, int(cpus_per_actor))
+    # GPU share per actor (Ray's fractional num_gpus; 0 = none). With the surrogate registry's device
+    # "cuda", 0.125 puts eight actors on one GPU (measured 4.2x one process on an H200: docs/scale.md).
+    gpus_per_actor: float = 0.0
 
 
 class PrescreenConfig(RayStageConfig):
     batch_rows: int = 256  # candidates per resumable batch (one Ray task)
     batch_size: int = 32  # structures per forward pass
-    max_candidates: int = 0  # 0 = all; else the first N by candidate_id (reduced runs)
+    max_candidates: int = 0  # 0 = all; else a seeded random sample of N stratified by reduced formula (reduced runs)
+    sample_seed: int = 0  # seed of that sample (lib.selection.stratified_sample)
 
 
 class RelaxConfig(RayStageConfig):
-    top_k: int = 100  # best K by pre-screen energy per atom
+    top_k: int = 100  # best K by rank_by
+    # static (pre-screen) energy above the hull of the references relaxed with the same surrogate (default),
+    # static formation energy, or the raw energy per atom (the old order: mostly measures composition)
+    rank_by: RankBy = "e_above_hull"
+    per_composition_quota: int = 0  # > 0: at most this many candidates of one reduced formula
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A  # eV/Å (paper: 0.05)
     steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
     relax_cell: bool = True
@@ -73,7 +92,7 @@ class ReferencesConfig(RayStageConfig):
 
 class PhononsConfig(RayStageConfig):
     top_n: int = 20  # best N (paper: 5,000, by formation energy)
-    rank_by: Literal["formation_energy", "e_above_hull"] = "formation_energy"  # e_above_hull: the shortlist's order
+    rank_by: Literal["e_above_hull", "formation_energy"] = "e_above_hull"  # the shortlist's order; formation_energy: the paper's
     threshold_thz: float = DEFAULT_THRESHOLD_THZ
     symprec: float = DEFAULT_PHONON_SYMPREC  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
@@ -89,6 +108,13 @@ class PhononsConfig(RayStageConfig):
 class ShortlistConfig(dg.Config):
     n_plots: int = 3  # band-structure plots of the top entries with phonons
     duplicate_energy_window_ev: float = 0.005  # eV/atom: relaxed duplicates are looked for within this
+    # known phases (lib.novelty): the MP source as stored (an MP-20-layout CSV, as ReferencesConfig.mp_csv_path;
+    # "" = the mp_structures table), the references as relaxed by the surrogate, and every ingested DFT result
+    mp_csv_path: str = ""
+    ltol: float = MATCHER_TOLERANCES["ltol"]  # StructureMatcher tolerances (pymatgen's defaults)
+    stol: float = MATCHER_TOLERANCES["stol"]
+    angle_tol: float = MATCHER_TOLERANCES["angle_tol"]
+    only_charge_balanced: bool = False  # True: drop rows no ICSD oxidation-state assignment balances (ranks renumbered)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -126,7 +152,8 @@ def _compute(config: RayStageConfig, method: str, surrogate: str, reg: Surrogate
     cpus = float(ray.cluster_resources().get("CPU", 1))
     n = scr.default_num_actors(n_batches, requested=config.num_actors, cpus=cpus,
                                cpus_per_actor=config.cpus_per_actor)
-    pool = scr.SurrogatePool(surrogate, num_actors=n, load_kwargs=lk, num_cpus_per_actor=config.cpus_per_actor)
+    pool = scr.SurrogatePool(surrogate, num_actors=n, load_kwargs=lk, num_cpus_per_actor=config.cpus_per_actor,
+                             num_gpus_per_actor=config.gpus_per_actor)
     try:
         nodes = {i["node_id"] for i in pool.info()}  # also waits until every actor has loaded the model
         yield pool.compute(method, **kwargs), {"backend": "ray", "actors": n, "ray_nodes": len(nodes),
@@ -207,8 +234,11 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     chemsys, surrogate, part = _keys(context)
     store = cgwgan_home.store
     cands = store.read("candidates_dedup", partition=chemsys)
-    if config.max_candidates > 0:
-        cands = cands.sort("candidate_id").head(config.max_candidates)
+    n_input, n_input_formulas = cands.height, cands["reduced_formula"].n_unique()
+    if config.max_candidates > 0:  # a reduced run: a representative sample, not the first N ids
+        from lib.selection import stratified_sample
+
+        cands = stratified_sample(cands, config.max_candidates, seed=config.sample_seed, by="reduced_formula")
     name, sha = _surrogate_identity(surrogate, surrogate_registry)
     batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "prescreen"})
@@ -229,6 +259,9 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     errors = out.filter(pl.col("status") == "error")
     return dg.MaterializeResult(
         metadata={"rows": out.height, "n_ok": n_ok, "n_error": errors.height, "batches": stats.n_batches,
+                  "n_candidates_input": n_input, "n_compositions_input": n_input_formulas,
+                  "n_compositions_sampled": cands["reduced_formula"].n_unique(),
+                  "max_candidates": config.max_candidates, "sample_seed": config.sample_seed,
                   "batches_skipped_resumed": stats.n_skipped, "batches_run": stats.n_run,
                   "batches_retried": stats.n_retries, "seconds": round(stats.seconds, 2),
                   "structures_per_s": round(stats.n_run and out.height / max(stats.seconds, 1e-9), 2),
@@ -244,16 +277,55 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
         ])
 
 
+def _selection_metadata(static: pl.DataFrame, top: pl.DataFrame, config: RelaxConfig) -> dict[str, Any]:
+    """The selected set's composition spread and static hull distances, and how the raw
+    energy-per-atom order (the pre-issue-13 selection) would have differed."""
+    from lib.selection import select_for_relaxation, selection_summary
+
+    hull = top["static_e_above_hull_ev_per_atom"].drop_nulls()
+    raw = select_for_relaxation(static, config.top_k, rank_by="energy_per_atom")
+    raw_hull = raw["static_e_above_hull_ev_per_atom"].drop_nulls()
+    n_ok = static.filter(pl.col("static_e_above_hull_ev_per_atom").is_not_null())
+
+    def stats(s: pl.Series) -> dict[str, float | None]:
+        vals = s.cast(pl.Float64).to_list()
+        if not vals:
+            return {"min": None, "median": None, "max": None}
+        return {"min": round(min(vals), 4), "median": round(float(np.median(vals)), 4), "max": round(max(vals), 4)}
+
+    return {"rank_by": config.rank_by, "per_composition_quota": config.per_composition_quota,
+            "n_prescreened_with_hull": n_ok.height,
+            "n_prescreened_compositions": int(n_ok["reduced_formula"].n_unique()) if n_ok.height else 0,
+            "n_selected": top.height, "n_selected_compositions": int(top["reduced_formula"].n_unique()),
+            "selected_static_e_above_hull_ev_per_atom": dg.MetadataValue.json(stats(hull)),
+            "n_selected_below_0_1_ev_static": int((hull <= 0.1).sum()),
+            "by_energy_per_atom_n_compositions": int(raw["reduced_formula"].n_unique()),
+            "by_energy_per_atom_static_e_above_hull_ev_per_atom": dg.MetadataValue.json(stats(raw_hull)),
+            "by_energy_per_atom_overlap": raw.join(top, on="candidate_id", how="semi").height,
+            "selection_by_composition": _md_table(selection_summary(top), 20)}
+
+
 @dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
-          deps=["prescreen", _DEDUP],
+          deps=["prescreen", _DEDUP, scr.REFERENCES_TABLE],
           check_specs=[dg.AssetCheckSpec("convergence_rate", asset="relaxed")],
-          description="Best K by pre-screen energy per atom, relaxed (cell + positions) with the surrogate.")
+          description="Best K by static energy above the surrogate's own hull (or formation energy: rank_by; "
+                      "a per-composition quota optional), relaxed (cell + positions) with the surrogate; with "
+                      "each relaxed cell's formation energy and energy above that hull.")
 def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home: CgwganHome,
             ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    from lib.selection import select_for_relaxation, static_hull_distance
+
     chemsys, surrogate, part = _keys(context)
     store = cgwgan_home.store
+    elements = chemsys.split("-")
     pre = store.read("prescreen", partition=part)
-    top = scr.select_top(pre, config.top_k)
+    refs = store.read(scr.REFERENCES_TABLE, partition=part).filter(pl.col("kind") == "reference")
+    try:
+        static = static_hull_distance(pre, refs, elements=elements)
+        top = select_for_relaxation(static, config.top_k, rank_by=config.rank_by,
+                                    per_composition_quota=config.per_composition_quota or None)
+    except ValueError as exc:
+        raise dg.Failure(f"relaxed {part}: cannot select candidates by stability: {exc}") from exc
     cands = store.scan("candidates_dedup", partition=chemsys).join(
         top.select("candidate_id").lazy(), on="candidate_id", how="semi").collect()
     sha = pre["surrogate_sha256"][0] if pre.height else ""
@@ -272,16 +344,27 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
         schema={**scr.RELAX_SCHEMA, "batch_id": pl.String}).rename({"key": "candidate_id"})
     meta_cols = top.select("candidate_id", *[c for c in ("formula", "reduced_formula", "spacegroup_number")
                                              if c in top.columns],
-                           pl.col("energy_per_atom_ev").alias("prescreen_energy_per_atom_ev"))
+                           pl.col("energy_per_atom_ev").alias("prescreen_energy_per_atom_ev"),
+                           *scr.RELAXED_SELECTION_COLUMNS)
     out = res.join(meta_cols, on="candidate_id", how="left").join(
         pre.select(*scr.LINEAGE_COLUMNS), on="candidate_id", how="left")
     out = out.select(*scr.LINEAGE_COLUMNS, *[c for c in out.columns if c not in scr.LINEAGE_COLUMNS])
-    store.write("relaxed", out, partition=part, metadata={**kw, **how})
+    out = scr.relaxed_hull_columns(out, refs, elements=elements).sort("selection_rank")
+    selection = _selection_metadata(static, top, config)
+    store.write("relaxed", out, partition=part, metadata={
+        **kw, **how, "rank_by": config.rank_by, "per_composition_quota": config.per_composition_quota})
     cgwgan_home.refresh_catalog()
     ok = out.filter(pl.col("status") == "ok")
-    rate = float(ok["is_converged"].mean()) if ok.height else 0.0
+    rate = float(np.mean(ok["is_converged"].to_numpy())) if ok.height else 0.0
+    hull_ok = ok.filter(pl.col("e_above_hull_ev_per_atom").is_not_null())
     return dg.MaterializeResult(
-        metadata={"rows": out.height, "n_ok": ok.height, "n_converged": int(ok["is_converged"].sum() or 0),
+        metadata={**selection,
+                  "n_on_or_below_hull": int((hull_ok["e_above_hull_ev_per_atom"] <= 1e-6).sum()),
+                  "n_hull_error": ok.height - hull_ok.height,
+                  "lowest_e_above_hull": _md_table(hull_ok.sort("e_above_hull_ev_per_atom").select(
+                      "candidate_id", "formula", "static_e_above_hull_ev_per_atom", "e_above_hull_ev_per_atom",
+                      "formation_energy_per_atom_ev", "decomposition")),
+                  "rows": out.height, "n_ok": ok.height, "n_converged": int(ok["is_converged"].sum() or 0),
                   "convergence_rate": round(rate, 3), "fmax_ev_per_a": config.fmax, "steps": config.steps,
                   "seconds": round(stats.seconds, 2),
                   "relaxations_per_min": round(60 * stats.n_run * config.batch_rows / max(stats.seconds, 1e-9), 2)
@@ -301,12 +384,14 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
 
 @dg.multi_asset(
     name="references", partitions_def=screening_partitions,
-    specs=[dg.AssetSpec("references", group_name=GROUP, kinds={"ray"}, deps=["relaxed"],
+    specs=[dg.AssetSpec("references", group_name=GROUP, kinds={"ray"}, deps=["mp_structures"],
                         description="The convex hull of the system under the surrogate: competing phases relaxed "
-                                    "with it, chemical potentials and hull phases; its rows are reference_energies."),
-           dg.AssetSpec(scr.REFERENCES_TABLE, group_name=GROUP, kinds={"parquet"}, deps=["relaxed"],
-                        description="Formation energy and energy above the hull of every reference phase and relaxed "
-                                    "candidate (the table of `references`; `references` is a reserved word in SQL).")],
+                                    "with it, chemical potentials and hull phases; its rows are reference_energies. "
+                                    "Computed before the candidates are selected for relaxation (by their distance "
+                                    "to this hull)."),
+           dg.AssetSpec(scr.REFERENCES_TABLE, group_name=GROUP, kinds={"parquet"}, deps=["mp_structures"],
+                        description="Formation energy and energy above the hull of every reference phase (the table "
+                                    "of `references`; `references` is a reserved word in SQL).")],
     check_specs=[dg.AssetCheckSpec("hull_is_consistent", asset="references")])
 def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwgan_home: CgwganHome,
                ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> Iterator[dg.MaterializeResult]:
@@ -325,8 +410,7 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
         keep = mp.filter(pl.col("species").list.len() <= config.max_phase_atoms)
         n_skipped, mp = mp.height - keep.height, keep
     phases = scr.reference_phases(elements, mp)
-    rel = store.read("relaxed", partition=part)
-    sha = rel["surrogate_sha256"][0] if rel.height else _surrogate_identity(surrogate, surrogate_registry)[1]
+    name, sha = _surrogate_identity(surrogate, surrogate_registry)
     batches = scr.plan_batches(phases.rename({"phase_id": "candidate_id"}), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "references", "fmax": config.fmax,
                                      "steps": config.steps, "optimizer": config.optimizer,
@@ -338,45 +422,39 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
                                         on_batch_written=_progress(context, "references", batches))
     refs = phases.select("phase_id", "formula", "source").join(
         res.rename({"key": "phase_id"}).drop("batch_id"), on="phase_id", how="left")
-    hull = scr.formation_and_hull(refs, rel, elements=elements)
-    name = rel["surrogate_name"][0] if rel.height else surrogate
-    ref_rows = refs.join(hull.references, on="phase_id", how="left").with_columns(
+    no_candidates = pl.DataFrame(schema={"candidate_id": pl.String, "formula": pl.String, "energy_ev": pl.Float64,
+                                         "status": pl.String})
+    try:
+        hull = scr.formation_and_hull(refs, no_candidates, elements=elements)
+    except ValueError as exc:
+        raise dg.Failure(f"references {part}: {exc} (reference errors: "
+                         f"{refs.filter(pl.col('status') != 'ok')['error'].head(5).to_list()})") from exc
+    out = refs.join(hull.references, on="phase_id", how="left").with_columns(
         pl.lit("reference").alias("kind"), pl.lit(None, pl.String).alias("candidate_id"),
         pl.lit(None, pl.String).alias("template_id"), pl.lit(None, pl.String).alias("checkpoint_id"),
         pl.lit(name).alias("surrogate_name"), pl.lit(sha).alias("surrogate_sha256"),
         pl.lit(scr.CODE_VERSION).alias("code_version"))
-    cand_rows = rel.select(*scr.LINEAGE_COLUMNS, "formula", "n_atoms", "energy_ev", "energy_per_atom_ev",
-                           "is_converged", "n_steps").join(hull.candidates, on="candidate_id", how="left").with_columns(
-        pl.lit("candidate").alias("kind"), pl.col("candidate_id").alias("phase_id"),
-        pl.lit("relaxed").alias("source"))
-    out = pl.concat([ref_rows, cand_rows], how="diagonal_relaxed")
     out = out.select(*scr.LINEAGE_COLUMNS, "kind", "phase_id",
                      *[c for c in out.columns if c not in scr.LINEAGE_COLUMNS and c not in ("kind", "phase_id")])
     store.write(scr.REFERENCES_TABLE, out, partition=part,
                 metadata={"chemical_potentials_ev": hull.chemical_potentials_ev, **how})
     cgwgan_home.refresh_catalog()
     refs_ok = out.filter((pl.col("kind") == "reference") & (pl.col("status") == "ok"))
-    worst_ref = float(refs_ok["e_above_hull_ev_per_atom"].min()) if refs_ok.height else 0.0
-    cands_ok = out.filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
+    worst_ref = float(np.min(refs_ok["e_above_hull_ev_per_atom"].to_numpy())) if refs_ok.height else 0.0
     on_hull = refs_ok.filter(pl.col("e_above_hull_ev_per_atom") < 1e-6)
     yield dg.MaterializeResult(
         asset_key=scr.REFERENCES_TABLE,
-        metadata={"rows": out.height, "n_reference_rows": int((out["kind"] == "reference").sum()),
-                  "n_candidate_rows": int((out["kind"] == "candidate").sum())})
+        metadata={"rows": out.height, "n_reference_rows": out.height, "n_ok": refs_ok.height})
     yield dg.MaterializeResult(
         asset_key="references",
         metadata={"n_reference_phases": refs.height, "n_reference_ok": refs_ok.height,
-                  "n_mp_phases_skipped_size": n_skipped, "n_candidates": cands_ok.height,
-                  "n_candidates_below_hull": int((cands_ok["e_above_hull_ev_per_atom"] < 0).sum()),
+                  "n_mp_phases_skipped_size": n_skipped,
                   "chemical_potentials_ev": dg.MetadataValue.json(hull.chemical_potentials_ev),
                   "seconds": round(stats.seconds, 2), "backend": how["backend"],
                   "hull_phases": ", ".join(sorted(on_hull["formula"].to_list())),
                   "references": _md_table(refs_ok.sort("formation_energy_per_atom_ev").select(
                       "phase_id", "formula", "source", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom",
-                      "is_converged"), 30),
-                  "lowest_e_above_hull": _md_table(cands_ok.sort("e_above_hull_ev_per_atom").select(
-                      "candidate_id", "formula", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom",
-                      "decomposition"))},
+                      "is_converged"), 30)},
         check_results=[dg.AssetCheckResult(
             check_name="hull_is_consistent",
             passed=refs_ok.height > 0 and worst_ref > -1e-6 and all(
@@ -387,18 +465,19 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet", "ray"}, partitions_def=screening_partitions,
-          deps=[scr.REFERENCES_TABLE, "relaxed"],
-          description="Phonopy finite-displacement screen (surrogate forces) of the best N by formation energy "
-                      "(or by energy above the hull: rank_by).")
+          deps=["relaxed"],
+          description="Phonopy finite-displacement screen (surrogate forces) of the best N by energy above the "
+                      "hull, the shortlist's order (or by formation energy, the paper's: rank_by).")
 def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_home: CgwganHome,
             ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
     _, surrogate, part = _keys(context)
     store = cgwgan_home.store
-    stab = store.read(scr.REFERENCES_TABLE, partition=part).filter((pl.col("kind") == "candidate") & (pl.col("status") == "ok"))
+    relaxed_all = store.read("relaxed", partition=part)
+    stab = scr.relaxed_stability(relaxed_all).filter(pl.col("status") == "ok")
     order = {"formation_energy": ["formation_energy_per_atom_ev", "candidate_id"],
              "e_above_hull": ["e_above_hull_ev_per_atom", "formation_energy_per_atom_ev", "candidate_id"]}
     best = stab.sort(order[config.rank_by]).head(config.top_n).select("candidate_id")
-    rel = store.read("relaxed", partition=part).join(best, on="candidate_id", how="semi")
+    rel = relaxed_all.join(best, on="candidate_id", how="semi")
     sha = rel["surrogate_sha256"][0] if rel.height else ""
     kw = {"supercell": list(config.supercell), "min_length_a": config.min_length_a or None,
           "displacement_a": config.displacement_a, "mesh": list(config.mesh), "band_npoints": config.band_npoints,
@@ -435,20 +514,57 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
                       20)})
 
 
+def _known_phases(context: dg.AssetExecutionContext, store, config: ShortlistConfig, elements: list[str],
+                  refs: pl.DataFrame | None) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Every known structure of the system and its subsystems (lib.novelty.known_structures):
+    the MP source as stored, the references as relaxed by the surrogate, every ingested DFT result."""
+    from lib.novelty import known_structures
+
+    if config.mp_csv_path:
+        mp, mp_label = scr.mp_csv_cells(config.mp_csv_path, elements=elements), f"file:{config.mp_csv_path}"
+    elif store.exists("mp_structures"):
+        mp, mp_label = scr.mp_table_cells(store.read("mp_structures"), elements=elements), "table:mp_structures"
+    else:
+        mp, mp_label = None, "none"
+        context.log.warning("shortlist: no mp_structures table and no mp_csv_path: known phases are the "
+                            "surrogate-relaxed references and DFT results only")
+    dft = store.read("dft_results") if store.exists("dft_results") else None
+    known = known_structures(mp_structures=mp, references=refs, dft_results=dft, elements=elements)
+    counts = dict(sorted(known.group_by("source").len().iter_rows())) if known.height else {}
+    return known, {"mp_source": mp_label, "n_known_structures": known.height,
+                   "known_structures_by_source": dg.MetadataValue.json(counts)}
+
+
 @dg.asset(group_name=GROUP, kinds={"parquet", "duckdb"}, partitions_def=screening_partitions,
           deps=["relaxed", scr.REFERENCES_TABLE, "phonons"],
           check_specs=[dg.AssetCheckSpec("ranked_and_unique", asset="shortlist")],
-          description="Candidates ranked by energy above hull, then formation energy, with the phonon verdict.")
+          description="Candidates ranked by energy above hull, then formation energy, with the phonon verdict, "
+                      "relaxed duplicates, the known phase each relaxed cell matches (is_novel) and "
+                      "oxidation-state charge balance.")
 def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan_home: CgwganHome) -> dg.MaterializeResult:
-    _, _, part = _keys(context)
+    from lib.novelty import match_known_phases, novelty_metadata
+    from lib.oxidation import charge_balance
+
+    chemsys, _, part = _keys(context)
     store = cgwgan_home.store
     t0 = time.perf_counter()
     rel = store.read("relaxed", partition=part)
-    stab = store.read(scr.REFERENCES_TABLE, partition=part).filter(pl.col("kind") == "candidate")
+    refs = store.read(scr.REFERENCES_TABLE, partition=part) if store.exists(scr.REFERENCES_TABLE, part) else None
     ph = store.read("phonons", partition=part) if store.exists("phonons", part) else None
-    out = scr.mark_relaxed_duplicates(scr.build_shortlist(rel, stab, ph), rel,
-                                      energy_window_ev=config.duplicate_energy_window_ev)
-    store.write("shortlist", out, partition=part)
+    ranked = charge_balance(scr.build_shortlist(rel, scr.relaxed_stability(rel), ph), formula_col="formula")
+    n_ranked = ranked.height
+    if config.only_charge_balanced:
+        ranked = scr.keep_charge_balanced(ranked)
+    out = scr.mark_relaxed_duplicates(ranked, rel, energy_window_ev=config.duplicate_energy_window_ev)
+    known, known_meta = _known_phases(context, store, config, chemsys.split("-"), refs)
+    tol: dict[str, Any] = {"ltol": config.ltol, "stol": config.stol, "angle_tol": config.angle_tol}
+    cells = rel.filter(pl.col("status") == "ok").select("candidate_id", *CELL_COLUMNS)
+    try:
+        out = match_known_phases(out.join(cells, on="candidate_id", how="left", maintain_order="left"), known,
+                                 allow_empty_known=False, **tol).drop(*CELL_COLUMNS)
+    except ValueError as exc:
+        raise dg.Failure(f"shortlist {part}: cannot check novelty: {exc}") from exc
+    store.write("shortlist", out, partition=part, metadata={**tol, "mp_source": known_meta["mp_source"]})
     cgwgan_home.refresh_catalog()
     plots = []
     if ph is not None and ph.height:
@@ -458,24 +574,200 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
             prow = rows[r["candidate_id"]]
             title = (f"#{r['rank']} {r['formula']} {r['candidate_id']}  min {prow['min_frequency_thz']:.2f} THz")
             plots.append(figure_markdown(band_structure_figure(prow, title=title), alt=r["candidate_id"]))
-    sorted_ok = out["rank"].to_list() == list(range(1, out.height + 1))
+    novelty = novelty_metadata(out, **tol)
+    rediscovered = (out.filter(pl.col("is_novel").eq(False)).group_by("known_material_id", "known_source")
+                    .agg(pl.len().alias("n_rows"), pl.col("rank").min().alias("best_rank"),
+                         pl.col("unique_rank").min().alias("best_unique_rank"), pl.col("formula").first())
+                    .sort("best_rank"))
+    problems = scr.ranked_and_unique_problems(out)
+    unique_novel = out.filter(pl.col("duplicate_of").is_null() & pl.col("is_novel").fill_null(False))
     return dg.MaterializeResult(
         metadata={"rows": out.height, "n_with_phonons": int(out["has_phonons"].sum() or 0),
                   "n_dynamically_stable": int(out["is_dynamically_stable"].fill_null(False).sum()),
                   "n_below_0_1_ev": int((out["e_above_hull_ev_per_atom"] <= 0.1).sum()),
                   "n_unique_structures": int(out["duplicate_of"].is_null().sum()),
                   "n_relaxed_duplicates": int(out["duplicate_of"].is_not_null().sum()),
+                  **{k: (dg.MetadataValue.json(v) if isinstance(v, dict) else v) for k, v in novelty.items()},
+                  **known_meta,
+                  "n_rediscovered_phases": rediscovered.height,
+                  "rediscovered_phases": _md_table(rediscovered, 30),
+                  "n_charge_balanced": int(out["charge_balanced"].fill_null(False).sum()),
+                  "n_rare_oxidation_state": int(out["uses_rare_oxidation_state"].fill_null(False).sum()),
+                  "only_charge_balanced": config.only_charge_balanced,
+                  "n_dropped_not_charge_balanced": n_ranked - out.height,
                   "seconds": round(time.perf_counter() - t0, 2),
                   "top": _md_table(out.filter(pl.col("duplicate_of").is_null()).select(
                       "rank", "unique_rank", "candidate_id", "formula", "e_above_hull_ev_per_atom",
-                      "formation_energy_per_atom_ev", "min_frequency_thz", "is_dynamically_stable"), 15),
+                      "formation_energy_per_atom_ev", "min_frequency_thz", "is_dynamically_stable",
+                      "known_material_id", "charge_balanced", "oxidation_states"), 15),
+                  "top_novel": _md_table(unique_novel.select(
+                      "rank", "candidate_id", "formula", "spacegroup_number_relaxed", "e_above_hull_ev_per_atom",
+                      "is_dynamically_stable", "charge_balanced"), 15),
+                  "known_phases": _md_table(out.filter(pl.col("is_novel").eq(False)).select(
+                      "rank", "candidate_id", "formula", "known_material_id", "known_source",
+                      "e_above_hull_ev_per_atom"), 15),
                   "band_structures": dg.MetadataValue.md("\n\n".join(plots) or "(no phonon results)")},
         check_results=[dg.AssetCheckResult(
-            check_name="ranked_and_unique",
-            passed=sorted_ok and out["candidate_id"].n_unique() == out.height and bool(
-                out["e_above_hull_ev_per_atom"].is_sorted()),
-            metadata={"rows": out.height, "ranks_contiguous": sorted_ok})])
+            check_name="ranked_and_unique", passed=not problems,
+            metadata={"rows": out.height, "problems": dg.MetadataValue.md(
+                "\n".join(f"- {p}" for p in problems) or "(none)")})])
+
+
+
+
+
+# ------------------------------------------------------------------------------------ consensus
+class ConsensusConfig(RayStageConfig):
+    use_ray: bool = False  # the K rows are few: relax them in the run's own process by default
+    top_k: int = 20  # best K unique novel shortlist rows of the primary (the partition's surrogate)
+    surrogates: list[str] = []  # registry names; empty = every registered surrogate whose weights are here
+    rank_by: ConsensusRankBy = "mean"  # mean e_above_hull | lcb: mean + kappa * std (one surrogate's favourite sinks)
+    kappa: float = 1.0  # | primary: the primary's shortlist order
+    top_n_overlap: int = 20  # metadata: how many of the primary's top N stay in the consensus top N
+    fmax: float = scr.DEFAULT_FMAX_EV_PER_A
+    steps: int = scr.DEFAULT_RELAX_STEPS
+    optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]
+    batch_rows: int = 16
+    batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE
+
+
+def _consensus_surrogates(config: ConsensusConfig, primary: str, reg: SurrogateRegistryResource) -> list[str]:
+    from lib.surrogates import load_registry, registry_frame
+
+    if config.surrogates:
+        names = list(dict.fromkeys(config.surrogates))
+    else:
+        frame = registry_frame(load_registry(reg.resolved_registry_path or None,
+                                             models_dir=reg.resolved_models_dir or None))
+        names = frame.filter(pl.col("location").is_not_null())["surrogate_name"].to_list()
+    return [primary, *[n for n in names if n != primary]]
+
+
+def _evaluate_with(context: dg.AssetExecutionContext, config: ConsensusConfig, cgwgan_home: CgwganHome,
+                   ray_runtime: RayResource, reg: SurrogateRegistryResource, *, name: str, chemsys: str,
+                   part: str, cells: pl.DataFrame, ref_inputs: pl.DataFrame) -> tuple[pl.DataFrame, str, str]:
+    """``cells`` (the primary's relaxed cells) relaxed by surrogate ``name`` and placed on its own
+    hull: the system's reference phases relaxed by the same surrogate (its own ``reference_energies``
+    partition when one exists with the same weights, else the primary's relaxed reference cells
+    relaxed again). Returns (rows, reference origin, weights sha256)."""
+    store = cgwgan_home.store
+    elements = chemsys.split("-")
+    _, sha = _surrogate_identity(name, reg)
+    own = scr.store_partition(chemsys, name)
+    kw = {"fmax": config.fmax, "steps": config.steps, "batch_size": config.batch_size, "optimizer": config.optimizer}
+    salt = {"surrogate_sha256": sha, "stage": "consensus", "code_version": scr.CODE_VERSION,
+            **{k: v for k, v in kw.items() if k != "batch_size"}}
+    refs = store.read(scr.REFERENCES_TABLE, partition=own) if store.exists(scr.REFERENCES_TABLE, own) else None
+    if refs is not None and set(refs["surrogate_sha256"].drop_nulls()) == {sha}:
+        origin = f"reference_energies[{own}]"
+    else:
+        refs = None
+        origin = "the primary's relaxed reference cells, relaxed again"
+    todo = cells if refs is not None else pl.concat(
+        [cells.with_columns(pl.lit(True).alias("is_cell_relaxed")),
+         ref_inputs.rename({"phase_id": "candidate_id"}).select("candidate_id", *CELL_COLUMNS, "is_cell_relaxed")],
+        how="vertical_relaxed")
+    batches = scr.plan_batches(todo, rows_per_batch=config.batch_rows, salt=salt)
+    with _compute(config, "relax", name, reg, ray_runtime, batches["batch_id"].n_unique(), **kw) as (compute, _):
+        res, _stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "consensus", part) / name,
+                                      on_batch_written=_progress(context, f"consensus {name}", batches))
+    res = res.rename({"key": "candidate_id"})
+    if refs is None:
+        refs = ref_inputs.select("phase_id", "formula", "source").join(
+            res.rename({"candidate_id": "phase_id"}), on="phase_id", how="inner")
+    rows = res.join(cells.select("candidate_id"), on="candidate_id", how="semi")
+    try:
+        hull = scr.formation_and_hull(refs, rows, elements=elements)
+    except ValueError as exc:  # name the reference phases this surrogate could not relax
+        failed = refs.filter(pl.col("status") != "ok").select("phase_id", "error")
+        raise ValueError(f"{exc}; reference phases {name} failed on: "
+                         f"{[f'{p}: {e}' for p, e in failed.head(5).iter_rows()]}") from exc
+    out = rows.select("candidate_id", "status", "error", "is_converged", "n_steps", "energy_per_atom_ev",
+                      "spacegroup_number_relaxed").join(
+        hull.candidates.select("candidate_id", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom",
+                               pl.col("status").alias("_hs"), pl.col("error").alias("_he")),
+        on="candidate_id", how="left")
+    out = out.with_columns(
+        pl.when(pl.col("status") == "ok").then(pl.col("_hs")).otherwise(pl.col("status")).alias("status"),
+        pl.when(pl.col("status") == "ok").then(pl.col("_he")).otherwise(pl.col("error")).alias("error")).drop("_hs", "_he")
+    return out, origin, sha
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, partitions_def=screening_partitions,
+          deps=["shortlist", "relaxed", scr.REFERENCES_TABLE],
+          check_specs=[dg.AssetCheckSpec("every_surrogate_evaluated", asset="consensus")],
+          description="The best K unique novel shortlist rows re-evaluated by every registered surrogate: each "
+                      "relaxed from the primary's relaxed cell and placed on that surrogate's own hull; per-surrogate "
+                      "energy above the hull, mean, spread and a lower-confidence-bound rank; rank agreement.")
+def consensus(context: dg.AssetExecutionContext, config: ConsensusConfig, cgwgan_home: CgwganHome,
+              ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    from lib.consensus import consensus_table, rank_agreement, reference_inputs, wide_view
+
+    chemsys, primary, part = _keys(context)
+    store = cgwgan_home.store
+    t0 = time.perf_counter()
+    sl = store.read("shortlist", partition=part)
+    rel = store.read("relaxed", partition=part)
+    pick = sl.filter(pl.col("duplicate_of").is_null() & pl.col("is_novel").fill_null(False)).sort("rank").head(
+        config.top_k)
+    if pick.is_empty():
+        raise dg.Failure(f"consensus {part}: the shortlist has no unique novel row to re-evaluate")
+    cells = rel.filter(pl.col("status") == "ok").select("candidate_id", *CELL_COLUMNS).join(
+        pick.select("candidate_id"), on="candidate_id", how="semi")
+    try:
+        ref_inputs = reference_inputs(store.read(scr.REFERENCES_TABLE, partition=part))
+    except ValueError as exc:
+        raise dg.Failure(f"consensus {part}: {exc}") from exc
+    names = _consensus_surrogates(config, primary, surrogate_registry)
+    frames, origins, failures = [], {}, {}
+    for name in names:
+        if name == primary:  # the primary's own relaxation and hull, as the shortlist has them
+            rows = pick.select("candidate_id", "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom").join(
+                rel.select("candidate_id", "status", "error", "is_converged", "n_steps", "energy_per_atom_ev",
+                           "spacegroup_number_relaxed"), on="candidate_id", how="left")
+            sha, origins[name] = pick["surrogate_sha256"][0], f"reference_energies[{part}]"
+        else:
+            try:
+                rows, origins[name], sha = _evaluate_with(
+                    context, config, cgwgan_home, ray_runtime, surrogate_registry, name=name, chemsys=chemsys,
+                    part=part, cells=cells, ref_inputs=ref_inputs)
+            except Exception as exc:  # noqa: BLE001 - a surrogate that cannot run is reported on its rows
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                context.log.warning(f"consensus: surrogate {name} could not evaluate the rows: {failures[name]}")
+                rows = pick.select("candidate_id").with_columns(
+                    pl.lit("error").alias("status"), pl.lit(f"surrogate {name}: {failures[name]}").alias("error"))
+                sha = None
+        frames.append(rows.with_columns(pl.lit(name).alias("evaluated_surrogate"),
+                                        pl.lit(sha, pl.String).alias("evaluated_surrogate_sha256")))
+    long = pl.concat(frames, how="diagonal_relaxed")
+    lineage = pick.select(*scr.LINEAGE_COLUMNS, "formula", "reduced_formula", pl.col("rank").alias("primary_rank"),
+                          pl.col("e_above_hull_ev_per_atom").alias("primary_e_above_hull_ev_per_atom"))
+    table = consensus_table(long.join(lineage, on="candidate_id", how="left"), rank_by=config.rank_by,
+                            kappa=config.kappa)
+    front = [*scr.LINEAGE_COLUMNS, "evaluated_surrogate", "evaluated_surrogate_sha256", "consensus_rank",
+             "primary_rank", "formula", "reduced_formula"]
+    table = table.select(*front, *[c for c in table.columns if c not in front])
+    store.write("consensus", table, partition=part, metadata={"surrogates": names, "rank_by": config.rank_by,
+                                                              "kappa": config.kappa, "references": origins})
+    cgwgan_home.refresh_catalog()
+    agree = rank_agreement(table, primary=primary, top_n=config.top_n_overlap)
+    n_err = int((table["status"] != "ok").sum())
+    return dg.MaterializeResult(
+        metadata={"rows": table.height, "n_candidates": pick.height, "surrogates": ", ".join(names),
+                  "rank_by": config.rank_by, "kappa": config.kappa,
+                  "spearman": dg.MetadataValue.json(agree["spearman"]),
+                  "mean_spearman_with_primary": agree["mean_spearman_with_primary"],
+                  f"top_{config.top_n_overlap}_overlap": agree["top_n_overlap"],
+                  "references_by_surrogate": dg.MetadataValue.json(origins),
+                  "surrogate_failures": dg.MetadataValue.json(failures), "n_error_rows": n_err,
+                  "seconds": round(time.perf_counter() - t0, 2),
+                  "table": _md_table(wide_view(table, names), 30)},
+        check_results=[dg.AssetCheckResult(
+            check_name="every_surrogate_evaluated", passed=n_err == 0, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"n_error_rows": n_err, "failed_surrogates": ", ".join(sorted(failures)) or "(none)",
+                      "errors": _md_table(table.filter(pl.col("status") != "ok").select(
+                          "candidate_id", "evaluated_surrogate", "error"), 10)})])
 
 
 contract_checks = build_contract_checks(
-    ["surrogate_models", "prescreen", "relaxed", scr.REFERENCES_TABLE, "phonons", "shortlist"])
+    ["surrogate_models", "prescreen", "relaxed", scr.REFERENCES_TABLE, "phonons", "shortlist", "consensus"])

@@ -6,6 +6,7 @@ Dagster or reads the environment: settings come in as keyword arguments, paths a
 Stages, by module:
 
 - ``lib.mp_sources``     MP structures from a file, a folder, the MP API or the embedded default
+- ``lib.known_phases``   the Ba-Ru-O known phases shipped in ``lib/data`` (textbook structure types)
 - ``lib.wyckoff``        Wyckoff-position tables (pyxtal), projection and orbit expansion
 - ``lib.cells``          cell / Structure / ASU conversions and shared cell helpers
 - ``lib.symmetry``       symmetry analysis and the asymmetric unit of each structure
@@ -20,10 +21,13 @@ Stages, by module:
 - ``lib.surrogate_inputs`` a frame's structures checked against a surrogate's elements
 - ``lib.phonons``        phonopy finite displacements with surrogate forces
 - ``lib.dft_inputs``     VASP + phonopy hand-off folders
-- ``lib.dft_ingest``     ingest of VASP and phonopy results
+- ``lib.dft_gpaw``       GPAW run folders, presets, runs (Ray tasks), candidate / competing-phase plans
+- ``lib.dft_ingest``     ingest of VASP, GPAW and phonopy results
+- ``lib.dft_verdicts``   DFT verdicts on the same footing's hull, surrogate accuracy against DFT
 - ``lib.lineage``, ``lib.churn``  lineage joins and surrogate churn reports
 - ``lib.export``, ``lib.xrd``     structure export and simulated powder XRD
 - ``lib.store``          atomic Parquet tables and the DuckDB catalog
+- ``lib.report``         the discovery report: one self-contained HTML file per chemical system
 """
 
 __version__ = "0.1.0"

@@ -394,6 +394,73 @@ _DFT_RESULT = _cols(
     "code_version",
 )
 
+#: Columns ``lib.verdicts.hull_verdicts`` / ``lib.novelty.match_known_phases`` add to a discovery row.
+_VERDICT = _cols(
+    Column("energy_footing", _S, None, "energy footing of the hull: MP2020, or <dft_code>:<preset sha256>"),
+    Column("compatibility", _S, None, "correction applied to the raw energy (MaterialsProject2020Compatibility | none)"),
+    Column("energy_correction_ev_per_atom", _F64, "eV/atom", "that correction"),
+    Column("corrected_energy_per_atom_ev", _F64, "eV/atom", "energy per atom on the footing"),
+    Column("formation_energy_dft_ev_per_atom", _F64, "eV/atom", "formation energy against the hull's elements"),
+    Column("e_above_hull_dft_ev_per_atom", _F64, "eV/atom", "energy above the DFT hull of the competing phases"),
+    Column("decomposition_dft", _S, None, "hull phases it decomposes into (fraction, phase id, formula)"),
+    Column("missing_references", _LS, None, "competing phases that are missing (elements / compounds)"),
+    Column("n_competing_phases", _I64, None, "competing phases of the footing available to the hull"),
+    Column("is_on_or_below_hull", _B, None, "e_above_hull_dft_ev_per_atom <= the threshold"),
+    _SHARED["is_dynamically_stable"].like(description="DFT phonon verdict: min_frequency_thz > the threshold"),
+    Column("known_material_id", _S, None, "known structure the DFT-relaxed cell matches (null: none)"),
+    Column("known_source", _S, None, "where that known structure comes from (mp, dft_results)"),
+    Column("is_novel", _B, None, "no known structure matches (null: not compared)"),
+    Column("verdict", _S, None, "discovery | rediscovery | above_hull | unstable | no_phonons | novelty_unchecked | "
+           "missing_references | footing_mismatch | not_evaluated"),
+    Column("verdict_reason", _S, None, "every failed criterion with its numbers"),
+    Column("is_discovery", _B, None, "verdict == 'discovery'"),
+)
+
+#: Columns of ``dft_runs`` (one row per GPAW run folder planned).
+_DFT_RUN = _cols(
+    Column("run_name", _S, None, "folder name under the results root: gpaw-<preset>-[phase-]<id>"),
+    Column("run_dir", _S, None, "absolute path of the folder"),
+    Column("kind", _S, None, "candidate | competing_phase", nullable=False),
+    _SHARED["chemical_system"].like(description="the system whose verification needs the run"),
+    _SHARED["candidate_id"].like(description="the candidate (null for a competing phase)"),
+    _SHARED["material_id"].like(description="the MP structure of a competing phase (null for a candidate)"),
+    "template_id", "checkpoint_id",
+    Column("surrogates", _LS, None, "surrogates that shortlisted the candidate"),
+    Column("best_rank", _I64, None, "the candidate's best (unique) rank among them"),
+    "formula", "reduced_formula", "n_atoms",
+    Column("dft_preset", _S, None, "GPAW preset name"),
+    Column("dft_preset_sha256", _S, None, "sha256 of the preset's settings"),
+    Column("phonon_planned", _B, None, "the run computes GPAW phonons after the relaxation"),
+    Column("action", _S, None, "written | kept (same inputs, results kept) | replaced | skipped"),
+    Column("state_before", _S, None, "folder state before this materialisation"),
+    _SHARED["status"].like(description="pending | running | partial | ok | failed | skipped (after the run)"),
+    Column("was_computed", _B, None, "GPAW ran for it in this materialisation"),
+    Column("redone_after_partial", _B, None, "a killed or partial run was cleaned and redone"),
+    Column("seconds", _F64, "s", "wall time spent on the folder in this materialisation"),
+    Column("gpaw_wall_time_s", _F64, "s", "GPAW's own wall time of the relax + static stage"),
+    Column("final_energy_ev", _F64, "eV", "GPAW energy of the relaxed cell (sigma -> 0)"),
+    _SHARED["energy_per_atom_ev"].like(description="GPAW energy per atom of the relaxed cell"),
+    Column("reason", _S, None, "why skipped or failed ('' otherwise)"),
+    "code_version",
+)
+
+#: Columns of ``surrogate_accuracy``.
+_SURROGATE_ACCURACY = _cols(
+    _SHARED["chemical_system"].like(description="the system, or 'all'"),
+    "surrogate_name", "surrogate_sha256",
+    Column("energy_footing", _S, None, "footing of the DFT hull (e.g. gpaw:<preset sha256>)"),
+    Column("n_candidates", _I64, None, "candidates with both a DFT and a surrogate energy above the hull"),
+    Column("mae_ev_per_atom", _F64, "eV/atom", "mean |surrogate - DFT| energy above the hull"),
+    Column("mean_error_ev_per_atom", _F64, "eV/atom", "mean (surrogate - DFT) energy above the hull"),
+    Column("hull_threshold_ev_per_atom", _F64, "eV/atom", "on the hull: energy above it <= this"),
+    Column("n_sign_agree", _I64, None, "candidates both put on the same side of the hull"),
+    Column("sign_agreement", _F64, None, "n_sign_agree / n_candidates"),
+    Column("spearman_rho", _F64, None, "Spearman rank correlation (null: fewer than 2 candidates or no spread)"),
+    Column("candidate_ids", _LS, None, "the candidates, by DFT energy above the hull"),
+    Column("surrogate_e_above_hull_ev_per_atom", _LF, "eV/atom", "their surrogate energies above the hull"),
+    Column("dft_e_above_hull_ev_per_atom", _LF, "eV/atom", "their DFT energies above the hull"),
+)
+
 #: Columns ``lib.lineage.attach_lineage`` adds to a discovery.
 _LINEAGE_DETAIL = _cols(
     Column("candidate_formula", _S, None, "formula of the candidate"),
@@ -522,26 +589,36 @@ _ALL: tuple[Contract, ...] = (
               Column("is_known_in_mp", _B, None, "the candidate matches an MP structure")),
         primary_key=("candidate_id",), partition_key=_SCREENING),
     Contract(
-        "relaxed", "screening", "The best K candidates by pre-screen energy, relaxed (cell and positions) with "
-        "the surrogate.",
+        "relaxed", "screening", "The best K candidates by static energy above the surrogate's own hull (or "
+        "formation energy: rank_by), relaxed (cell and positions) with the surrogate, with the relaxed cell's "
+        "formation energy and energy above that hull.",
         _cols(*LINEAGE, *_RELAX, "status", "error", "batch_id", "formula", "reduced_formula",
               _SHARED["spacegroup_number"].like(description="space group of the candidate before relaxation"),
-              Column("prescreen_energy_per_atom_ev", _F64, "eV/atom", "pre-screen (unrelaxed) energy per atom")),
+              Column("prescreen_energy_per_atom_ev", _F64, "eV/atom", "pre-screen (unrelaxed) energy per atom"),
+              Column("static_formation_energy_per_atom_ev", _F64, "eV/atom",
+                     "formation energy of the pre-screen (unrelaxed) energy"),
+              Column("static_e_above_hull_ev_per_atom", _F64, "eV/atom",
+                     "pre-screen (unrelaxed) energy above the hull of the references relaxed with the surrogate"),
+              Column("selection_rank", _I64, None, "1..K: the candidate's place in the selection for relaxation"),
+              _SHARED["formation_energy_per_atom_ev"].like(description="formation energy of the relaxed cell "
+                                                           "(null: relaxation or hull failed)"),
+              _SHARED["e_above_hull_ev_per_atom"].like(description="relaxed energy above the hull of the references "
+                                                       "relaxed with the same surrogate (null: failed)"),
+              Column("decomposition", _S, None, "hull phases the relaxed candidate decomposes into")),
         primary_key=("candidate_id",), partition_key=_SCREENING),
     Contract(
         "reference_energies", "screening", "Competing phases relaxed with the surrogate and the hull: formation "
-        "energy and energy above the hull of every reference phase and relaxed candidate.",
-        _cols(*[_SHARED[c].like(description=_SHARED[c].description + " (null on reference rows)")
+        "energy and energy above the hull of every reference phase (computed before the candidates are "
+        "selected for relaxation; the candidates' own hull values are columns of relaxed).",
+        _cols(*[_SHARED[c].like(description=_SHARED[c].description + " (null: a reference phase)")
                 if c in ("candidate_id", "template_id", "checkpoint_id") else c for c in LINEAGE],
-              Column("kind", _S, None, "reference | candidate"),
-              Column("phase_id", _S, None, "the reference phase (MP id or ASE state) or the candidate_id"),
-              "formula", _SHARED["source"].like(description="the phase's MP source (e.g. file:mp_structures.csv.gz), "
-                                                "ase.data.reference_states, or relaxed (a candidate)"),
-              *_RELAX[:5], *[c.like(description=c.description + " (null on candidate rows)") for c in _RELAX[5:]],
-              _SHARED["status"].like(nullable=True), "error", "formation_energy_per_atom_ev",
+              Column("kind", _S, None, "reference (every row)"),
+              Column("phase_id", _S, None, "the reference phase (MP id or ASE state)"),
+              "formula", _SHARED["source"].like(description="the phase's MP source (e.g. file:mp_structures.csv.gz) "
+                                                "or ase.data.reference_states"),
+              *_RELAX, _SHARED["status"].like(nullable=True), "error", "formation_energy_per_atom_ev",
               "e_above_hull_ev_per_atom",
-              Column("is_elemental", _B, None, "a one-element reference phase (null on candidate rows)"),
-              Column("decomposition", _S, None, "hull phases the candidate decomposes into (null on reference rows)")),
+              Column("is_elemental", _B, None, "a one-element reference phase")),
         primary_key=("kind", "phase_id"), partition_key=_SCREENING),
     Contract(
         "phonons", "screening", "Phonopy finite-displacement screen (surrogate forces) of the best N candidates.",
@@ -549,7 +626,8 @@ _ALL: tuple[Contract, ...] = (
         primary_key=("candidate_id",), partition_key=_SCREENING),
     Contract(
         "shortlist", "screening", "Relaxed candidates ranked by energy above the hull, then formation energy, "
-        "with the phonon verdict; relaxed duplicates marked, never dropped.",
+        "with the phonon verdict, the known phase each relaxed cell matches (is_novel) and its oxidation-state "
+        "charge balance; relaxed duplicates and known phases marked, never dropped.",
         _cols(Column("rank", _I64, None, "1, 2, ... in order of e_above_hull, formation energy, candidate_id"),
               *LINEAGE, "formula", "reduced_formula", "n_atoms",
               _SHARED["spacegroup_number"].like(description="space group of the candidate before relaxation"),
@@ -562,8 +640,50 @@ _ALL: tuple[Contract, ...] = (
               *_LATTICE, "volume_a3",
               Column("has_phonons", _B, None, "the candidate has a phonon verdict"),
               Column("duplicate_of", _S, None, "better-ranked candidate it relaxed into (null: unique)"),
-              Column("unique_rank", _I64, None, "rank among the unique rows (null on duplicates)")),
+              Column("unique_rank", _I64, None, "rank among the unique rows (null on duplicates)"),
+              Column("known_material_id", _S, None, "the known phase the relaxed cell matches (StructureMatcher; "
+                     "null: none)"),
+              Column("known_source", _S, None, "where that known phase comes from: mp (as stored) | references "
+                     "(as relaxed by the surrogate) | dft_results"),
+              Column("is_novel", _B, None, "no known phase matches the relaxed cell (null: not compared)"),
+              Column("charge_balanced", _B, None, "some assignment of ICSD-observed oxidation states is neutral"),
+              Column("oxidation_states", _S, None, "most probable oxidation-state guess, e.g. 'Ba:+2,Ru:+4,O:-2' "
+                     "(null: none balances)"),
+              Column("oxidation_state_basis", _S, None, "icsd | all: the list of states the guess comes from"),
+              Column("uses_rare_oxidation_state", _B, None, "the guess uses a state outside the ICSD-observed ones"),
+              Column("rare_oxidation_states", _S, None, "those elements and states, e.g. 'Ru:+8' (null: none)"),
+              Column("max_oxidation_state", _F64, None, "highest oxidation state in the guess")),
         primary_key=("candidate_id",), partition_key=_SCREENING),
+    Contract(
+        "consensus", "screening", "The best K unique novel shortlist rows of one surrogate (the primary: the "
+        "partition's) re-evaluated by every registered surrogate: one row per candidate and evaluated surrogate, "
+        "relaxed from the primary's relaxed cell and placed on that surrogate's own hull (references relaxed by "
+        "the same surrogate), with the per-candidate mean, spread and lower-confidence-bound of the energy above "
+        "the hull.",
+        _cols(*[_SHARED[c].like(description=_SHARED[c].description + " (the primary)")
+                if c in ("surrogate_name", "surrogate_sha256") else c for c in LINEAGE],
+              Column("evaluated_surrogate", _S, None, "registry name of the surrogate that evaluated the row"),
+              Column("evaluated_surrogate_sha256", _S, None, "sha256 of its weights (null: it could not be loaded)"),
+              Column("consensus_rank", _I64, None, "1, 2, ... by rank_by (mean, lcb or the primary's order)"),
+              Column("primary_rank", _I64, None, "the candidate's rank in the primary's shortlist"),
+              "formula", "reduced_formula",
+              Column("formation_energy_per_atom_ev", _F64, "eV/atom", "formation energy under the evaluated "
+                     "surrogate"),
+              Column("e_above_hull_ev_per_atom", _F64, "eV/atom", "energy above the evaluated surrogate's own hull"),
+              _SHARED["status"].like(description="ok | error (the surrogate could not load, cover or relax the row)"),
+              "error",
+              Column("is_converged", _B, None, "the evaluated surrogate's relaxation converged"),
+              Column("n_steps", _I64, None, "optimiser steps taken"),
+              _SHARED["energy_per_atom_ev"].like(description="the evaluated surrogate's relaxed energy per atom"),
+              Column("spacegroup_number_relaxed", _I64, None, "space group of the cell the evaluated surrogate relaxed"),
+              Column("primary_e_above_hull_ev_per_atom", _F64, "eV/atom", "the primary's energy above its hull"),
+              Column("n_surrogates_ok", _I64, None, "surrogates that evaluated the candidate"),
+              Column("e_above_hull_mean_ev_per_atom", _F64, "eV/atom", "mean over those surrogates"),
+              Column("e_above_hull_spread_ev_per_atom", _F64, "eV/atom", "max - min over those surrogates"),
+              Column("e_above_hull_std_ev_per_atom", _F64, "eV/atom", "standard deviation over those surrogates"),
+              Column("e_above_hull_lcb_ev_per_atom", _F64, "eV/atom",
+                     "mean + kappa * std: the lower confidence bound of the stability (-e_above_hull)")),
+        primary_key=("candidate_id", "evaluated_surrogate"), partition_key=_SCREENING),
     # ------------------------------------------------------------------------------- group dft
     Contract(
         "dft_inputs", "dft", "Manifest of the VASP + phonopy run folders handed off: one row per shortlisted "
@@ -594,10 +714,21 @@ _ALL: tuple[Contract, ...] = (
         "dft_results", "dft", "Finished VASP/phonopy run folders, each ingested once.",
         _DFT_RESULT, primary_key=("result_id",), partition_key="result_id"),
     Contract(
-        "discoveries", "dft", "Linked DFT results that pass (formation energy below the threshold, no imaginary "
-        "mode), with their lineage to template, checkpoint, MP snapshot and surrogate ranks.",
-        (*[c for c in _DFT_RESULT if c.name not in (*_CELL, "files")], *_LINEAGE_DETAIL),
+        "discoveries", "dft", "Every linked DFT result (latest ingest of each run folder) with its verdict: energy "
+        "above the hull of competing phases on the same footing (a GPAW run: the same backend and preset), "
+        "phonons, novelty (lib.verdicts); verdict 'discovery' rows are the discoveries, 'rediscovery' rows known "
+        "phases, the others say why not. Lineage to template, checkpoint, MP snapshot and surrogate ranks.",
+        (*[c for c in _DFT_RESULT if c.name not in (*_CELL, "files")], *_VERDICT, *_LINEAGE_DETAIL),
         primary_key=("result_id",)),
+    Contract(
+        "dft_runs", "dft", "GPAW run folders dft_runs planned and ran: the best k novel, unique shortlisted "
+        "candidates of each system and every competing phase of their DFT hull (same preset); one row per folder.",
+        _DFT_RUN, primary_key=("run_name",)),
+    Contract(
+        "surrogate_accuracy", "dft", "Per chemical system (and 'all') and surrogate: the surrogate's energy above "
+        "the hull against DFT's, over the candidates with a DFT verdict: MAE, sign agreement at the hull, "
+        "Spearman rank correlation.",
+        _SURROGATE_ACCURACY, primary_key=("chemical_system", "surrogate_name", "energy_footing")),
     Contract(
         "surrogate_churn", "dft", "Per chemical system and pair of surrogates: rank correlation, top-k overlap "
         "and phonon-verdict flips of their shortlists.",

@@ -18,18 +18,23 @@ Tables (partition ``"<chemsys>|<surrogate>"``), each row with the lineage column
 
 * ``prescreen``: ``n_atoms``, ``energy_ev``, ``energy_per_atom_ev``, ``status``, ``error``,
   ``batch_id``.
-* ``relaxed``: ``prescreen_energy_per_atom_ev``, ``is_converged``, ``n_steps``, ``energy_ev``,
+* ``relaxed``: ``prescreen_energy_per_atom_ev``, the selection's ``static_*`` hull distance and
+  ``selection_rank``, ``is_converged``, ``n_steps``, ``energy_ev``,
   ``energy_per_atom_ev``, ``lattice_matrix``, ``species``, ``frac_coords``, ``a_a … gamma_deg``,
   ``volume_a3``, ``spacegroup_number`` (input), ``spacegroup_number_relaxed`` (spglib,
   ``symprec`` 0.1), ``relax_seconds``, ``status``, ``error``, ``batch_id``.
   Defaults: ``fmax`` 0.05 eV/Å, 300 steps (FIRE, cell and positions) as in the paper.
-* ``reference_energies`` (asset ``references``; ``references`` is reserved in SQL): one row per competing phase (``kind = "reference"``: ``phase_id`` such as
-  ``mp-3597`` or ``ase-Ru``, its relaxed energy, ``formation_energy_per_atom_ev`` and
-  ``e_above_hull_ev_per_atom``, ``is_elemental``) and one row per relaxed candidate
-  (``kind = "candidate"``: formation energy, energy above the hull, ``decomposition``).
+* ``reference_energies`` (asset ``references``; ``references`` is reserved in SQL): one row per
+  competing phase (``kind = "reference"``: ``phase_id`` such as ``mp-3597`` or ``ase-Ru``, its
+  relaxed energy, ``formation_energy_per_atom_ev`` and ``e_above_hull_ev_per_atom``,
+  ``is_elemental``). It is computed *before* the relaxations: ``relaxed`` selects its candidates
+  by their static energy above this hull (``lib.selection``) and stores each relaxed cell's
+  formation energy, energy above the hull and ``decomposition`` (:func:`relaxed_hull_columns`).
 * ``phonons``: see :mod:`lib.phonons`.
 * ``shortlist``: candidates ranked by ``e_above_hull_ev_per_atom`` then
-  ``formation_energy_per_atom_ev``, with the phonon verdict.
+  ``formation_energy_per_atom_ev``, with the phonon verdict (:func:`build_shortlist`), relaxed
+  duplicates (:func:`mark_relaxed_duplicates`), known phases (``lib.novelty``) and charge balance
+  (``lib.oxidation``); :func:`check_ranked_and_unique` states its order.
 
 Resumability (:func:`run_batches`): work is cut into batches whose id is a content hash of the
 candidate ids, the surrogate's weights hash, the stage settings and :data:`CODE_VERSION`. Each
@@ -148,9 +153,14 @@ def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32
 
 # --------------------------------------------------------------------------- relax
 #: One relaxation: the ``relaxed`` table without what the asset adds (``key`` = candidate_id).
+#: Columns of ``relaxed`` the asset adds after the relaxation: the selection (static hull
+#: distance, ``lib.selection``) and the relaxed cell's hull values (:func:`relaxed_hull_columns`).
+RELAXED_SELECTION_COLUMNS: tuple[str, ...] = (
+    "static_formation_energy_per_atom_ev", "static_e_above_hull_ev_per_atom", "selection_rank")
+RELAXED_HULL_COLUMNS: tuple[str, ...] = ("formation_energy_per_atom_ev", "e_above_hull_ev_per_atom", "decomposition")
 RELAX_SCHEMA = {"key": pl.String(), **contracts.schema("relaxed", exclude=(
     *contracts.LINEAGE, "batch_id", "formula", "reduced_formula", "spacegroup_number",
-    "prescreen_energy_per_atom_ev"))}
+    "prescreen_energy_per_atom_ev", *RELAXED_SELECTION_COLUMNS, *RELAXED_HULL_COLUMNS))}
 
 
 def spacegroup_number(structure, *, symprec: float = DEFAULT_SYMPREC) -> int | None:
@@ -536,6 +546,106 @@ def mark_relaxed_duplicates(shortlist: pl.DataFrame, relaxed: pl.DataFrame, *,
                             .cast(pl.Int64).alias("unique_rank"))
 
 
+def relaxed_hull_columns(relaxed: pl.DataFrame, references: pl.DataFrame, *,
+                         elements: Iterable[str]) -> pl.DataFrame:
+    """``relaxed`` with :data:`RELAXED_HULL_COLUMNS`: each relaxed cell's formation energy and
+    energy above the hull of ``references`` (the ``reference_energies`` rows of the **same
+    surrogate**), by :func:`formation_and_hull`. Rows that are not ``ok`` (or whose elements lie
+    outside ``elements``) get nulls; nothing is dropped.
+
+    Raises ``ValueError`` when the two frames name different surrogates (``surrogate_sha256``)
+    or an element has no relaxed elemental reference.
+    """
+    refs = references.filter(pl.col("kind") == "reference") if "kind" in references.columns else references
+    if "surrogate_sha256" in relaxed.columns and "surrogate_sha256" in refs.columns:
+        a = set(relaxed["surrogate_sha256"].drop_nulls().unique().to_list())
+        b = set(refs["surrogate_sha256"].drop_nulls().unique().to_list())
+        if a and b and a != b:
+            raise ValueError(f"relaxed_hull_columns: relaxed surrogate(s) {sorted(a)} and reference surrogate(s) "
+                             f"{sorted(b)} differ: the hull must be built with the candidates' own surrogate")
+    base = relaxed.drop([c for c in RELAXED_HULL_COLUMNS if c in relaxed.columns])
+    if base.is_empty():
+        return base.with_columns(pl.lit(None, pl.Float64).alias("formation_energy_per_atom_ev"),
+                                 pl.lit(None, pl.Float64).alias("e_above_hull_ev_per_atom"),
+                                 pl.lit(None, pl.String).alias("decomposition"))
+    hull = formation_and_hull(refs, base, elements=elements)
+    return base.join(hull.candidates.select("candidate_id", *RELAXED_HULL_COLUMNS), on="candidate_id", how="left",
+                     maintain_order="left")
+
+
+def relaxed_stability(relaxed: pl.DataFrame) -> pl.DataFrame:
+    """The stability frame :func:`build_shortlist` takes, from a ``relaxed`` table that carries
+    :data:`RELAXED_HULL_COLUMNS` (``status`` ok where the relaxation and the hull both worked)."""
+    missing = [c for c in ("candidate_id", "status", *RELAXED_HULL_COLUMNS) if c not in relaxed.columns]
+    if missing:
+        raise ValueError(f"relaxed_stability: the relaxed table lacks {missing} (rematerialise relaxed)")
+    ok = (pl.col("status") == "ok") & pl.col("e_above_hull_ev_per_atom").is_not_null()
+    return relaxed.select("candidate_id", *RELAXED_HULL_COLUMNS,
+                          pl.when(ok).then(pl.lit("ok")).otherwise(pl.lit("error")).alias("status"))
+
+
+def keep_charge_balanced(shortlist: pl.DataFrame) -> pl.DataFrame:
+    """The rows of a ranked shortlist whose formula some ICSD oxidation-state assignment balances
+    (``charge_balanced``, from ``lib.oxidation.charge_balance``), ``rank`` renumbered 1..n in the
+    same order. The ``shortlist`` asset's ``only_charge_balanced`` option (off by default: the
+    flag is a column, not a silent filter). Raises ``ValueError`` when the column is missing."""
+    if "charge_balanced" not in shortlist.columns:
+        raise ValueError("keep_charge_balanced: no charge_balanced column (run lib.oxidation.charge_balance first)")
+    return shortlist.filter(pl.col("charge_balanced").fill_null(False)).with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"))
+
+
+def ranked_and_unique_problems(shortlist: pl.DataFrame) -> list[str]:
+    """What breaks the shortlist's order (empty when nothing does): ``rank`` is 1..n in row
+    order, ``candidate_id`` is unique and not null, ``e_above_hull_ev_per_atom`` has no null and
+    never decreases, and (when present) ``unique_rank`` is 1..m on the rows without
+    ``duplicate_of`` and null on the others. Each problem names the first offending row."""
+    missing = [c for c in ("rank", "candidate_id", "e_above_hull_ev_per_atom") if c not in shortlist.columns]
+    if missing:
+        return [f"missing column(s) {missing}"]
+    problems: list[str] = []
+    ids = shortlist["candidate_id"]
+    ranks = shortlist["rank"].to_list()
+    bad = next((i for i, r in enumerate(ranks) if r != i + 1), None)
+    if bad is not None:
+        problems.append(f"rank is not 1..{shortlist.height} in row order: row {bad} "
+                        f"(candidate_id={ids[bad]}) has rank {ranks[bad]}, expected {bad + 1}")
+    if ids.null_count():
+        problems.append(f"{ids.null_count()} row(s) without candidate_id")
+    if ids.drop_nulls().is_duplicated().any():
+        dups = shortlist.filter(pl.col("candidate_id").is_duplicated())["candidate_id"].unique().sort()
+        problems.append(f"candidate_id not unique: {dups.len()} duplicated, e.g. {dups.head(3).to_list()}")
+    e = shortlist["e_above_hull_ev_per_atom"]
+    if e.null_count():
+        i = int(e.is_null().arg_true()[0])
+        problems.append(f"row {i} (candidate_id={ids[i]}) has no e_above_hull_ev_per_atom")
+    else:
+        vals = e.to_list()
+        down = next((i for i in range(1, len(vals)) if vals[i] < vals[i - 1]), None)
+        if down is not None:
+            problems.append(f"not sorted by e_above_hull_ev_per_atom: row {down} (candidate_id={ids[down]}, "
+                            f"{vals[down]:.6g} eV/atom) comes after {vals[down - 1]:.6g} eV/atom")
+    if "unique_rank" in shortlist.columns and "duplicate_of" in shortlist.columns:
+        uniq = shortlist.with_row_index("_row").filter(pl.col("duplicate_of").is_null())
+        ur = uniq["unique_rank"].to_list()
+        bad = next((j for j, r in enumerate(ur) if r != j + 1), None)
+        if bad is not None:
+            row = uniq.row(bad, named=True)
+            problems.append(f"unique_rank is not 1..{uniq.height} on the unique rows: row {row['_row']} "
+                            f"(candidate_id={row['candidate_id']}) has unique_rank {ur[bad]}, expected {bad + 1}")
+        n_dup_ranked = shortlist.filter(pl.col("duplicate_of").is_not_null() & pl.col("unique_rank").is_not_null()).height
+        if n_dup_ranked:
+            problems.append(f"{n_dup_ranked} duplicate row(s) carry a unique_rank")
+    return problems
+
+
+def check_ranked_and_unique(shortlist: pl.DataFrame) -> None:
+    """Raise ``ValueError`` listing :func:`ranked_and_unique_problems` when there are any."""
+    problems = ranked_and_unique_problems(shortlist)
+    if problems:
+        raise ValueError("shortlist is not ranked and unique: " + "; ".join(problems))
+
+
 # --------------------------------------------------------------------------- batches and Ray
 def plan_batches(frame: pl.DataFrame, *, rows_per_batch: int, salt: dict[str, Any], key: str = "candidate_id") -> pl.DataFrame:
     """Cut ``frame`` into batches of ``rows_per_batch`` rows (sorted by ``key``) and add ``batch_id``:
@@ -682,14 +792,22 @@ class SurrogatePool:
         load_kwargs: dict[str, Any] | None = None,
         loader: str = "lib.screening:load_configured_surrogate",
         num_cpus_per_actor: float = 1.0,
+        num_gpus_per_actor: float = 0.0,
         max_restarts: int = 3,
     ) -> None:
         import ray
 
         if num_actors < 1:
             raise ValueError("num_actors must be >= 1")
+        if num_gpus_per_actor < 0:
+            raise ValueError("num_gpus_per_actor must be >= 0")
         opts: dict[str, Any] = {"num_cpus": num_cpus_per_actor, "max_restarts": max_restarts,
                                 "max_task_retries": 0}
+        if num_gpus_per_actor:
+            # a GPU share (e.g. 0.125: eight actors on one GPU): the pre-screen on a GPU is bound by
+            # its CPU side, so several actors per GPU are faster (benchmarks/results/campaign.md:
+            # 8 processes on one H200, 4,455 structures/s against 1,064 for one)
+            opts["num_gpus"] = num_gpus_per_actor
         cls = ray.remote(SurrogateWorker).options(**opts)
         threads = max(1, int(num_cpus_per_actor))
         self._ray = ray

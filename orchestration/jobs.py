@@ -27,9 +27,10 @@ infill_job = dg.define_asset_job(
     description="Fill templates with a chemical system's elements; dedup within and against MP.",
 )
 screening_job = dg.define_asset_job(
-    "screening_job", selection=dg.AssetSelection.groups("screening"),
+    # consensus (every registered surrogate re-evaluates the shortlist's best rows) is materialised on its own
+    "screening_job", selection=dg.AssetSelection.groups("screening") - dg.AssetSelection.assets("consensus"),
     partitions_def=screening_partitions,
-    description="Surrogate pre-screen, relaxation, hull, phonons and shortlist for one system x surrogate.",
+    description="Surrogate pre-screen, hull, relaxation, phonons and shortlist for one system x surrogate.",
 )
 dft_handoff_job = dg.define_asset_job(
     "dft_handoff_job", selection=dg.AssetSelection.assets("dft_inputs", "xrd_patterns", "xrd_similarity"),
@@ -37,14 +38,14 @@ dft_handoff_job = dg.define_asset_job(
 )
 
 #: The screening stages, in order (asset keys of ``assets/screening.py``).
-SCREENING_STAGES: tuple[str, ...] = ("prescreen", "relaxed", "references", "reference_energies", "phonons", "shortlist")
+SCREENING_STAGES: tuple[str, ...] = ("prescreen", "references", "reference_energies", "relaxed", "phonons", "shortlist")
 
 # The jobs of the schedule and the sensors.
 RESCREEN_JOB = dg.define_asset_job(
     "rescreen_surrogate",
     selection=dg.AssetSelection.assets(*SCREENING_STAGES).required_multi_asset_neighbors(),
     partitions_def=screening_partitions,
-    description="Screen one chemical system with one surrogate: prescreen → relax → hull → phonons → shortlist.",
+    description="Screen one chemical system with one surrogate: prescreen + hull → relax → phonons → shortlist.",
 )
 CHURN_JOB = dg.define_asset_job(
     "surrogate_churn_job", selection=dg.AssetSelection.assets("surrogate_churn"),
@@ -54,10 +55,16 @@ DFT_INGEST_JOB = dg.define_asset_job(
     "dft_ingest", selection=dg.AssetSelection.assets("dft_results", "discoveries"),
     description="Ingest finished DFT run folders, then refresh the discoveries.",
 )
+DFT_VERIFY_JOB = dg.define_asset_job(
+    "dft_verify_job",
+    selection=dg.AssetSelection.assets("dft_runs", "dft_results", "discoveries", "surrogate_accuracy"),
+    description="GPAW here: run the best shortlisted candidates and their competing phases (Ray), ingest every "
+                "finished folder, verdicts on the same backend's hull, each surrogate's accuracy against DFT.",
+)
 
 #: The stage jobs of the main job, in order.
 STAGE_JOBS = [mp_job, generator_job, infill_job, screening_job, dft_handoff_job]
-JOBS = [*STAGE_JOBS, RESCREEN_JOB, CHURN_JOB, DFT_INGEST_JOB]
+JOBS = [*STAGE_JOBS, RESCREEN_JOB, CHURN_JOB, DFT_INGEST_JOB, DFT_VERIFY_JOB]
 
 # ----------------------------------------------------------------------------- the main job's sizes
 OFFLINE_SURROGATE = "CHGNet-0.3.0"

@@ -18,9 +18,9 @@ EXPECTED_GROUPS = {
     "mp": {"mp_structures", "mp_symmetry", "training_templates"},
     "generator": {"wgan_checkpoint", "templates"},
     "infill": {"candidates", "candidates_dedup"},
-    "screening": {"surrogate_models", "prescreen", "relaxed", "references", "phonons", "shortlist"},
-    "dft": {"dft_inputs", "dft_results", "discoveries", "surrogate_churn"},
-    "reports": {"xrd_patterns"},
+    "screening": {"surrogate_models", "prescreen", "relaxed", "references", "phonons", "shortlist", "consensus"},
+    "dft": {"dft_inputs", "dft_runs", "dft_results", "discoveries", "surrogate_accuracy", "surrogate_churn"},
+    "reports": {"xrd_patterns", "discovery_report"},
 }
 
 
@@ -47,6 +47,7 @@ EXPECTED_JOBS = {
     "rescreen_surrogate": {"prescreen", "relaxed", "references", "reference_energies", "phonons", "shortlist"},
     "surrogate_churn_job": {"surrogate_churn"},
     "dft_ingest": {"dft_results", "discoveries"},
+    "dft_verify_job": {"dft_runs", "dft_results", "discoveries", "surrogate_accuracy"},
 }
 
 

@@ -1,5 +1,7 @@
 """The screening assets materialised with Dagster on a tiny Ba-Ru-O candidates_dedup partition:
-prescreen on a local Ray actor, then relaxed, references, phonons and shortlist in-process."""
+prescreen on a local Ray actor, then references, relaxed (selected by static energy above the
+surrogate's hull, one per composition), phonons and shortlist (known phases, charge balance)
+in-process, with the real CHGNet surrogate and the shared Ba-Ru-O MP structures."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import polars as pl
 import pytest
 
 from assets._checks import contract_check
-from assets.screening import phonons, prescreen, references, relaxed, shortlist, surrogate_models
+from assets.screening import consensus, phonons, prescreen, references, relaxed, shortlist, surrogate_models
 from orchestration.resources import REPO_ROOT, CgwganHome, RayResource, SurrogateRegistryResource
 from tests.lib.test_screening import SURROGATE, ba_ru_o_dedup_frame
 
@@ -48,7 +50,7 @@ def test_surrogate_models_table(home, store):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path, monkeypatch):
+def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, m3gnet_dir, tmp_path, monkeypatch):
     import ray
     import torch
 
@@ -59,13 +61,14 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path,
     mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
     csv = tmp_path / "ba_ru_o_small.csv"
     mp.filter(pl.col("material_id").is_in(["mp-1342", "mp-1009490", "mp-1977763"])).write_csv(csv)
+    full_mp = ba_ru_o_dir / "ba_ru_o_mp_structures.csv"  # the known phases the shortlist matches against
     run_config = {"ops": {
         "prescreen": {"config": {"use_ray": True, "num_actors": 1, "batch_rows": 2, "batch_size": 4}},
-        "relaxed": {"config": {"use_ray": False, "top_k": 2, "steps": 80}},
+        "relaxed": {"config": {"use_ray": False, "top_k": 3, "per_composition_quota": 1, "steps": 80}},
         "references": {"config": {"use_ray": False, "mp_csv_path": str(csv), "steps": 40}},
         "phonons": {"config": {"use_ray": False, "top_n": 2, "supercell": [1, 1, 1], "mesh": [4, 4, 4],
                                "band_npoints": 9}},
-        "shortlist": {"config": {"n_plots": 2}},
+        "shortlist": {"config": {"n_plots": 2, "mp_csv_path": str(full_mp)}},
     }}
     inst = _instance()
     pk = dg.MultiPartitionKey({"chemical_system": CHEMSYS, "surrogate": SURROGATE})
@@ -92,36 +95,99 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path,
         mat = res.asset_materializations_for_node("prescreen")[0].metadata
         assert mat["backend"].value == "ray" and mat["batches"].value == 3 and mat["batches_run"].value == 3
 
-        rel = store.read("relaxed", partition=PART)
-        assert rel.height == 2 and set(rel["candidate_id"]) <= set(pre["candidate_id"])
-        best2 = pre.filter(pl.col("status") == "ok").sort("energy_per_atom_ev").head(2)["candidate_id"]
-        assert sorted(rel["candidate_id"]) == sorted(best2)
-        assert rel["prescreen_energy_per_atom_ev"].null_count() == 0
-
         refs = store.read("reference_energies", partition=PART)
-        ref_rows = refs.filter(pl.col("kind") == "reference")
-        assert sorted(ref_rows["phase_id"]) == ["ase-Ru", "mp-1009490", "mp-1342", "mp-1977763"]
-        assert ref_rows.filter(pl.col("is_elemental"))["e_above_hull_ev_per_atom"].min() >= -1e-9
-        cand_rows = refs.filter(pl.col("kind") == "candidate")
-        assert cand_rows.height == 2 and cand_rows["e_above_hull_ev_per_atom"].null_count() == 0
+        assert set(refs["kind"]) == {"reference"}  # computed before the selection: no candidate rows
+        assert sorted(refs["phase_id"]) == ["ase-Ru", "mp-1009490", "mp-1342", "mp-1977763"]
+        assert refs.filter(pl.col("is_elemental"))["e_above_hull_ev_per_atom"].min() >= -1e-9
 
+        # relaxed: the best 3 by static energy above the references' hull, one per composition
+        from lib.selection import select_for_relaxation, static_hull_distance
+
+        static = static_hull_distance(pre, refs, elements=["Ba", "O", "Ru"])
+        want = select_for_relaxation(static, 3, per_composition_quota=1)
+        rel = store.read("relaxed", partition=PART)
+        assert rel["candidate_id"].to_list() == want["candidate_id"].to_list()
+        assert rel["selection_rank"].to_list() == [1, 2, 3]
+        assert rel["reduced_formula"].n_unique() == 3  # the two BaO polymorphs compete for one place
+        assert {"cand-bao-rocksalt", "cand-bruo3-cubic", "cand-ruo2-rutile"} == set(rel["candidate_id"])
+        assert rel["static_e_above_hull_ev_per_atom"].is_sorted()
+        assert rel["prescreen_energy_per_atom_ev"].null_count() == 0
+        # the relaxed cells' hull values, against the same references
+        assert rel["e_above_hull_ev_per_atom"].null_count() == 0 and rel["decomposition"].null_count() == 0
+        bao = rel.filter(pl.col("candidate_id") == "cand-bao-rocksalt").row(0, named=True)
+        assert abs(bao["e_above_hull_ev_per_atom"]) < 0.02  # rock-salt BaO relaxes onto mp-1342's hull point
+        rmeta = res.asset_materializations_for_node("relaxed")[0].metadata
+        assert rmeta["n_selected"].value == 3 and rmeta["n_selected_compositions"].value == 3
+        assert rmeta["rank_by"].value == "e_above_hull"
+
+        # phonons: the best 2 by energy above the hull (the default order)
         ph = store.read("phonons", partition=PART)
-        assert ph.height == 2 and ph["status"].to_list() == ["ok", "ok"]
+        assert ph["status"].to_list() == ["ok", "ok"]
+        assert sorted(ph["candidate_id"]) == sorted(rel.sort("e_above_hull_ev_per_atom").head(2)["candidate_id"])
 
         sl = store.read("shortlist", partition=PART)
-        assert sl["rank"].to_list() == [1, 2] and sl["has_phonons"].all()
+        assert sl["rank"].to_list() == [1, 2, 3] and sl["has_phonons"].sum() == 2
         assert sl["e_above_hull_ev_per_atom"].is_sorted()
         md = res.asset_materializations_for_node("shortlist")[0].metadata["band_structures"].value
         assert md.count("data:image/png;base64") == 2
+        # known phases after relaxation: rock-salt BaO (not flagged before relaxation) is MP's mp-1342;
+        # the cubic perovskite and rutile RuO2 are not in the MP file: novel
+        by_id = {r["candidate_id"]: r for r in sl.iter_rows(named=True)}
+        assert by_id["cand-bao-rocksalt"]["is_novel"] is False
+        assert by_id["cand-bao-rocksalt"]["known_material_id"] == "mp-1342"
+        assert by_id["cand-bao-rocksalt"]["known_source"] == "mp"
+        for cid in ("cand-bruo3-cubic", "cand-ruo2-rutile"):
+            assert by_id[cid]["is_novel"] is True and by_id[cid]["known_material_id"] is None, by_id[cid]
+        smeta = res.asset_materializations_for_node("shortlist")[0].metadata
+        assert (smeta["n_novel"].value, smeta["n_known"].value, smeta["n_duplicate"].value) == (2, 1, 0)
+        assert smeta["ltol"].value == 0.2 and smeta["stol"].value == 0.3 and smeta["angle_tol"].value == 5.0
+        assert smeta["n_known_structures"].value == 23 + 4  # the MP file as stored + the 4 relaxed references
+        assert smeta["n_rediscovered_phases"].value == 1 and "| mp-1342 | mp | 1 | 3 | 3 |" in smeta[
+            "rediscovered_phases"].value
+        # charge balance: columns, not a filter
+        assert by_id["cand-bruo3-cubic"]["oxidation_states"] == "Ba:+2,Ru:+4,O:-2"
+        assert sl["charge_balanced"].to_list() == [True, True, True]
 
         # the catalog has the table views, the derived view and answers the example query
         con = duckdb.connect(str(home / "catalog.duckdb"), read_only=True)
         top = pl.from_arrow(con.execute((REPO_ROOT / "sql/examples/shortlist_top.sql").read_text()).to_arrow_table())
-        assert top["candidate_id"].to_list() == sl["candidate_id"].to_list()
+        novel = sl.filter(pl.col("duplicate_of").is_null() & pl.col("is_novel"))
+        assert top["candidate_id"].to_list() == novel["candidate_id"].to_list() and novel.height == 2
         n_stable = con.execute("select count(*) from shortlist_stable").fetchone()[0]
         assert n_stable == sl.filter((pl.col("e_above_hull_ev_per_atom") <= 0.1)
                                      & pl.col("is_dynamically_stable")).height
         con.close()
+
+        # consensus: the 2 unique novel rows re-evaluated by matgl's M3GNet on its own hull, and a
+        # surrogate that does not exist (its rows carry the error; nothing is dropped)
+        m3g = "M3GNet-MP-2021.2.8-PES"
+        cres = dg.materialize(
+            [consensus, contract_check("consensus")], partition_key=pk, instance=inst,
+            resources={**_resources(home), "surrogate_registry": SurrogateRegistryResource(models_dir=str(m3gnet_dir))},
+            run_config={"ops": {"consensus": {"config": {"top_k": 5, "surrogates": [m3g, "No-Such-Surrogate"],
+                                                         "steps": 60, "top_n_overlap": 1, "rank_by": "lcb"}}}})
+        assert cres.success
+        assert _checks(cres) == {"every_surrogate_evaluated": False, "consensus_matches_contract": True}
+        con_t = store.read("consensus", partition=PART)
+        assert con_t.height == 2 * 3 and set(con_t["candidate_id"]) == set(novel["candidate_id"])
+        ok = con_t.filter(pl.col("status") == "ok")
+        assert sorted(set(ok["evaluated_surrogate"])) == [SURROGATE, m3g] and ok.height == 4
+        bad = con_t.filter(pl.col("evaluated_surrogate") == "No-Such-Surrogate")
+        assert bad["status"].to_list() == ["error", "error"] and "No-Such-Surrogate" in bad["error"][0]
+        prim = ok.filter(pl.col("evaluated_surrogate") == SURROGATE).sort("candidate_id")
+        assert prim["e_above_hull_ev_per_atom"].to_list() == novel.sort("candidate_id")["e_above_hull_ev_per_atom"].to_list()
+        for _cid, g in ok.group_by("candidate_id"):
+            e = g["e_above_hull_ev_per_atom"].to_list()
+            row = g.row(0, named=True)
+            assert row["n_surrogates_ok"] == 2
+            assert abs(row["e_above_hull_mean_ev_per_atom"] - sum(e) / 2) < 1e-12
+            assert abs(row["e_above_hull_spread_ev_per_atom"] - abs(e[0] - e[1])) < 1e-12
+            assert abs(row["e_above_hull_lcb_ev_per_atom"] - (sum(e) / 2 + abs(e[0] - e[1]) / 2)) < 1e-12
+        lcb = con_t.unique("candidate_id").sort("consensus_rank")["e_above_hull_lcb_ev_per_atom"].to_list()
+        assert lcb == sorted(lcb)
+        cmeta = cres.asset_materializations_for_node("consensus")[0].metadata
+        assert cmeta["top_1_overlap"].value in (0, 1) and "No-Such-Surrogate" in cmeta["surrogate_failures"].value
+        assert cmeta["references_by_surrogate"].value[m3g].startswith("the primary's relaxed reference cells")
 
         # a rerun of the pre-screen resumes: every batch is found on disk, nothing is recomputed
         res2 = dg.materialize([prescreen], partition_key=pk, instance=inst, resources=_resources(home),
@@ -129,5 +195,18 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, tmp_path,
         meta2 = res2.asset_materializations_for_node("prescreen")[0].metadata
         assert meta2["batches_skipped_resumed"].value == 3 and meta2["batches_run"].value == 0
         assert store.read("prescreen", partition=PART).sort("candidate_id").equals(pre.sort("candidate_id"))
+
+        # a reduced pre-screen is a seeded sample stratified by composition, not the first N ids
+        from lib.selection import stratified_sample
+
+        cfg = {"use_ray": False, "max_candidates": 3, "sample_seed": 5, "batch_rows": 4}
+        res3 = dg.materialize([prescreen], partition_key=pk, instance=inst, resources=_resources(home),
+                              run_config={"ops": {"prescreen": {"config": cfg}}})
+        sample = store.read("prescreen", partition=PART)["candidate_id"].sort().to_list()
+        dedup = store.read("candidates_dedup", partition=CHEMSYS)
+        assert sample == stratified_sample(dedup, 3, seed=5)["candidate_id"].to_list()
+        assert len(sample) == 3 and sample != dedup["candidate_id"].sort().head(3).to_list()
+        meta3 = res3.asset_materializations_for_node("prescreen")[0].metadata
+        assert meta3["n_candidates_input"].value == 5 and meta3["n_compositions_sampled"].value == 3
     finally:
         ray.shutdown()

@@ -313,3 +313,55 @@ def test_reference_phases_from_mp_file_and_table(ba_ru_o_dir):
                           "species": [["Ba", "O"], ["Na", "Cl"]], "frac_coords": [[[0, 0, 0], [.5, .5, .5]]] * 2})
     sub = scr.mp_table_cells(table, elements=["Ba", "O", "Ru"])
     assert sub["phase_id"].to_list() == ["mp-1"] and sub["formula"].to_list() == ["Ba1O1"]
+
+
+def test_ranked_and_unique_check_names_the_breaking_row():
+    # a real shortlist (build_shortlist + mark_relaxed_duplicates on rock-salt BaO cells) passes
+    from pymatgen.core import Lattice, Structure
+
+    rs = Structure.from_spacegroup(225, Lattice.cubic(5.5), ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]])
+    rel = pl.DataFrame([{"candidate_id": k, "status": "ok", "formula": "BaO", "energy_per_atom_ev": e,
+                         **structure_to_cell(rs)} for k, e in (("a", -5.0), ("b", -4.999), ("c", -4.0))])
+    stab = pl.DataFrame({"candidate_id": ["a", "b", "c"], "formation_energy_per_atom_ev": [-2.0, -1.999, -1.0],
+                         "e_above_hull_ev_per_atom": [0.0, 0.001, 1.0], "decomposition": ["x", "x", "x"],
+                         "status": ["ok"] * 3})
+    good = scr.mark_relaxed_duplicates(scr.build_shortlist(rel, stab, None), rel)
+    assert good["duplicate_of"].to_list() == [None, "a", None]
+    assert scr.ranked_and_unique_problems(good) == []
+    scr.check_ranked_and_unique(good)
+    # swapped rows: the ranks and the hull order break, the error names the row
+    swapped = pl.concat([good.slice(1, 1), good.slice(0, 1), good.slice(2, 1)])
+    with pytest.raises(ValueError, match=r"rank is not 1\.\.3 in row order: row 0 \(candidate_id=b\) has rank 2") as e:
+        scr.check_ranked_and_unique(swapped)
+    assert "not sorted by e_above_hull_ev_per_atom: row 1 (candidate_id=a" in str(e.value)
+    # a duplicated candidate and a missing hull value
+    dup = good.with_columns(pl.Series("candidate_id", ["a", "a", "c"]))
+    with pytest.raises(ValueError, match=r"candidate_id not unique: 1 duplicated, e.g. \['a'\]"):
+        scr.check_ranked_and_unique(dup)
+    hole = good.with_columns(pl.Series("e_above_hull_ev_per_atom", [0.0, None, 1.0]))
+    with pytest.raises(ValueError, match=r"row 1 \(candidate_id=b\) has no e_above_hull_ev_per_atom"):
+        scr.check_ranked_and_unique(hole)
+    # unique_rank must number the unique rows 1..m
+    bad_unique = good.with_columns(pl.Series("unique_rank", [1, None, 3], dtype=pl.Int64))
+    assert scr.ranked_and_unique_problems(bad_unique) == [
+        "unique_rank is not 1..2 on the unique rows: row 2 (candidate_id=c) has unique_rank 3, expected 2"]
+    assert scr.ranked_and_unique_problems(good.drop("rank")) == ["missing column(s) ['rank']"]
+
+
+def test_charge_balance_is_a_column_and_an_opt_in_filter():
+    from lib.oxidation import charge_balance
+
+    # Ba2RuO6 needs Ru(VIII), BaRu2O leaves Ru at 0: flagged, kept unless the filter is asked for
+    rel = pl.DataFrame({"candidate_id": ["a", "b", "c", "d"], "status": ["ok"] * 4,
+                        "formula": ["Ba2RuO6", "Ba4Ru4O12", "BaRu2O", "Ba2RuO4"]})
+    stab = pl.DataFrame({"candidate_id": ["a", "b", "c", "d"], "formation_energy_per_atom_ev": [-2.0, -1.9, -1.0, -2.1],
+                         "e_above_hull_ev_per_atom": [0.0, 0.01, 0.02, 0.03], "decomposition": ["x"] * 4,
+                         "status": ["ok"] * 4})
+    sl = charge_balance(scr.build_shortlist(rel, stab, None), formula_col="formula")
+    assert sl["charge_balanced"].to_list() == [False, True, False, True]
+    assert sl["rare_oxidation_states"][0] == "Ru:+8" and sl["oxidation_states"][1] == "Ba:+2,Ru:+4,O:-2"
+    kept = scr.keep_charge_balanced(sl)
+    assert kept["candidate_id"].to_list() == ["b", "d"] and kept["rank"].to_list() == [1, 2]
+    assert scr.ranked_and_unique_problems(kept) == []
+    with pytest.raises(ValueError, match="no charge_balanced column"):
+        scr.keep_charge_balanced(sl.drop("charge_balanced"))
