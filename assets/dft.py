@@ -16,20 +16,22 @@ import polars as pl
 from assets._checks import build_contract_checks
 from lib.churn import churn_figure, rank_pairs
 from lib.churn import surrogate_churn as churn_table
+from lib.contracts import conform
 from lib.dft_ingest import (
-    DiscoveryThresholds,
     ingest_run_folder,
     latest_results,
     load_elemental_references,
     result_id_for,
     rows_to_frame,
     scan_results_root,
-    select_discoveries,
 )
 from lib.dft_inputs import DftInputSettings, potcar_available, write_dft_inputs
+from lib.dft_verdicts import dft_verdicts, parity_figure
+from lib.dft_verdicts import surrogate_accuracy as accuracy_table
 from lib.lineage import attach_lineage
 from lib.plots import figure_markdown
-from orchestration.resources import CgwganHome, DftResource
+from lib.verdicts import DEFAULT_MIN_FREQUENCY_THZ, verdict_counts
+from orchestration.resources import CgwganHome, DftResource, RayResource
 
 GROUP = "dft"
 
@@ -64,6 +66,26 @@ def _md_table(df: pl.DataFrame, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
+def with_cells(store, sl: pl.DataFrame) -> pl.DataFrame:
+    """Shortlist rows with each surrogate's relaxed cell (``relaxed``, status ok), else the
+    candidates' ASU columns (rebuilt by ``lib.export.structures_from_frame``)."""
+    relaxed = read_all(store, "relaxed")
+    if relaxed is not None and {"lattice_matrix", "species", "frac_coords"} <= set(relaxed.columns):
+        cells = relaxed.filter(pl.col("status") == "ok").select(
+            "candidate_id", "surrogate_name", "lattice_matrix", "species", "frac_coords"
+        ).unique(["candidate_id", "surrogate_name"], keep="last")
+        sl = sl.drop([c for c in ("lattice_matrix", "species", "frac_coords") if c in sl.columns]).join(
+            cells, on=["candidate_id", "surrogate_name"], how="left")
+    if "lattice_matrix" not in sl.columns or sl["lattice_matrix"].null_count() == sl.height:
+        cands = read_all(store, "candidates")
+        if cands is not None:
+            asu = [c for c in ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords",
+                               "a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg") if c in cands.columns]
+            sl = sl.drop([c for c in [*asu, "lattice_matrix", "species", "frac_coords"] if c in sl.columns]).join(
+                cands.select("candidate_id", *asu).unique("candidate_id"), on="candidate_id", how="left")
+    return sl
+
+
 # --------------------------------------------------------------------------- dft_inputs
 class DftInputsConfig(dg.Config):
     # pymatgen input set of the relaxation (pymatgen.io.vasp.sets)
@@ -82,6 +104,7 @@ class DftInputsConfig(dg.Config):
     chemical_systems: list[str] = []  # empty = all
     only_dynamically_stable: bool = False  # hand off only candidates the surrogate found phonon-stable
     include_relaxed_duplicates: bool = False  # also candidates that relaxed into a better-ranked structure
+    include_known_phases: bool = False  # also candidates that relaxed into a known phase (is_novel false)
     potcar_dir: str = ""  # overrides pymatgen's PMG_VASP_PSP_DIR when set
 
 
@@ -99,25 +122,14 @@ def dft_inputs(context: dg.AssetExecutionContext, config: DftInputsConfig,
         sl = sl.filter(pl.col("chemical_system").is_in(config.chemical_systems))
     if not config.include_relaxed_duplicates and "duplicate_of" in sl.columns:
         sl = sl.filter(pl.col("duplicate_of").is_null())
+    if not config.include_known_phases and "is_novel" in sl.columns:
+        sl = sl.filter(pl.col("is_novel").fill_null(True))  # null: not matched yet, as dft_runs counts it
     if config.top_k > 0:
         rank = "unique_rank" if "unique_rank" in sl.columns and not config.include_relaxed_duplicates else "rank"
         sl = sl.filter(pl.col(rank) <= config.top_k)
     if config.only_dynamically_stable and "is_dynamically_stable" in sl.columns:
         sl = sl.filter(pl.col("is_dynamically_stable").fill_null(False))
-    relaxed = read_all(store, "relaxed")
-    if relaxed is not None and {"lattice_matrix", "species", "frac_coords"} <= set(relaxed.columns):
-        cells = relaxed.filter(pl.col("status") == "ok").select(
-            "candidate_id", "surrogate_name", "lattice_matrix", "species", "frac_coords"
-        ).unique(["candidate_id", "surrogate_name"], keep="last")
-        sl = sl.drop([c for c in ("lattice_matrix", "species", "frac_coords") if c in sl.columns]).join(
-            cells, on=["candidate_id", "surrogate_name"], how="left")
-    if "lattice_matrix" not in sl.columns or sl["lattice_matrix"].null_count() == sl.height:
-        cands = read_all(store, "candidates")
-        if cands is not None:
-            asu = [c for c in ("spacegroup_number", "asu_letters", "asu_species", "asu_frac_coords",
-                               "a_a", "b_a", "c_a", "alpha_deg", "beta_deg", "gamma_deg") if c in cands.columns]
-            sl = sl.drop([c for c in [*asu, "lattice_matrix", "species", "frac_coords"] if c in sl.columns]).join(
-                cands.select("candidate_id", *asu).unique("candidate_id"), on="candidate_id", how="left")
+    sl = with_cells(store, sl)
     ok, potcar_note = potcar_available(config.potcar_dir or None)
     settings = DftInputSettings(
         input_set=config.input_set, user_incar_settings=json.loads(config.user_incar_settings_json),
@@ -170,6 +182,185 @@ def dft_inputs_folders_complete(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
             incomplete.append(f"{row['run_name']}: {', '.join(missing)}")
     return dg.AssetCheckResult(passed=not incomplete, metadata={
         "n_folders": m.height, "n_incomplete": len(incomplete), "incomplete": "; ".join(incomplete[:20])})
+
+
+# --------------------------------------------------------------------------- dft_runs (GPAW, here)
+class DftRunsConfig(dg.Config):
+    preset: Literal["fast", "standard"] = "fast"  # lib/dft_presets/gpaw.json
+    k: int = 3  # best k novel, unique shortlisted candidates per chemical system (0 = all)
+    chemical_systems: list[str] = []  # empty = every system of the shortlist
+    max_atoms: int = 20  # candidates with more atoms in their cell are left out (0 = no limit)
+    competing_phases: bool = True  # also the MP phases (system + subsystems) of each system's DFT hull
+    max_phase_atoms: int = 20  # competing phases with more atoms in the primitive cell are skipped (0 = no limit)
+    max_phase_e_above_hull_ev_per_atom: float = 0.1  # compounds further from MP's hull are not needed
+    phonons: bool = True  # GPAW phonons of the candidates (the preset's phonon block); never for phases
+    use_ray: bool = True  # Ray tasks (ray_runtime: local, or the cluster of RAY_ADDRESS); False: one by one here
+    num_cpus_per_run: int = 1  # Ray num_cpus of each run = GPAW's OpenMP/BLAS threads
+    max_parallel: int = 0  # runs in flight at once (0 = as many as Ray schedules)
+    timeout_s: float = 7200.0  # per stage; a stage that runs out is killed and recorded as failed
+
+
+@dg.asset(group_name=GROUP, deps=["shortlist", "mp_structures"], kinds={"python", "ray"})
+def dft_runs(context: dg.AssetExecutionContext, config: DftRunsConfig, cgwgan_home: CgwganHome,
+             dft: DftResource, ray_runtime: RayResource) -> dg.MaterializeResult:
+    """GPAW (PBE, plane waves) run folders under the DFT results root, run here as Ray tasks: the best
+    k novel, unique shortlisted candidates of each system and every MP competing phase of its DFT
+    hull, with the same preset. Resumable and idempotent: a finished folder is never recomputed, a
+    killed one is redone; the ``dft_results`` sensor ingests the folders as it ingests VASP ones."""
+    from lib import dft_gpaw as gp
+    from lib.export import structures_from_frame
+    from lib.ids import content_hash
+
+    t0 = time.perf_counter()
+    store = cgwgan_home.store
+    sl = read_all(store, "shortlist", with_chemical_system=True)
+    if sl is None:
+        raise dg.Failure(f"no shortlist table under {store.home}: materialise the screening stages first")
+    if config.chemical_systems:
+        sl = sl.filter(pl.col("chemical_system").is_in(config.chemical_systems))
+    picked, left_out = gp.select_candidates(with_cells(store, sl), k=config.k, max_atoms=config.max_atoms)
+    root = dft.results_root(cgwgan_home)
+    overrides = None if config.phonons else {"phonon": {"enabled": False}}
+    rows: list[dict] = []
+    folders: list[str] = []
+    try:
+        built = structures_from_frame(picked) if picked.height else None
+    except ValueError as exc:  # no cell and no ASU columns at all
+        raise dg.Failure(f"dft_runs: the shortlisted candidates have no structure to run: {exc}") from exc
+    structures = dict(zip(built.ids, built.structures, strict=True)) if built else {}
+    failures = dict(built.failures) if built else {}
+    for g in picked.iter_rows(named=True):
+        cid = g["candidate_id"]
+        name = gp.run_folder_name("candidate", cid, config.preset)
+        row = {"run_name": name, "run_dir": str(root / name), "kind": "candidate", "candidate_id": cid,
+               "chemical_system": g["chemical_system"], "template_id": g.get("template_id"),
+               "checkpoint_id": g.get("checkpoint_id"), "surrogates": g.get("surrogates"),
+               "best_rank": g.get("best_rank"), "dft_preset": config.preset, "code_version": gp.CODE_VERSION}
+        s = structures.get(cid)
+        if s is None:
+            rows.append({**row, "action": "skipped", "status": "skipped",
+                         "reason": f"structure not rebuilt: {failures.get(cid, 'no cell')}"})
+            continue
+        record = {"candidate_id": cid, "template_id": g.get("template_id"), "checkpoint_id": g.get("checkpoint_id"),
+                  "chemical_system": g["chemical_system"], "kind": "candidate",
+                  "structure_source": f"relaxed:{g['surrogate_name']}" if g.get("lattice_matrix") else "candidate",
+                  "run_id": content_hash({"candidate_id": cid, "structure": s.as_dict(), "preset": config.preset,
+                                          "phonons": config.phonons}, prefix="gpaw-")}
+        out = gp.write_gpaw_run(s, root / name, preset=config.preset, overrides=overrides, record=record)
+        rows.append({**row, **_formula(s), "action": out["action"], "dft_preset": out["settings"]["preset_name"],
+                     "dft_preset_sha256": out["settings"]["preset_sha256"],
+                     "phonon_planned": bool(out["settings"].get("phonon_planned"))})
+        folders.append(str(root / name))
+    n_phase_skipped = 0
+    if config.competing_phases and picked.height:
+        if not store.exists("mp_structures"):
+            raise dg.Failure("dft_runs: competing phases need the mp_structures table (materialise the mp group), "
+                             "or set competing_phases=False")
+        mp = store.read("mp_structures")
+        systems = sorted(set(picked["chemical_system"].to_list()))
+        seen: set[str] = set()
+        for system in systems:
+            phases, skipped = gp.select_competing_phases(
+                mp, system.split("-"), max_atoms=config.max_phase_atoms,
+                max_e_above_hull_ev_per_atom=config.max_phase_e_above_hull_ev_per_atom)
+            for sk in skipped:
+                name = gp.run_folder_name("competing_phase", sk["material_id"] or f"missing-{sk['reduced_formula']}",
+                                          config.preset)
+                if name in seen:
+                    continue
+                seen.add(name)
+                n_phase_skipped += 1
+                rows.append({"run_name": name, "run_dir": None, "kind": "competing_phase", "chemical_system": system,
+                             "material_id": sk["material_id"], "reduced_formula": sk["reduced_formula"],
+                             "dft_preset": config.preset, "action": "skipped", "status": "skipped",
+                             "reason": sk["reason"], "code_version": gp.CODE_VERSION})
+            for ph in phases:
+                name = gp.run_folder_name("competing_phase", ph["material_id"], config.preset)
+                if name in seen:
+                    continue
+                seen.add(name)
+                s = ph["structure"]
+                record = {"material_id": ph["material_id"], "kind": "competing_phase",
+                          "chemical_system": s.composition.chemical_system, "hull_of": system,
+                          "structure_source": "mp_structures"}
+                out = gp.write_gpaw_run(s, root / name, preset=config.preset, overrides=gp.phase_overrides(s),
+                                        record=record)
+                rows.append({"run_name": name, "run_dir": str(root / name), "kind": "competing_phase",
+                             "chemical_system": s.composition.chemical_system, "material_id": ph["material_id"],
+                             **_formula(s), "action": out["action"], "dft_preset": out["settings"]["preset_name"],
+                             "dft_preset_sha256": out["settings"]["preset_sha256"], "phonon_planned": False,
+                             "code_version": gp.CODE_VERSION})
+                folders.append(str(root / name))
+    python = dft.gpaw_python or gp.DEFAULT_PYTHON
+    before = {f: gp.folder_state(f) for f in folders}
+    n_todo = sum(1 for s in before.values() if s not in ("ok", "failed"))
+    context.log.info(f"dft_runs: {len(folders)} run folders under {root} ({n_todo} to run, "
+                     f"{len(folders) - n_todo} finished already), preset {config.preset}")
+    use_ray = config.use_ray and n_todo > 0
+    if use_ray:
+        ray_runtime.init()
+    try:
+        done = gp.run_gpaw_folders(
+            folders, use_ray=use_ray, num_cpus=config.num_cpus_per_run, python=python, timeout_s=config.timeout_s,
+            max_parallel=config.max_parallel,
+            on_done=lambda r: context.log.info(f"dft_runs: {Path(r['folder']).name} -> {r['state']} "
+                                               f"({r['seconds']:.0f} s) {r['error'][:200]}"))
+    except gp.GpawMissingError as exc:
+        raise dg.Failure(str(exc)) from exc
+    by_folder = {d["folder"]: d for d in done}
+    for row in rows:
+        d = by_folder.get(row.get("run_dir") or "")
+        if d is None:
+            continue
+        fields = gp.summary_fields(row["run_dir"])
+        row.update(fields, state_before=d["state_before"], seconds=d["seconds"],
+                   was_computed=d["state_before"] not in ("ok", "failed"),
+                   redone_after_partial=d["redone_after_partial"])
+        if d["error"]:
+            row["reason"] = d["error"]
+    frame = conform("dft_runs", pl.DataFrame(rows, infer_schema_length=None)) if rows else conform(
+        "dft_runs", pl.DataFrame({"kind": [], "status": []}, schema={"kind": pl.String, "status": pl.String}))
+    info = store.write("dft_runs", frame, metadata={"preset": config.preset, "results_dir": str(root)})
+    cgwgan_home.refresh_catalog()
+    counts = {s: int((frame["status"] == s).sum()) for s in ("ok", "failed", "partial", "pending", "skipped")}
+    computed = frame.filter(pl.col("was_computed").fill_null(False))
+    return dg.MaterializeResult(metadata={
+        "rows": frame.height,
+        "preset": config.preset,
+        "results_dir": str(root),
+        "n_candidates": int((frame["kind"] == "candidate").sum()),
+        "n_competing_phases": int((frame["kind"] == "competing_phase").sum()),
+        "n_phases_skipped": n_phase_skipped,
+        "candidates_left_out": json.dumps(left_out),
+        "n_computed": computed.height,
+        "n_kept_finished": int(frame["status"].is_in(["ok", "failed"]).sum()) - computed.filter(
+            pl.col("status").is_in(["ok", "failed"])).height,
+        **{f"n_{k}": v for k, v in counts.items()},
+        "backend": "ray" if use_ray else "local",
+        "num_cpus_per_run": config.num_cpus_per_run,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "gpaw_seconds_computed": round(float(computed["seconds"].fill_null(0).sum()), 1) if computed.height else 0.0,
+        "table_version": info.version,
+        "runs": dg.MetadataValue.md(_md_table(frame.select(
+            "run_name", "kind", "reduced_formula", "n_atoms", "action", "status", "seconds", "energy_per_atom_ev",
+            "reason"), max_rows=40)),
+    })
+
+
+def _formula(s) -> dict:
+    comp = s.composition
+    return {"formula": comp.formula.replace(" ", ""), "reduced_formula": comp.reduced_formula, "n_atoms": len(s)}
+
+
+@dg.asset_check(asset=dft_runs, description="Every run folder dft_runs planned is finished (ok or failed), "
+                "and every failed or skipped row says why.")
+def dft_runs_finished(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
+    r = cgwgan_home.store.read("dft_runs")
+    unfinished = r.filter(~pl.col("status").is_in(["ok", "failed", "skipped"]))
+    unexplained = r.filter(pl.col("status").is_in(["failed", "skipped"]) & (pl.col("reason").fill_null("") == ""))
+    return dg.AssetCheckResult(passed=unfinished.is_empty() and unexplained.is_empty(), metadata={
+        "rows": r.height, "n_unfinished": unfinished.height, "n_unexplained": unexplained.height,
+        "unfinished": ", ".join(unfinished["run_name"].to_list()[:20])})
 
 
 # --------------------------------------------------------------------------- dft_results
@@ -249,59 +440,122 @@ def dft_results_consistent(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
 
 # --------------------------------------------------------------------------- discoveries
 class DiscoveriesConfig(dg.Config):
-    max_formation_energy_ev_per_atom: float = 0.0
-    imaginary_tol_thz: float = 0.1
-    require_phonons: bool = True
+    max_e_above_hull_ev_per_atom: float = 0.0  # a discovery is on (or below) the DFT hull, up to this
+    min_frequency_thz: float = DEFAULT_MIN_FREQUENCY_THZ  # dynamically stable above this (imaginary < 0)
+    require_phonons: bool = True  # no DFT phonons: verdict no_phonons instead of discovery
+    require_compounds: bool = True  # a hull of the elements only is a missing_references verdict
+    vasp_run_type: Literal["GGA", "GGA+U"] = "GGA"  # VASP rows: run type of the MP2020 correction
+    references_path: str = ""  # VASP rows: MP elemental entries; default the dft resource's elemental_refs
 
 
-@dg.asset(group_name=GROUP, deps=[dft_results], kinds={"parquet"})
+@dg.asset(group_name=GROUP, deps=[dft_results, "mp_structures"], kinds={"parquet"})
 def discoveries(context: dg.AssetExecutionContext, config: DiscoveriesConfig,
-                cgwgan_home: CgwganHome) -> dg.MaterializeResult:
-    """Candidates that pass DFT (formation energy below the threshold, no imaginary phonon mode),
-    with their lineage: template, generator checkpoint, training snapshot, MP source, surrogate ranks."""
+                cgwgan_home: CgwganHome, dft: DftResource) -> dg.MaterializeResult:
+    """Every linked DFT result with its verdict: energy above the hull of competing phases computed
+    on the same footing (a GPAW result: that backend's own runs of the system's MP phases, same
+    preset; a VASP result: MP's phases, MP2020), phonons and novelty (lib.verdicts). ``discovery``
+    rows pass; known phases are ``rediscovery`` rows, listed apart; missing competing phases are a
+    ``missing_references`` verdict that says which. Formation energy stays a column."""
     store = cgwgan_home.store
     results = read_all(store, "dft_results")
     if results is None:
         results = rows_to_frame([])
-    th = DiscoveryThresholds(max_formation_energy_ev_per_atom=config.max_formation_energy_ev_per_atom,
-                             imaginary_tol_thz=config.imaginary_tol_thz, require_phonons=config.require_phonons)
-    found = select_discoveries(results, thresholds=th)
-    mp = None
-    if store.exists("mp_structures"):
-        mp = store.scan("mp_structures").select("snapshot_id", "source").collect()
-    out = attach_lineage(found, candidates=read_all(store, "candidates"), templates=read_all(store, "templates"),
-                         checkpoints=read_all(store, "wgan_checkpoints"), mp_structures=mp,
+    mp = store.read("mp_structures") if store.exists("mp_structures") else None
+    ref_path = dft.references_path(config.references_path)
+    refs = load_elemental_references(ref_path) if ref_path else None
+    verdicts = dft_verdicts(results, mp_structures=mp, mp_references=refs,
+                            max_e_above_hull_ev_per_atom=config.max_e_above_hull_ev_per_atom,
+                            min_frequency_thz=config.min_frequency_thz, require_phonons=config.require_phonons,
+                            require_compounds=config.require_compounds, vasp_run_type=config.vasp_run_type)
+    lineage_mp = mp.select("snapshot_id", "source") if mp is not None else None
+    out = attach_lineage(verdicts, candidates=read_all(store, "candidates"), templates=read_all(store, "templates"),
+                         checkpoints=read_all(store, "wgan_checkpoints"), mp_structures=lineage_mp,
                          shortlist=read_all(store, "shortlist", with_chemical_system=True))
-    out = out.drop([c for c in ("lattice_matrix", "species", "frac_coords", "files") if c in out.columns])
-    store.write("discoveries", out, metadata={"thresholds": vars(th)})
+    out = conform("discoveries", out).sort(["verdict", "e_above_hull_dft_ev_per_atom", "result_id"], nulls_last=True)
+    thresholds = {"max_e_above_hull_ev_per_atom": config.max_e_above_hull_ev_per_atom,
+                  "min_frequency_thz": config.min_frequency_thz, "require_phonons": config.require_phonons,
+                  "require_compounds": config.require_compounds}
+    store.write("discoveries", out, metadata={"thresholds": thresholds})
     cgwgan_home.refresh_catalog()
-    n_latest = latest_results(results).height
+    counts = verdict_counts(out) if out.height else {}
+    cols = ["candidate_id", "reduced_formula", "dft_code", "e_above_hull_dft_ev_per_atom",
+            "formation_energy_dft_ev_per_atom", "min_frequency_thz", "known_material_id", "verdict_reason"]
+    for v, n in counts.items():
+        if n:
+            context.log.info(f"discoveries: {n} {v}")
     return dg.MaterializeResult(metadata={
         "rows": out.height,
-        "n_results_considered": n_latest,
-        "n_linked_ok": int(latest_results(results).filter(pl.col("is_linked") & (pl.col("status") == "ok")).height)
-        if n_latest else 0,
-        "thresholds": json.dumps(vars(th), default=str),
+        "n_results_considered": latest_results(results).height if results.height else 0,
+        **{f"n_{v}": n for v, n in counts.items()},
+        "thresholds": json.dumps(thresholds),
         "n_with_full_lineage": int(out["mp_source"].is_not_null().sum()),
-        "preview": dg.MetadataValue.md(_md_table(out.select(
-            "candidate_id", "reduced_formula", "formation_energy_per_atom_ev", "min_frequency_thz",
-            "checkpoint_id", "training_snapshot_id", "ranked_by_surrogates"))),
+        "discoveries": dg.MetadataValue.md(_md_table(out.filter(pl.col("verdict") == "discovery").select(
+            *cols[:6], "checkpoint_id", "ranked_by_surrogates"))),
+        "rediscoveries": dg.MetadataValue.md(_md_table(out.filter(pl.col("verdict") == "rediscovery").select(cols))),
+        "rejected": dg.MetadataValue.md(_md_table(out.filter(
+            ~pl.col("verdict").is_in(["discovery", "rediscovery"])).select("candidate_id", "verdict", "verdict_reason"),
+            max_rows=40)),
     })
 
 
-@dg.asset_check(asset=discoveries, description="Every discovery is linked to a candidate and meets the "
-                "thresholds it was selected with.")
+@dg.asset_check(asset=discoveries, description="Every row has a verdict with its reason; every discovery is "
+                "linked, on or below the DFT hull of its footing and meets the phonon threshold it was selected with.")
 def discoveries_meet_thresholds(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
     store = cgwgan_home.store
     d = store.read("discoveries")
     th = (store.pointer("discoveries") or {}).get("metadata", {}).get("thresholds", {})
-    emax = float(th.get("max_formation_energy_ev_per_atom", 0.0))
-    tol = float(th.get("imaginary_tol_thz", 0.1))
-    bad = d.filter(pl.col("candidate_id").is_null() | (pl.col("formation_energy_per_atom_ev") >= emax)
-                   | (pl.col("min_frequency_thz") < -tol))
-    return dg.AssetCheckResult(passed=bad.is_empty(), metadata={
-        "rows": d.height, "n_violations": bad.height, "max_formation_energy_ev_per_atom": emax,
-        "imaginary_tol_thz": tol})
+    emax = float(th.get("max_e_above_hull_ev_per_atom", 0.0))
+    fmin = float(th.get("min_frequency_thz", DEFAULT_MIN_FREQUENCY_THZ))
+    found = d.filter(pl.col("verdict") == "discovery")
+    bad = found.filter(pl.col("candidate_id").is_null() | pl.col("e_above_hull_dft_ev_per_atom").is_null()
+                       | (pl.col("e_above_hull_dft_ev_per_atom") > emax + 1e-6)
+                       | (pl.col("min_frequency_thz") <= fmin) | (pl.col("is_novel") == False))  # noqa: E712
+    unexplained = d.filter(pl.col("verdict_reason").fill_null("") == "")
+    return dg.AssetCheckResult(passed=bad.is_empty() and unexplained.is_empty(), metadata={
+        "rows": d.height, "n_discoveries": found.height, "n_violations": bad.height,
+        "n_unexplained": unexplained.height, "max_e_above_hull_ev_per_atom": emax, "min_frequency_thz": fmin})
+
+
+# --------------------------------------------------------------------------- surrogate_accuracy
+class SurrogateAccuracyConfig(dg.Config):
+    hull_threshold_ev_per_atom: float = 0.0  # "on the hull" for the sign agreement (both energies)
+
+
+@dg.asset(group_name=GROUP, deps=[discoveries, "shortlist"], kinds={"parquet"})
+def surrogate_accuracy(context: dg.AssetExecutionContext, config: SurrogateAccuracyConfig,
+                       cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+    """For every candidate with a DFT verdict, each surrogate's energy above the hull against DFT's:
+    MAE, sign agreement at the hull and Spearman rank correlation, per system and overall, with a
+    parity plot."""
+    store = cgwgan_home.store
+    if not store.exists("discoveries"):
+        raise dg.Failure("no discoveries table: materialise dft_results and discoveries first")
+    sl = read_all(store, "shortlist", with_chemical_system=True)
+    if sl is None:
+        raise dg.Failure(f"no shortlist table under {store.home}")
+    metrics, pairs = accuracy_table(store.read("discoveries"), sl,
+                                    hull_threshold_ev_per_atom=config.hull_threshold_ev_per_atom)
+    store.write("surrogate_accuracy", metrics, metadata={"hull_threshold_ev_per_atom": config.hull_threshold_ev_per_atom})
+    cgwgan_home.refresh_catalog()
+    overall = metrics.filter(pl.col("chemical_system") == "all")
+    for r in overall.iter_rows(named=True):
+        context.log.info(f"surrogate_accuracy: {r['surrogate_name']}: n={r['n_candidates']} MAE "
+                         f"{r['mae_ev_per_atom']:.3f} eV/atom, sign agreement {r['sign_agreement']:.2f}, "
+                         f"Spearman {r['spearman_rho']}")
+    meta: dict = {
+        "rows": metrics.height,
+        "n_pairs": pairs.height,
+        "hull_threshold_ev_per_atom": config.hull_threshold_ev_per_atom,
+        "overall": dg.MetadataValue.md(_md_table(overall.select(
+            "surrogate_name", "energy_footing", "n_candidates", "mae_ev_per_atom", "mean_error_ev_per_atom",
+            "sign_agreement", "spearman_rho"))),
+        "per_system": dg.MetadataValue.md(_md_table(metrics.filter(pl.col("chemical_system") != "all").select(
+            "chemical_system", "surrogate_name", "n_candidates", "mae_ev_per_atom", "sign_agreement",
+            "spearman_rho"))),
+    }
+    if pairs.height:
+        meta["parity_plot"] = dg.MetadataValue.md(figure_markdown(parity_figure(pairs), alt="surrogate vs DFT"))
+    return dg.MaterializeResult(metadata=meta)
 
 
 # --------------------------------------------------------------------------- surrogate_churn
@@ -348,4 +602,5 @@ def surrogate_churn_bounds(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=bad.is_empty(), metadata={"rows": c.height, "n_violations": bad.height})
 
 
-contract_checks = build_contract_checks(["dft_inputs", "dft_results", "discoveries", "surrogate_churn"])
+contract_checks = build_contract_checks(["dft_inputs", "dft_runs", "dft_results", "discoveries", "surrogate_accuracy",
+                                         "surrogate_churn"])

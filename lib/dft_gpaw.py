@@ -123,9 +123,11 @@ def resolve_preset(preset: str | Mapping[str, Any] = "fast", overrides: Mapping[
 
 
 def preset_sha256(preset: Mapping[str, Any]) -> str:
-    """Hash of the physics of a resolved preset (not its name or description): runs with the same
-    hash may share a hull."""
-    body = {k: v for k, v in preset.items() if k not in ("name", "description")}
+    """Hash of the energy model of a resolved preset: functional, basis, k-point density, smearing,
+    SCF, spin policy. Not its name, description, relaxation or phonon blocks, which change how a
+    cell is relaxed or what is computed after, not the energy of a cell: runs with the same hash
+    share a hull."""
+    body = {k: v for k, v in preset.items() if k not in ("name", "description", "phonon", "relax")}
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
@@ -144,7 +146,9 @@ def spin_setup(symbols: list[str], preset: Mapping[str, Any]) -> tuple[bool, lis
     table = preset["_spin"]
     policy = preset["spin"]["policy"]
     magnetic = set(table["magnetic_elements"])
-    spinpol = policy == "always" or (policy == "magnetic_elements" and any(s in magnetic for s in symbols))
+    alone = set(table.get("elements_spin_polarised_alone", []))  # O2: a triplet molecule
+    spinpol = policy == "always" or (policy == "magnetic_elements" and (
+        any(s in magnetic for s in symbols) or (bool(symbols) and set(symbols) <= alone)))
     if not spinpol:
         return False, None
     default = float(table.get("magmom_default", 0.6))
@@ -504,4 +508,221 @@ def run_gpaw(folder: str | Path, *, python: str = DEFAULT_PYTHON, num_threads: i
                            record={**record, "relax_of": folder.name})
         out["phonon_summary"] = _run_stage(sub, python=python, num_threads=num_threads, timeout_s=timeout_s)
     out["state"] = folder_state(folder)
+    return out
+
+
+# --------------------------------------------------------------------------- many runs (dft_runs)
+#: Kinds of runs ``dft_runs`` plans: shortlisted candidates and the competing phases of their hull.
+PLAN_KINDS = ("candidate", "competing_phase")
+
+
+def run_folder_name(kind: str, ident: str, preset_name: str) -> str:
+    """``gpaw-<preset>-<id>`` (candidates) or ``gpaw-<preset>-phase-<id>`` (competing phases): a
+    plain folder name under the results root (what ``lib.dft_ingest.check_run_path`` accepts)."""
+    if kind not in PLAN_KINDS:
+        raise ValueError(f"kind must be one of {PLAN_KINDS}, not {kind!r}")
+    safe = "".join(c if c.isalnum() or c in "._=+-" else "_" for c in f"{ident}")
+    return f"gpaw-{preset_name}-" + ("phase-" if kind == "competing_phase" else "") + safe
+
+
+def _subsystem(elements: set[str], allowed: set[str]) -> bool:
+    return bool(elements) and elements <= allowed
+
+
+def select_candidates(shortlist, *, k: int, max_atoms: int = 0):
+    """The best ``k`` novel, unique shortlist rows of each chemical system, one row per candidate.
+
+    ``shortlist``: rows of every surrogate (``candidate_id``, ``surrogate_name``,
+    ``chemical_system``, ``rank`` / ``unique_rank``, optional ``duplicate_of``, ``is_novel``,
+    ``n_atoms`` and a cell). Rows with ``duplicate_of`` set or ``is_novel`` false are left out (a
+    missing ``is_novel`` column counts as novel); a candidate ranked by several surrogates is
+    ranked by its best rank (ties: ``candidate_id``) and keeps the list of surrogates. With
+    ``max_atoms > 0`` larger cells are left out *before* the top ``k`` is taken. Returns
+    ``(selected, n_left_out)`` where ``n_left_out`` counts rows dropped per reason."""
+    import polars as pl
+
+    for col in ("candidate_id", "surrogate_name", "chemical_system"):
+        if col not in shortlist.columns:
+            raise ValueError(f"shortlist lacks column {col!r} (has {shortlist.columns[:20]})")
+    left_out: dict[str, int] = {}
+    sl = shortlist
+    if "duplicate_of" in sl.columns:
+        left_out["duplicate"] = int(sl["duplicate_of"].is_not_null().sum())
+        sl = sl.filter(pl.col("duplicate_of").is_null())
+    if "is_novel" in sl.columns:
+        left_out["known_phase"] = int((sl["is_novel"] == False).sum())  # noqa: E712 - null counts as novel
+        sl = sl.filter(pl.col("is_novel").fill_null(True))
+    if max_atoms > 0 and "n_atoms" in sl.columns:
+        left_out["too_many_atoms"] = int((sl["n_atoms"] > max_atoms).sum())
+        sl = sl.filter(pl.col("n_atoms").is_null() | (pl.col("n_atoms") <= max_atoms))
+    rank_col = "unique_rank" if "unique_rank" in sl.columns else "rank"
+    if rank_col not in sl.columns:
+        raise ValueError("shortlist lacks a rank column (unique_rank or rank)")
+    sl = sl.with_columns(pl.col(rank_col).cast(pl.Int64).alias("_rank"))
+    sha = pl.col("surrogate_sha256") if "surrogate_sha256" in sl.columns else pl.lit(None, pl.String)
+    best = sl.sort(["candidate_id", "_rank", "surrogate_name"], nulls_last=True).group_by(
+        "candidate_id", maintain_order=True).first()
+    agg = sl.sort(["candidate_id", "surrogate_name"]).with_columns(sha.alias("_sha")).group_by(
+        "candidate_id", maintain_order=True).agg(pl.col("surrogate_name").alias("surrogates"),
+                                                 pl.col("_sha").alias("surrogate_sha256s"),
+                                                 pl.col("_rank").alias("ranks"))
+    groups = best.join(agg, on="candidate_id", how="left").sort(["chemical_system", "_rank", "candidate_id"],
+                                                                 nulls_last=True)
+    if k > 0:
+        groups = groups.group_by("chemical_system", maintain_order=True).head(k)
+    return groups.rename({"_rank": "best_rank"}), left_out
+
+
+def select_competing_phases(mp, elements, *, max_atoms: int = 0, max_e_above_hull_ev_per_atom: float = 0.1,
+                            primitive: bool = True):
+    """The MP structures a DFT hull of ``elements`` needs: for every reduced formula of the system and
+    its subsystems, the polymorph with the lowest MP ``e_above_hull`` (ties: fewer atoms, then id)
+    among those with at most ``max_atoms`` atoms in the primitive cell (0 = any), kept when it is an
+    element (always needed) or within ``max_e_above_hull_ev_per_atom`` of MP's hull. ``mp``: the
+    ``mp_structures`` table (``material_id`` and a cell). Returns ``(rows, skipped)``: rows
+    ``{material_id, formula, reduced_formula, structure, n_atoms, mp_e_above_hull_ev_per_atom}``
+    and skipped ``{material_id, reduced_formula, reason}``: formulas whose every polymorph is too
+    large, compounds too far above MP's hull, and elements with no MP structure at all (their
+    hull cannot be built: ``discoveries`` says so)."""
+    from lib.cells import cell_to_structure
+
+    allowed = set(elements)
+    for col in ("material_id", "lattice_matrix", "species", "frac_coords"):
+        if col not in mp.columns:
+            raise ValueError(f"mp_structures lacks column {col!r}: no competing-phase cells")
+    ehull = "e_above_hull_ev_per_atom" if "e_above_hull_ev_per_atom" in mp.columns else None
+    options: dict[str, list[tuple[tuple[float, int, str], dict[str, Any]]]] = {}
+    for row in mp.iter_rows(named=True):
+        species = row["species"] or []
+        if not _subsystem(set(species), allowed) or row["lattice_matrix"] is None:
+            continue
+        structure = cell_to_structure(row["lattice_matrix"], species, row["frac_coords"])
+        if primitive:
+            try:
+                structure = structure.get_primitive_structure()
+            except Exception:  # noqa: BLE001 - the cell as stored
+                pass
+        red = structure.composition.reduced_formula
+        e = row.get(ehull) if ehull else None
+        key = (float("inf") if e is None else float(e), len(structure), str(row["material_id"]))
+        options.setdefault(red, []).append((key, {
+            "material_id": str(row["material_id"]), "reduced_formula": red, "structure": structure,
+            "formula": structure.composition.formula.replace(" ", ""), "n_atoms": len(structure),
+            "mp_e_above_hull_ev_per_atom": None if e is None else float(e), "_n_elements": len(set(species))}))
+    rows, skipped = [], []
+    for red in sorted(options):
+        ranked = [o for _, o in sorted(options[red], key=lambda kv: kv[0])]
+        fits = [o for o in ranked if max_atoms <= 0 or o["n_atoms"] <= max_atoms]
+        if not fits:
+            skipped.append({"material_id": ranked[0]["material_id"], "reduced_formula": red,
+                            "reason": f"every {red} polymorph has more than max_phase_atoms={max_atoms} atoms "
+                                      f"in its primitive cell (smallest: {min(o['n_atoms'] for o in ranked)})"})
+            continue
+        best = fits[0]
+        e = best["mp_e_above_hull_ev_per_atom"]
+        if best["_n_elements"] > 1 and e is not None and e > max_e_above_hull_ev_per_atom:
+            skipped.append({"material_id": best["material_id"], "reduced_formula": red,
+                            "reason": f"MP e_above_hull {e:.3f} eV/atom > {max_e_above_hull_ev_per_atom:g}"})
+            continue
+        rows.append({k: v for k, v in best.items() if not k.startswith("_")})
+    have = {r["structure"].composition.elements[0].symbol for r in rows
+            if len(r["structure"].composition.elements) == 1}
+    for el in sorted(allowed - have):
+        if not any(sk["reduced_formula"] == el for sk in skipped):
+            skipped.append({"material_id": None, "reduced_formula": el,
+                            "reason": f"no MP structure of element {el} in mp_structures: no elemental "
+                                      "competing phase (the DFT hull of its systems cannot be built)"})
+    return rows, skipped
+
+
+#: Elements whose ground state is a molecular crystal: PBE has no dispersion to hold the molecules
+#: together, so a cell relaxation drifts or collapses (O2 at 400 eV: 23.3 -> 8.4 A^3/atom); their
+#: competing-phase runs relax positions in MP's cell.
+MOLECULAR_ELEMENTS = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
+
+
+def phase_overrides(structure) -> dict[str, Any]:
+    """Preset overrides of a competing-phase run: no phonons; positions only (MP's cell) for the
+    molecular elements (:data:`MOLECULAR_ELEMENTS`). Neither changes the preset's energy hash."""
+    out: dict[str, Any] = {"phonon": {"enabled": False}}
+    els = {el.symbol for el in structure.composition.elements}
+    if len(els) == 1 and els <= MOLECULAR_ELEMENTS:
+        out["relax"] = {"cell_filter": "none"}
+    return out
+
+
+def _run_one(folder: str, python: str, num_threads: int, timeout_s: float | None) -> dict[str, Any]:
+    """Run one folder (a Ray task or in-process); never raises: the error is returned."""
+    t0 = time.time()
+    before = folder_state(folder)
+    try:
+        summary = run_gpaw(folder, python=python, num_threads=num_threads, timeout_s=timeout_s, check=False)
+        error = ""
+    except Exception as exc:  # noqa: BLE001 - reported on the dft_runs row
+        summary, error = {}, f"{type(exc).__name__}: {exc}"
+    return {"folder": folder, "state_before": before, "state": folder_state(folder), "error": error,
+            "seconds": time.time() - t0, "redone_after_partial": bool(summary.get("redone_after_partial"))}
+
+
+def run_gpaw_folders(folders: list[str], *, use_ray: bool, num_cpus: float = 1.0, python: str = DEFAULT_PYTHON,
+                     timeout_s: float | None = None, max_parallel: int = 0,
+                     on_done=None) -> list[dict[str, Any]]:
+    """Run the GPAW folders that are not finished, as Ray tasks with ``num_cpus`` each (``ray.init``
+    is the caller's business) or one after another here. A finished folder (``ok`` / ``failed``) is
+    never recomputed; a killed one (``partial``) is cleaned and redone. GPAW must be importable
+    under ``python`` (:class:`GpawMissingError`, naming ``make dft-deps``, before anything runs).
+    Returns one dict per folder, in order: ``folder, state_before, state, error, seconds,
+    redone_after_partial``; ``on_done(result)`` is called as each finishes."""
+    todo = [f for f in folders if folder_state(f) not in ("ok", "failed")]
+    results: dict[str, dict[str, Any]] = {}
+    for f in folders:
+        if f not in todo:
+            results[f] = {"folder": f, "state_before": folder_state(f), "state": folder_state(f), "error": "",
+                          "seconds": 0.0, "redone_after_partial": False}
+    if todo:
+        check_gpaw(python)
+    threads = max(1, int(num_cpus))
+    if todo and use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("use_ray=True but Ray is not initialised: call ray.init() first")
+        remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_run_one)
+        pending: list = []
+        queue = list(todo)
+        limit = max_parallel if max_parallel > 0 else len(queue)
+        while queue or pending:
+            while queue and len(pending) < limit:
+                pending.append(remote.remote(queue.pop(0), python, threads, timeout_s))
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in ray.get(done):
+                results[r["folder"]] = r
+                if on_done:
+                    on_done(r)
+    else:
+        for f in todo:
+            r = _run_one(f, python, threads, timeout_s)
+            results[f] = r
+            if on_done:
+                on_done(r)
+    return [results[f] for f in folders]
+
+
+def summary_fields(folder: str | Path) -> dict[str, Any]:
+    """What a ``dft_runs`` row reports of a folder: state, GPAW wall time, energies, failure reason."""
+    folder = Path(folder)
+    state = folder_state(folder) if folder.is_dir() else "pending"
+    s = read_summary(folder) if folder.is_dir() else None
+    out: dict[str, Any] = {"status": state, "gpaw_wall_time_s": None, "final_energy_ev": None,
+                           "energy_per_atom_ev": None, "reason": ""}
+    if s is None:
+        return out
+    out["gpaw_wall_time_s"] = s.get("wall_time_s")
+    if s.get("status") == "ok":
+        out.update(final_energy_ev=s.get("final_energy_ev"), energy_per_atom_ev=s.get("energy_per_atom_ev"))
+    else:
+        out["reason"] = str(s.get("reason") or "failed")
+    sub = read_summary(folder / PHONON_DIR)
+    if sub is not None and sub.get("status") != "ok":
+        out["reason"] = f"phonon stage failed: {sub.get('reason')}"
     return out

@@ -18,10 +18,9 @@ from pathlib import Path
 import dagster as dg
 
 from lib.store import TableStore
+from orchestration.paths import DEFAULT_HOME, HOME_ENV_VAR, REPO_ROOT, SQL_DIR, view_statements
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_HOME = REPO_ROOT / ".cgwgan"
-SQL_DIR = REPO_ROOT / "sql"
+__all__ = ["DEFAULT_HOME", "REPO_ROOT", "SQL_DIR", "view_statements"]  # re-exported from orchestration.paths
 
 
 class CgwganHome(dg.ConfigurableResource):
@@ -55,18 +54,11 @@ class CgwganHome(dg.ConfigurableResource):
         return self.store.refresh_catalog(extra_sql=view_statements())
 
 
-def view_statements() -> list[str]:
-    """The derived views of ``sql/views/*.sql`` in file order (statements split on ';')."""
-    out: list[str] = []
-    for f in sorted((SQL_DIR / "views").glob("*.sql")):
-        out.extend(s.strip() for s in f.read_text().split(";") if s.strip())
-    return out
-
-
 class MPSource(dg.ConfigurableResource):
     """Which Materials Project source feeds ``mp_structures`` (``CGWGAN_MP_SOURCE``).
 
-    ``embedded`` (default): pymatgen's 288 AFLOW prototypes, offline. A path to a CSV/CSV.gz/
+    ``embedded`` (default): pymatgen's 288 AFLOW prototypes plus the 23 Ba–Ru–O Materials Project
+    phases shipped in the package (``lib/data``, CC BY 4.0), offline. A path to a CSV/CSV.gz/
     Parquet file in the MP-20 layout, or to a folder of CIF/POSCAR files. ``mp-api``: the
     Materials Project API with ``api_key`` (``MP_API_KEY``, a secret: fed by ``dg.EnvVar`` only).
     """
@@ -162,6 +154,7 @@ class DftResource(dg.ConfigurableResource):
 
     results_dir: str = ""
     elemental_refs: str = ""
+    gpaw_python: str = ""  # CGWGAN_GPAW_PYTHON: the Python that imports GPAW ("" = Debian's /usr/bin/python3)
 
     def results_root(self, cgwgan_home: CgwganHome, override: str = "") -> Path:
         """The DFT results folder (created): ``override``, else ``results_dir``, else ``<home>/dft/results``."""
@@ -180,13 +173,14 @@ class DftResource(dg.ConfigurableResource):
 # ----------------------------------------------------------------------------- environment
 #: Every environment variable of the platform: resource key -> {field: variable}.
 ENV_VARS: dict[str, dict[str, str]] = {
-    "cgwgan_home": {"home": "CGWGAN_HOME"},
+    "cgwgan_home": {"home": HOME_ENV_VAR},
     "mp_source": {"source": "CGWGAN_MP_SOURCE", "api_key": "MP_API_KEY"},
     "ray_runtime": {"address": "RAY_ADDRESS", "auth_mode": "RAY_AUTH_MODE"},
     "surrogate_registry": {"registry_path": "CGWGAN_SURROGATES", "models_dir": "CGWGAN_M3GNET_DIR",
                            "torch_threads": "CGWGAN_TORCH_THREADS",
                            "m3gnet_tf_python": "CGWGAN_M3GNET_TF_PYTHON"},
-    "dft": {"results_dir": "CGWGAN_DFT_RESULTS", "elemental_refs": "CGWGAN_ELEMENTAL_REFS"},
+    "dft": {"results_dir": "CGWGAN_DFT_RESULTS", "elemental_refs": "CGWGAN_ELEMENTAL_REFS",
+            "gpaw_python": "CGWGAN_GPAW_PYTHON"},
 }
 RESOURCE_TYPES: dict[str, type[dg.ConfigurableResource]] = {
     "cgwgan_home": CgwganHome,

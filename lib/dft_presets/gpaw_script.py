@@ -78,6 +78,8 @@ def _setups(calc):
 def _cell_filter(atoms, name):
     import ase.constraints as cons
 
+    if name == "none":  # positions only, the cell as given (molecular crystals: PBE has no vdW to hold them)
+        return atoms, "none"
     if name == "auto":
         try:
             from ase.filters import FrechetCellFilter

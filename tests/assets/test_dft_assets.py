@@ -46,12 +46,30 @@ def _cells():
     return {"cand-nacl": rock, "cand-cscl": cscl}
 
 
-def _write_upstream(store: TableStore) -> None:
+def _mp_rows(mp_file: Path, ids: tuple[str, ...]) -> pl.DataFrame:
+    """Real MP rows (shared mp_structures.csv.gz) in the mp_structures layout: cells and MP energies."""
+    from pymatgen.core import Structure
+
+    raw = pl.read_csv(mp_file, infer_schema_length=0).filter(pl.col("material_id").is_in(list(ids)))
+    assert raw.height == len(ids)
+    rows = []
+    for r in raw.iter_rows(named=True):
+        s = Structure.from_str(r["cif"], fmt="cif")
+        rows.append({"material_id": r["material_id"], "formula": s.composition.formula.replace(" ", ""),
+                     "reduced_formula": s.composition.reduced_formula, "chemical_system": s.composition.chemical_system,
+                     "elements": sorted({e.symbol for e in s.composition.elements}), "nsites": len(s),
+                     "lattice_matrix": s.lattice.matrix.ravel().tolist(), "species": [x.specie.symbol for x in s],
+                     "frac_coords": s.frac_coords.tolist(),
+                     "formation_energy_per_atom_ev": float(r["formation_energy_per_atom"]),
+                     "e_above_hull_ev_per_atom": float(r["e_above_hull"]),
+                     "source": "file:mp_structures.csv.gz", "snapshot_id": "snap-test"})
+    return conform("mp_structures", pl.DataFrame(rows))
+
+
+def _write_upstream(store: TableStore, mp_file: Path) -> None:
     """Small real tables for every link of the chain, written through the store (the columns the
     chain reads; the others null, in the contract's shape)."""
-    store.write("mp_structures", conform("mp_structures", pl.DataFrame({
-        "material_id": ["mp-22862", "mp-22851"], "formula": ["Na4Cl4", "NaCl"], "chemical_system": ["Cl-Na"] * 2,
-        "source": ["file:mp_structures.csv.gz"] * 2, "snapshot_id": ["snap-test"] * 2})))
+    store.write("mp_structures", _mp_rows(mp_file, ("mp-22862",)))
     store.write("wgan_checkpoints", conform("wgan_checkpoints", pl.DataFrame({
         "checkpoint_id": ["ckpt-test"], "path": ["/checkpoints/ckpt-test"], "encoding_version": ["enc-1"],
         "training_snapshot_id": ["snap-test"], "seed": [7], "epochs": [3], "created_at": ["2026-11-25T00:00:00Z"],
@@ -83,12 +101,14 @@ def _write_upstream(store: TableStore) -> None:
         store.write("shortlist", conform("shortlist", pl.DataFrame({
             "rank": ranks, **lineage, "formation_energy_per_atom_ev": [-2.0, -1.9],
             "e_above_hull_ev_per_atom": [0.0, 0.05] if sur == "S-a" else [0.04, 0.0],
-            "min_frequency_thz": [0.0, -1.5], "is_dynamically_stable": [True, sur == "S-b"]})), partition=part)
+            "min_frequency_thz": [0.0, -1.5], "is_dynamically_stable": [True, sur == "S-b"],
+            # novel as the surrogate stage saw them (only novel rows are handed off); DFT checks again
+            "is_novel": [True, True]})), partition=part)
 
 
 def test_dft_group_end_to_end_with_lineage(home: Path, store: TableStore, fixtures_dir: Path,
-                                           shared_dir: Path, tmp_path: Path) -> None:
-    _write_upstream(store)
+                                           shared_dir: Path, mp_file: Path, tmp_path: Path) -> None:
+    _write_upstream(store, mp_file)
     resources = {"cgwgan_home": CgwganHome(home=str(home)), "dft": DftResource()}
     instance = dg.DagsterInstance.ephemeral()
 
@@ -143,15 +163,21 @@ def test_dft_group_end_to_end_with_lineage(home: Path, store: TableStore, fixtur
     assert meta["n_new"].value == 0 and meta["n_already_ingested"].value == 4
     assert {p: store.pointer("dft_results", p)["version"] for p in store.partitions("dft_results")} == versions
 
-    # discoveries: the linked NaCl (negative formation energy, no imaginary mode) with its lineage
+    # discoveries: the linked NaCl, placed on MP's hull (MP2020) and matched against MP's cells: the
+    # rock-salt NaCl handed off is MP's mp-22862, a rediscovery listed apart, with its lineage
     res = dg.materialize([discoveries, discoveries_meet_thresholds, contract_check("discoveries")],
-                         resources=resources, instance=instance)
+                         resources=resources, instance=instance,
+                         run_config={"ops": {"discoveries": {"config": {"references_path": refs}}}})
     assert res.success and len(res.get_asset_check_evaluations()) == 2
     assert all(c.passed for c in res.get_asset_check_evaluations())
     found = store.read("discoveries")
     assert found["candidate_id"].to_list() == ["cand-nacl"]
     d = found.row(0, named=True)
     assert d["formation_energy_per_atom_ev"] < 0 and d["min_frequency_thz"] > -0.1
+    assert d["verdict"] == "rediscovery" and d["known_material_id"] == "mp-22862" and not d["is_discovery"]
+    assert d["energy_footing"] == "MP2020" and d["e_above_hull_dft_ev_per_atom"] is not None
+    meta = res.asset_materializations_for_node("discoveries")[0].metadata
+    assert meta["n_rediscovery"].value == 1 and meta["n_discovery"].value == 0
     assert (d["template_id"], d["checkpoint_id"], d["training_snapshot_id"], d["mp_source"]) == (
         "tpl-nacl", "ckpt-test", "snap-test", "file:mp_structures.csv.gz")
     assert d["ranked_by_surrogates"] == ["S-a", "S-b"] and d["surrogate_ranks"] == [1, 2]
@@ -191,3 +217,198 @@ def test_dft_group_end_to_end_with_lineage(home: Path, store: TableStore, fixtur
     meta = res.asset_materializations_for_node("surrogate_churn")[0].metadata
     assert "rank_a" in meta["rankings_side_by_side"].value and "data:image/png;base64" in meta["plot"].value
     assert json.loads(json.dumps(store.pointer("surrogate_churn")["metadata"])) == {"top_k": 10}
+
+
+# --------------------------------------------------------------------------- GPAW, here: dft_runs -> discoveries
+GPAW_SYSTEM = "I-Rb"
+#: Real MP rows of the Rb-I system (shared mp_structures.csv.gz): Rb, I and rock-salt RbI, 1-2 atoms each.
+RB_I_PHASES = ("mp-639755", "mp-639751", "mp-22903")
+SURROGATES_M3GNET = ("M3GNet-MP-2021.2.8-PES", "M3GNet-MatPES-PBE-v2025.1-PES")
+
+
+def _gpaw_or_skip() -> str:
+    import os
+
+    from lib.dft_gpaw import DEFAULT_PYTHON, GpawMissingError, check_gpaw
+
+    try:
+        return check_gpaw(DEFAULT_PYTHON)
+    except GpawMissingError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+def _rb_i_candidates():
+    """Two hypothetical RbI polymorphs (zinc blende, CsCl type) and a relaxed duplicate."""
+    from pymatgen.core import Lattice, Structure
+
+    zb = Structure.from_spacegroup("F-43m", Lattice.cubic(8.4), ["Rb", "I"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    cscl = Structure.from_spacegroup("Pm-3m", Lattice.cubic(4.45), ["Rb", "I"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    return {"cand-rbi-zb": zb.get_primitive_structure(), "cand-rbi-cscl": cscl, "cand-rbi-dup": cscl.copy()}
+
+
+def _write_rb_i_upstream(store: TableStore, mp: pl.DataFrame, m3gnet_dir: Path) -> dict[str, dict[str, float]]:
+    """mp_structures (real MP rows) and each M3GNet's shortlist of the candidates, with the energy
+    above the hull the surrogate itself predicts (real inference on the cells, against its own
+    energies of the three MP phases). Returns {surrogate: {candidate: e_above_hull}}."""
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+    from lib.cells import cell_to_structure
+    from lib.screening import predict_energies
+    from lib.surrogates import load_surrogate
+
+    store.write("mp_structures", mp)
+    cands = _rb_i_candidates()
+    phases = [cell_to_structure(r["lattice_matrix"], r["species"], r["frac_coords"]) for r in mp.iter_rows(named=True)]
+    out: dict[str, dict[str, float]] = {}
+    for name in SURROGATES_M3GNET:
+        sur = load_surrogate(name, models_dir=str(m3gnet_dir))
+        energies = predict_energies(sur, [*phases, *cands.values()])
+        assert all(isinstance(e, float) for e in energies), energies
+        pd_ = PhaseDiagram([PDEntry(s.composition, e) for s, e in zip(phases, energies, strict=False)])
+        ehull = {cid: float(pd_.get_e_above_hull(PDEntry(s.composition, e), allow_negative=True))
+                 for (cid, s), e in zip(cands.items(), energies[len(phases):], strict=True)}
+        out[name] = ehull
+        ids = list(cands)
+        order = sorted(ids[:2], key=lambda c: ehull[c])
+        lineage = {"candidate_id": ids, "template_id": ["tpl-rbi"] * 3, "checkpoint_id": ["ckpt-test"] * 3,
+                   "code_version": ["screening-1"] * 3, "surrogate_name": [name] * 3,
+                   "surrogate_sha256": [sur.weights_sha256] * 3}
+        part = f"{GPAW_SYSTEM}|{name}"
+        store.write("relaxed", conform("relaxed", pl.DataFrame({
+            **lineage, "status": ["ok"] * 3, "is_converged": [True] * 3,
+            "lattice_matrix": [cands[c].lattice.matrix.ravel().tolist() for c in ids],
+            "species": [[x.specie.symbol for x in cands[c]] for c in ids],
+            "frac_coords": [cands[c].frac_coords.tolist() for c in ids]})), partition=part)
+        ranks = [order.index(ids[0]) + 1, order.index(ids[1]) + 1, 3]
+        store.write("shortlist", conform("shortlist", pl.DataFrame({
+            **lineage, "rank": ranks, "unique_rank": [ranks[0], ranks[1], None],
+            "duplicate_of": [None, None, "cand-rbi-cscl"], "n_atoms": [2, 2, 2],
+            "e_above_hull_ev_per_atom": [ehull[c] for c in ids]})), partition=part)
+    return out
+
+
+def _sensor_ingest(instance, resources, cursor):
+    from orchestration.sensors import make_dft_results_sensor
+
+    sensor = make_dft_results_sensor(settle_seconds=0)
+    res = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+    if not res.run_requests:
+        return None, res.cursor
+    req = res.run_requests[0]
+    run = dg.materialize([dft_results], resources=resources, instance=instance, run_config=req.run_config)
+    assert run.success
+    return req.run_config["ops"]["dft_results"]["config"]["run_names"], res.cursor
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_gpaw_verification_through_dagster(home: Path, store: TableStore, mp_file: Path, m3gnet_dir: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """dft_runs (real GPAW, preset fast) -> the dft_results sensor -> ingest -> discoveries ->
+    surrogate_accuracy on the Rb-I system: two hypothetical RbI polymorphs and their competing phases."""
+    import ray
+
+    from assets.dft import dft_runs, dft_runs_finished, surrogate_accuracy
+    from orchestration.cli import main as cli_main
+    from orchestration.resources import RayResource
+
+    _gpaw_or_skip()
+    surrogate_ehull = _write_rb_i_upstream(store, _mp_rows(mp_file, RB_I_PHASES), m3gnet_dir)
+    resources = {"cgwgan_home": CgwganHome(home=str(home)), "dft": DftResource(),
+                 "ray_runtime": RayResource(num_cpus=2, object_store_mb=256)}
+    instance = dg.DagsterInstance.ephemeral()
+    base = {"preset": "fast", "k": 2, "phonons": False, "max_atoms": 8, "max_phase_atoms": 4}
+    results = home / "dft" / "results"
+
+    # 1. the candidates alone (no competing phases yet), in-process
+    cfg = {"ops": {"dft_runs": {"config": {**base, "competing_phases": False, "use_ray": False}}}}
+    res = dg.materialize([dft_runs, dft_runs_finished, contract_check("dft_runs")], resources=resources,
+                         instance=instance, run_config=cfg)
+    assert res.success and all(c.passed for c in res.get_asset_check_evaluations())
+    runs = store.read("dft_runs")
+    assert sorted(runs["candidate_id"].to_list()) == ["cand-rbi-cscl", "cand-rbi-zb"]  # the duplicate is left out
+    assert runs["was_computed"].all() and (runs["status"] == "ok").all(), runs.select("run_name", "status", "reason")
+    meta = res.asset_materializations_for_node("dft_runs")[0].metadata
+    assert json.loads(meta["candidates_left_out"].value) == {"duplicate": 2, "known_phase": 0, "too_many_atoms": 0}
+    first_seconds = dict(zip(runs["run_name"], runs["gpaw_wall_time_s"], strict=True))
+    mtimes = {n: (results / n / "gpaw_summary.json").stat().st_mtime_ns for n in runs["run_name"]}
+
+    names, cursor = _sensor_ingest(instance, resources, None)
+    assert sorted(names) == sorted(runs["run_name"].to_list())
+    res = dg.materialize([discoveries, discoveries_meet_thresholds, contract_check("discoveries")],
+                         resources=resources, instance=instance)
+    assert res.success and all(c.passed for c in res.get_asset_check_evaluations())
+    d = store.read("discoveries")
+    assert set(d["verdict"]) == {"missing_references"}
+    assert all("no competing phases computed with the same backend and preset" in r for r in d["verdict_reason"])
+
+    # 2. again with the competing phases, as Ray tasks: the finished candidates are kept as they are
+    cfg = {"ops": {"dft_runs": {"config": {**base, "use_ray": True, "num_cpus_per_run": 1}}}}
+    try:
+        res = dg.materialize([dft_runs, dft_runs_finished], resources=resources, instance=instance, run_config=cfg)
+    finally:
+        ray.shutdown()
+    assert res.success and all(c.passed for c in res.get_asset_check_evaluations())
+    runs = store.read("dft_runs")
+    phases = runs.filter(pl.col("kind") == "competing_phase")
+    assert sorted(phases["material_id"].to_list()) == sorted(RB_I_PHASES)
+    assert (phases["status"] == "ok").all() and phases["was_computed"].all(), phases.select("run_name", "reason")
+    cands = runs.filter(pl.col("kind") == "candidate")
+    assert not cands["was_computed"].any() and (cands["action"] == "kept").all()
+    assert {n: (results / n / "gpaw_summary.json").stat().st_mtime_ns for n in cands["run_name"]} == mtimes
+    assert res.asset_materializations_for_node("dft_runs")[0].metadata["backend"].value == "ray"
+    assert phases["dft_preset_sha256"].n_unique() == 1 and cands["dft_preset_sha256"].n_unique() == 1
+    assert phases["dft_preset_sha256"][0] == cands["dft_preset_sha256"][0]  # one footing: phonons aside
+
+    names, cursor = _sensor_ingest(instance, resources, cursor)
+    assert sorted(names) == sorted(phases["run_name"].to_list())  # only the new folders
+    ingested = store.read("dft_results")
+    assert set(ingested.filter(pl.col("run_name").is_in(phases["run_name"].to_list()))["status"]) == {"unlinked"}
+    assert (ingested["dft_code"] == "gpaw").all()
+
+    # 3. discoveries on the GPAW hull of the same preset
+    res = dg.materialize([discoveries, discoveries_meet_thresholds, contract_check("discoveries")],
+                         resources=resources, instance=instance)
+    assert res.success and all(c.passed for c in res.get_asset_check_evaluations())
+    d = {r["candidate_id"]: r for r in store.read("discoveries").to_dicts()}
+    zb = d["cand-rbi-zb"]
+    # zinc-blende RbI: strongly bound (negative formation energy), yet above rock-salt RbI: rejected
+    assert zb["formation_energy_dft_ev_per_atom"] < -1.0 and zb["e_above_hull_dft_ev_per_atom"] > 0.02
+    assert zb["verdict"] == "above_hull" and not zb["is_discovery"]
+    assert "above the hull" in zb["verdict_reason"] and "formation energy -" in zb["verdict_reason"]
+    assert zb["energy_footing"].startswith("gpaw:") and zb["n_competing_phases"] == 3 and zb["is_novel"]
+    assert zb["template_id"] == "tpl-rbi" and set(zb["ranked_by_surrogates"]) == set(SURROGATES_M3GNET)
+    assert d["cand-rbi-cscl"]["e_above_hull_dft_ev_per_atom"] is not None
+    hull = {c: (r["formation_energy_dft_ev_per_atom"], r["e_above_hull_dft_ev_per_atom"], r["verdict"])
+            for c, r in d.items()}
+    print(f"GPAW fast Rb-I hull: {hull}; first wall times {first_seconds}")
+
+    # 4. each surrogate's energy above the hull against DFT's
+    res = dg.materialize([surrogate_accuracy, contract_check("surrogate_accuracy")], resources=resources,
+                         instance=instance)
+    assert res.success and all(c.passed for c in res.get_asset_check_evaluations())
+    acc = store.read("surrogate_accuracy")
+    overall = {r["surrogate_name"]: r for r in acc.filter(pl.col("chemical_system") == "all").to_dicts()}
+    assert set(overall) == set(SURROGATES_M3GNET)
+    for name, r in overall.items():
+        assert r["n_candidates"] == 2
+        dft_e = {c: d[c]["e_above_hull_dft_ev_per_atom"] for c in ("cand-rbi-zb", "cand-rbi-cscl")}
+        want = sum(abs(surrogate_ehull[name][c] - dft_e[c]) for c in dft_e) / 2
+        assert r["mae_ev_per_atom"] == pytest.approx(want)
+        assert 0 <= r["n_sign_agree"] <= 2 and r["spearman_rho"] in (-1.0, 1.0, None)
+    meta = res.asset_materializations_for_node("surrogate_accuracy")[0].metadata
+    assert "data:image/png;base64" in meta["parity_plot"].value
+
+    # 5. the CLI lists the folders and their states
+    assert cli_main(["dft", "status", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "5 run folders" in out and "5 done" in out and "gpaw-fast-phase-mp-22903" in out
+
+    # 6. a folder edited after ingest is ingested once more, then left alone
+    (results / phases["run_name"][0] / "notes.txt").write_text("checked by hand\n")
+    names, cursor = _sensor_ingest(instance, resources, cursor)
+    assert names == [phases["run_name"][0]]
+    assert _sensor_ingest(instance, resources, cursor)[0] is None
+    assert store.read("dft_results").filter(pl.col("run_name") == phases["run_name"][0]).height == 2

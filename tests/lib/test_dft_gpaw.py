@@ -218,3 +218,159 @@ def test_phonon_stage_with_gpaw_forces(gpaw_version, tmp_path: Path) -> None:
     assert row["status"] == "ok", row["reason"]
     assert row["phonon_source"] == "force_sets"
     assert 13.5 < row["max_frequency_thz"] < 16.5
+
+
+# --------------------------------------------------------------------------- dft_runs planning
+def _shortlist_rows():
+    import polars as pl
+
+    return pl.DataFrame({
+        "candidate_id": ["c1", "c2", "c3", "c1", "c4", "c5"],
+        "surrogate_name": ["A", "A", "A", "B", "B", "A"],
+        "surrogate_sha256": ["a" * 64, "a" * 64, "a" * 64, "b" * 64, "b" * 64, "a" * 64],
+        "chemical_system": ["Ba-O-Ru", "Ba-O-Ru", "Ba-O-Ru", "Ba-O-Ru", "Ba-O-Ru", "Cl-Na"],
+        "rank": [2, 1, 3, 1, 2, 1],
+        "unique_rank": [2, 1, None, 1, 2, 1],
+        "duplicate_of": [None, None, "c2", None, None, None],
+        "n_atoms": [5, 5, 5, 5, 40, 2],
+    })
+
+
+def test_select_candidates_takes_the_best_k_unique_rows_of_each_system() -> None:
+    import polars as pl
+
+    from lib.dft_gpaw import select_candidates
+
+    picked, left_out = select_candidates(_shortlist_rows(), k=2, max_atoms=20)
+    assert left_out == {"duplicate": 1, "too_many_atoms": 1}
+    by_sys = {s: g["candidate_id"].to_list() for (s,), g in picked.group_by(["chemical_system"], maintain_order=True)}
+    # c1 is ranked 1 by B and 2 by A: its best rank is 1; c2 is 1 under A; ties by candidate_id
+    assert by_sys == {"Ba-O-Ru": ["c1", "c2"], "Cl-Na": ["c5"]}
+    c1 = picked.filter(pl.col("candidate_id") == "c1").row(0, named=True)
+    assert c1["surrogates"] == ["A", "B"] and c1["ranks"] == [2, 1] and c1["best_rank"] == 1
+    # a known phase (is_novel false) is left out; a null is_novel counts as novel
+    known = _shortlist_rows().with_columns(pl.Series("is_novel", [False, True, True, False, True, None]))
+    picked, left_out = select_candidates(known, k=0)
+    assert sorted(picked["candidate_id"].to_list()) == ["c2", "c4", "c5"] and left_out["known_phase"] == 2
+    with pytest.raises(ValueError, match="lacks column 'chemical_system'"):
+        select_candidates(_shortlist_rows().drop("chemical_system"), k=1)
+
+
+def test_competing_phases_of_ba_ru_o_from_real_mp_rows(ba_ru_o_mp) -> None:
+    from lib.dft_gpaw import run_folder_name, select_competing_phases
+
+    rows, skipped = select_competing_phases(ba_ru_o_mp, ["Ba", "Ru", "O"], max_atoms=20,
+                                            max_e_above_hull_ev_per_atom=0.1)
+    chosen = {r["reduced_formula"]: (r["material_id"], r["n_atoms"]) for r in rows}
+    # lowest MP e_above_hull per formula among cells of <= 20 atoms: RuO4 mp-554791 (40 atoms, on
+    # the hull) gives way to mp-547094 (10 atoms, 1 meV/atom above); every element but Ru has a cell
+    assert chosen["BaO"] == ("mp-1342", 2) and chosen["O2"][0] == "mp-12957" and chosen["Ba"][0] == "mp-570384"
+    assert chosen["RuO4"] == ("mp-547094", 10) and chosen["BaRuO3"][0] == "mp-3597"
+    assert chosen["RuO2"][0] == "mp-8909" and chosen["Ba2RuO4"][0] == "mp-1025237"
+    why = {s["reduced_formula"]: s["reason"] for s in skipped}
+    assert "no MP structure of element Ru" in why["Ru"]
+    assert chosen["BaO6"][0] == "mp-1182169"  # 0.039 eV/atom above MP's hull, below the 0.1 threshold
+    assert "Ba4Ru3O10" in why and "Ba2Ru7O18" in why  # 34- and 27-atom cells: max_phase_atoms
+    tight, tight_skipped = select_competing_phases(ba_ru_o_mp, ["Ba", "Ru", "O"], max_atoms=20,
+                                                   max_e_above_hull_ev_per_atom=0.01)
+    kept = {r["reduced_formula"] for r in tight}
+    assert {"BaO6", "RuO2"}.isdisjoint(kept) and {"Ba", "O2", "BaRuO3"} <= kept  # elements are always kept
+    assert any("MP e_above_hull 0.067" in s["reason"] for s in tight_skipped)
+    assert run_folder_name("competing_phase", "mp-1342", "fast") == "gpaw-fast-phase-mp-1342"
+    assert run_folder_name("candidate", "cand-1/x", "fast") == "gpaw-fast-cand-1_x"
+
+
+def test_run_gpaw_folders_never_recomputes_a_finished_folder(si_done: Path, tmp_path: Path) -> None:
+    from lib.dft_gpaw import run_gpaw_folders, summary_fields
+
+    before = (si_done / SUMMARY_FILE).stat().st_mtime_ns
+    fresh = tmp_path / "si-fresh"
+    write_gpaw_run(_si(5.47), fresh, preset="fast", overrides={**NO_PHONONS, "relax": {"enabled": False}})
+    out = run_gpaw_folders([str(si_done), str(fresh)], use_ray=False)
+    assert [(o["state_before"], o["state"]) for o in out] == [("ok", "ok"), ("pending", "ok")]
+    assert out[0]["seconds"] == 0.0 and (si_done / SUMMARY_FILE).stat().st_mtime_ns == before
+    f = summary_fields(fresh)
+    assert f["status"] == "ok" and f["energy_per_atom_ev"] < -4.5 and f["gpaw_wall_time_s"] > 0
+    # a run killed part-way (outputs, no done marker) is cleaned and redone
+    killed = tmp_path / "si-killed"
+    write_gpaw_run(_si(5.47), killed, preset="fast", overrides={**NO_PHONONS, "relax": {"enabled": False}})
+    (killed / "gpaw_static.txt").write_text("GPAW log cut short by a kill\n")
+    assert folder_state(killed) == "partial"
+    out = run_gpaw_folders([str(killed)], use_ray=False)
+    assert out[0]["state_before"] == "partial" and out[0]["state"] == "ok" and out[0]["redone_after_partial"]
+    # finished folders need no GPAW at all; a folder to run does, and says how to install it
+    again = run_gpaw_folders([str(fresh)], use_ray=False, python=str(tmp_path / "no" / "python3"))
+    assert again[0]["state"] == "ok" and again[0]["seconds"] == 0.0
+    pending = tmp_path / "si-pending"
+    write_gpaw_run(_si(5.47), pending, preset="fast", overrides=NO_PHONONS)
+    with pytest.raises(GpawMissingError, match="make dft-deps"):
+        run_gpaw_folders([str(fresh), str(pending)], use_ray=False, python=str(tmp_path / "no" / "python3"))
+
+
+def test_dft_verdicts_on_real_mp_energies(ba_ru_o_mp, ba_ru_o_dir: Path) -> None:
+    """Results on MP's own footing (MP2020 energies rebuilt from MP's formation energies): BaO2
+    mp-1006878 has a negative formation energy but lies 0.12 eV/atom above MP's hull -> rejected
+    with its reason; BaO mp-1342 matches MP's own cell -> a rediscovery; a GPAW result without any
+    GPAW competing phase of its preset -> missing_references (never compared with MP)."""
+    import polars as pl
+    from pymatgen.core import Composition
+
+    from lib.dft_ingest import load_elemental_references, rows_to_frame
+    from lib.dft_verdicts import dft_verdicts
+
+    refs = load_elemental_references(ba_ru_o_dir / "mp_elemental_refs_Ba_Ru_O.json")
+    mp = {r["material_id"]: r for r in ba_ru_o_mp.to_dicts()}
+    rows = []
+    for mid, code in (("mp-1006878", "vasp"), ("mp-1342", "vasp"), ("mp-1105", "gpaw")):
+        r = mp[mid]
+        comp = Composition(r["formula"])
+        mu = sum(comp.get_atomic_fraction(el) * refs.energy_per_atom_ev[el.symbol] for el in comp.elements)
+        e = (r["formation_energy_per_atom_ev"] + mu) * r["nsites"]
+        rows.append({"result_id": f"dftres-{mid}", "run_name": f"run-{mid}", "status": "ok", "is_linked": True,
+                     "candidate_id": f"cand-{mid}", "chemical_system": "Ba-O", "formula": r["formula"],
+                     "n_atoms": r["nsites"], "final_energy_ev": e, "energy_per_atom_ev": e / r["nsites"],
+                     "lattice_matrix": r["lattice_matrix"], "species": r["species"], "frac_coords": r["frac_coords"],
+                     "dft_code": code, "dft_preset_sha256": "f" * 64 if code == "gpaw" else None,
+                     "ingested_at": "2026-12-04T00:00:00Z"})
+    # a GPAW phase run of the same preset whose relaxation did not converge: not a competing phase
+    rows.append({"result_id": "dftres-o2", "run_name": "gpaw-fast-phase-mp-12957", "status": "unconverged",
+                 "reason": "relaxation not converged to fmax=0.05 eV/Å after 40 steps", "is_linked": False,
+                 "formula": "O8", "n_atoms": 8, "dft_code": "gpaw", "dft_preset_sha256": "f" * 64,
+                 "ingested_at": "2026-12-04T00:00:00Z"})
+    results = rows_to_frame(rows).with_columns(
+        pl.when(pl.col("dft_code") == "vasp").then(pl.lit("MP2020")).alias("energy_footing"))
+    known = ba_ru_o_mp.filter(pl.col("material_id") != "mp-1006878")  # that polymorph is "new" here
+    out = {r["candidate_id"]: r for r in dft_verdicts(results, mp_structures=known, mp_references=refs,
+                                                      require_phonons=False).to_dicts()}
+    bao2 = out["cand-mp-1006878"]
+    assert bao2["verdict"] == "above_hull" and not bao2["is_discovery"] and bao2["is_novel"]
+    assert bao2["e_above_hull_dft_ev_per_atom"] == pytest.approx(mp["mp-1006878"]["e_above_hull_ev_per_atom"], abs=2e-3)
+    assert bao2["formation_energy_dft_ev_per_atom"] == pytest.approx(-2.050, abs=2e-3)
+    assert "0.1200 eV/atom above the hull" in bao2["verdict_reason"]
+    assert "formation energy -2.05" in bao2["verdict_reason"] and "mp-1105" in bao2["verdict_reason"]
+    bao = out["cand-mp-1342"]
+    assert bao["verdict"] == "rediscovery" and bao["known_material_id"] == "mp-1342"
+    assert bao["e_above_hull_dft_ev_per_atom"] == pytest.approx(0.0, abs=1e-6)
+    g = out["cand-mp-1105"]
+    assert g["verdict"] == "missing_references" and g["e_above_hull_dft_ev_per_atom"] is None
+    assert "no competing phases computed with the same backend and preset (gpaw:ffff" in g["verdict_reason"]
+    assert "cannot be used: gpaw-fast-phase-mp-12957 (O8, unconverged: relaxation not converged" in g["verdict_reason"]
+    assert set(out) == {"cand-mp-1006878", "cand-mp-1342", "cand-mp-1105"}  # phase runs get no verdict
+    assert bao2["n_competing_phases"] > 3 and g["n_competing_phases"] == 0
+
+
+def test_molecular_phases_keep_mp_cell_and_the_energy_footing() -> None:
+    from pymatgen.core import Lattice, Structure
+
+    from lib.dft_gpaw import phase_overrides
+
+    o2 = Structure(Lattice.orthorhombic(3.3, 3.3, 4.6), ["O", "O"], [[0, 0, 0.0], [0, 0, 0.26]])
+    assert phase_overrides(o2) == {"phonon": {"enabled": False}, "relax": {"cell_filter": "none"}}
+    assert phase_overrides(_si()) == {"phonon": {"enabled": False}}
+    # neither the relaxation nor the phonon settings change the energy model's hash: one hull
+    plain = gpaw_settings(o2, preset="fast")
+    gas = gpaw_settings(o2, preset="fast", overrides=phase_overrides(o2))
+    assert gas["preset"]["relax"]["cell_filter"] == "none" and gas["preset_name"] != plain["preset_name"]
+    assert gas["preset_sha256"] == plain["preset_sha256"]
+    assert plain["spinpol"] is True and plain["initial_magmoms"] == [0.6, 0.6]  # O2 is a triplet
+    assert gpaw_settings(o2, preset="fast", overrides={"mode": {"ecut_ev": 300}})["preset_sha256"] != plain["preset_sha256"]
