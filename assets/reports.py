@@ -1,4 +1,5 @@
-"""Group ``reports``: simulated powder XRD of the shortlisted and discovered crystals.
+"""Group ``reports``: simulated powder XRD of the shortlisted and discovered crystals, and the
+discovery report of a chemical system.
 
 ``xrd_patterns`` reads the tables named in its config (default: every partition of ``shortlist``,
 plus ``discoveries`` when present), rebuilds each crystal (relaxed cell from ``relaxed`` for
@@ -6,6 +7,9 @@ shortlist rows; DFT final cell for discoveries), and writes one row per peak (Cu
 ``xrd_patterns`` and the pairwise pattern similarity to ``xrd_similarity``, so near-identical
 polymorphs can be told apart (the paper's Fig. 5H). Thin wrapper around :mod:`lib.xrd`.
 Both tables are assets of one multi-asset, checked against their contracts in ``lib/contracts.py``.
+
+``discovery_report`` (per chemical system) writes ``<home>/reports/discovery-<system>.html``, one
+self-contained HTML file (:mod:`lib.report`; the same as ``cgwgan report --system``).
 """
 
 import time
@@ -16,8 +20,10 @@ import dagster as dg
 import polars as pl
 
 from assets._checks import build_contract_checks
+from assets.partitions import chemical_system_partitions
 from lib.export import attach_structures
 from lib.plots import figure_markdown
+from lib.report import write_report
 from lib.xrd import plot_patterns, xrd_report
 from orchestration.resources import CgwganHome
 
@@ -140,3 +146,40 @@ def xrd_patterns_complete(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
 
 
 contract_checks = build_contract_checks(["xrd_patterns", "xrd_similarity"])
+
+
+class DiscoveryReportConfig(dg.Config):
+    surrogate: str = ""
+    """Whose shortlist ranks the candidates; "" = the newest shortlist of the system."""
+    top_n: int = 10
+    """Distinct candidates shown."""
+
+
+@dg.asset(
+    group_name=GROUP, kinds={"html"}, partitions_def=chemical_system_partitions,
+    deps=[dg.AssetDep("shortlist", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("chemical_system")),
+          "discoveries"],
+    description="One self-contained HTML discovery report of the chemical system (lib.report): lineage, "
+                "funnel, hull, energies, the top distinct candidates with their phonon, novelty and DFT "
+                "verdicts and CIFs. Written to <home>/reports/discovery-<system>.html.")
+def discovery_report(context: dg.AssetExecutionContext, config: DiscoveryReportConfig,
+                     cgwgan_home: CgwganHome) -> dg.MaterializeResult:
+    chemsys = context.partition_key
+    out = cgwgan_home.path / "reports" / f"discovery-{chemsys}.html"
+    t0 = time.perf_counter()
+    try:
+        res = write_report(cgwgan_home.store, out, chemical_system=chemsys, surrogate=config.surrogate or None,
+                           top_n=config.top_n)
+    except ValueError as exc:
+        raise dg.Failure(description=str(exc)) from exc
+    funnel_md = "| stage | count | note |\n|---|---|---|\n" + "\n".join(
+        f"| {r['stage']} | {r['count'] if r['count'] is not None else '—'} | {r['note']} |" for r in res.funnel)
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(res.path)),
+        "bytes": res.path.stat().st_size,
+        "surrogates": ", ".join(res.surrogates),
+        "n_candidates_shown": res.top.height,
+        "plots": ", ".join(dict.fromkeys(res.plots)),
+        "funnel": dg.MetadataValue.md(funnel_md),
+        "seconds": round(time.perf_counter() - t0, 2),
+    })

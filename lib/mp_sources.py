@@ -8,12 +8,16 @@
 * a folder of CIF / POSCAR files (``*.cif``, ``*.vasp``, ``*.poscar``, ``POSCAR*``, ``CONTCAR*``;
   the material id is the file name without extension);
 * ``mp-api``: the Materials Project API through ``mp-api`` (needs an API key);
-* ``embedded``: the 288 AFLOW prototypes shipped inside pymatgen (offline default).
+* ``embedded`` (offline default): the 288 AFLOW prototypes shipped inside pymatgen, plus the
+  showcase system's known phases shipped inside this package (seven Ba–Ru–O crystals written from
+  their textbook structure types: :mod:`lib.known_phases`), so the demo's hull is physical.
 
 Every source is first turned into *raw records* (one text per structure: CIF, POSCAR or a
 pymatgen ``Structure`` JSON), then :func:`parse_records` (pure, row-chunked, parallel through
 :mod:`lib.parallel`) parses and validates them. Bad rows are quarantined with a reason
 (:data:`REJECT_REASONS`), never dropped; an unreadable source raises :class:`MPSourceError`.
+Raw records may carry a per-row ``source`` column (the embedded known phases name their origin
+there); other rows get the source's label.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from lib import contracts
+from lib import contracts, known_phases
 from lib.ids import content_hash, file_sha256
 from lib.parallel import MapStats, map_row_chunks
 
@@ -176,7 +180,12 @@ def aflow_prototypes_path() -> Path:
     raise MPSourceError("embedded MP source: pymatgen's aflow_prototypes.json.gz was not found")
 
 
-def raw_from_embedded() -> pl.DataFrame:
+EMBEDDED_PROTOTYPES_LABEL = "embedded:aflow_prototypes"
+#: The embedded source's label (``LoadedSource.source``); each row's ``source`` names its own part.
+EMBEDDED_LABEL = "embedded:aflow_prototypes+known_phases_ba_ru_o"
+
+
+def raw_from_embedded_prototypes() -> pl.DataFrame:
     """Raw records of pymatgen's 288 AFLOW prototypes (ids ``aflow:<label>``, ``:2``… on repeats)."""
     entries = json.loads(gzip.decompress(aflow_prototypes_path().read_bytes()))
     seen: dict[str, int] = {}
@@ -191,6 +200,28 @@ def raw_from_embedded() -> pl.DataFrame:
         for k in _ENERGY_ALIASES:
             rows[k].append(None)
     return _raw_frame(rows)
+
+
+def raw_from_known_phases(path: Path = known_phases.KNOWN_PHASES_FILE) -> pl.DataFrame:
+    """Raw records of the known phases shipped in the package (:mod:`lib.known_phases`), each with
+    :data:`lib.known_phases.SOURCE_LABEL` as its ``source`` (no energies: none are shipped)."""
+    try:
+        df = known_phases.read_known_phases(path)
+    except known_phases.KnownPhasesError as exc:
+        raise MPSourceError(f"embedded MP source: {exc}") from exc
+    return df.with_row_index("_row").select(
+        pl.col("material_id"), pl.col("cif").alias("text"), pl.lit("cif").alias("fmt"),
+        pl.format("{}:{}", pl.lit(path.name), pl.col("_row")).alias("source_ref"),
+        *[pl.lit(None, pl.Float64).alias(dst) for dst in (
+            "formation_energy_per_atom_ev", "e_above_hull_ev_per_atom", "band_gap_ev")],
+        pl.lit(known_phases.SOURCE_LABEL).alias("source"),
+    ).cast({**RAW_SCHEMA, "source": pl.String()})  # type: ignore[dict-item]
+
+
+def raw_from_embedded() -> pl.DataFrame:
+    """Raw records of the embedded source: the AFLOW prototypes, then the shipped known phases."""
+    protos = raw_from_embedded_prototypes().with_columns(pl.lit(EMBEDDED_PROTOTYPES_LABEL).alias("source"))
+    return pl.concat([protos, raw_from_known_phases()], how="vertical")
 
 
 def raw_from_mp_api(*, api_key: str, chemsys: list[str] | None = None) -> pl.DataFrame:
@@ -336,7 +367,9 @@ def validate_records(raw: pl.DataFrame, *, source: str, snapshot_id: str,
         return LoadedSource(pl.DataFrame(schema=STRUCTURE_SCHEMA), rejects, snapshot_id, source)
     parsed, stats = map_row_chunks(parse_records, raw, n_chunks=n_chunks, max_parallel=max_parallel,
                                    use_ray=use_ray)
-    parsed = pl.concat([parsed, raw.select(list(_ENERGY_ALIASES))], how="horizontal").with_columns(
+    row_source = (pl.col("source").cast(pl.String) if "source" in raw.columns else pl.lit(None, pl.String))
+    parsed = pl.concat([parsed, raw.select(*_ENERGY_ALIASES, row_source.alias("_row_source"))],
+                       how="horizontal").with_columns(
         pl.int_range(pl.len()).alias("_order"))
     # Duplicates: the first valid row of an id is kept; later rows with that id are quarantined.
     first_ok = (parsed.filter(pl.col("reason").is_null())
@@ -350,7 +383,8 @@ def validate_records(raw: pl.DataFrame, *, source: str, snapshot_id: str,
         .otherwise(pl.col("detail")).alias("detail"),
     ).sort("_order")
     structures = (parsed.filter(pl.col("reason").is_null())
-                  .with_columns(pl.lit(source).alias("source"), pl.lit(snapshot_id).alias("snapshot_id"))
+                  .with_columns(pl.coalesce("_row_source", pl.lit(source)).alias("source"),
+                                pl.lit(snapshot_id).alias("snapshot_id"))
                   .select(list(STRUCTURE_SCHEMA)).cast(STRUCTURE_SCHEMA))  # type: ignore[arg-type]
     rejects = (parsed.filter(pl.col("reason").is_not_null())
                .with_columns(pl.lit(snapshot_id).alias("snapshot_id"))
@@ -384,11 +418,13 @@ def load_mp_source(
         raise MPSourceError("no MP source given: use 'embedded', 'mp-api', a file or a folder")
     if source == "embedded":
         path = aflow_prototypes_path()
+        raw = raw_from_embedded()  # a clear MPSourceError when a part is missing
         import pymatgen.core
 
         snap = content_hash({"embedded": file_sha256(str(path)),
+                             "known_phases": file_sha256(str(known_phases.KNOWN_PHASES_FILE)),
                              "pymatgen": pymatgen.core.__version__}, prefix="snap-")
-        return validate_records(raw_from_embedded(), source="embedded:aflow_prototypes",
+        return validate_records(raw, source=EMBEDDED_LABEL,
                                 snapshot_id=snap, n_chunks=n_chunks, max_parallel=max_parallel, use_ray=use_ray)
     if source in ("mp-api", "mp_api", "materialsproject"):
         raw = raw_from_mp_api(api_key=api_key, chemsys=chemsys)

@@ -10,6 +10,8 @@
     cgwgan export --format cif --out shortlist/              the shortlist as CIF files
     cgwgan export --table relaxed --where "e_above_hull_ev_per_atom < 0.1" --format ase-db --out r.db
     cgwgan export --ids cand-0123 cand-4567 --format poscar --out picked/
+    cgwgan report --system Ba-Ru-O   one self-contained HTML discovery report (<home>/reports/)
+    cgwgan dft status                GPAW run folders (dft_runs) and their states
 
 ``--home`` (or ``CGWGAN_HOME``, else ``.cgwgan`` in the checkout) says where the tables are.
 Queries are read-only: only SELECT-like statements are accepted (SELECT, WITH, FROM, VALUES,
@@ -47,9 +49,9 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------- helpers
 def resolve_home(home: str | None) -> Path:
     """``--home``, else the configured ``CGWGAN_HOME``, else ``.cgwgan`` in the checkout."""
-    from orchestration.resources import configured_home
+    from orchestration.paths import home_path  # as the cgwgan_home resource reads it, without Dagster
 
-    return configured_home(home)
+    return home_path(home)
 
 
 def check_read_only(sql: str) -> list[str]:
@@ -73,7 +75,7 @@ def check_read_only(sql: str) -> list[str]:
 
 def read_only_connection(home: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with a view per table and the derived views, locked to the tables' files."""
-    from orchestration.resources import view_statements
+    from orchestration.paths import view_statements
 
     store = TableStore(home)
     con = store.connect(extra_sql=view_statements())
@@ -160,7 +162,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
-    from orchestration.resources import view_statements
+    from orchestration.paths import view_statements
 
     home = resolve_home(args.home)
     store = TableStore(home)
@@ -382,7 +384,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``cgwgan report``: the discovery report of one system (lib.report), one HTML file."""
+    from lib.report import canonical_system, write_report
+
+    home = resolve_home(args.home)
+    try:
+        chemsys = canonical_system(args.system)
+    except ValueError as exc:
+        raise CliError(f"--system: {exc}") from None
+    out = Path(args.out) if args.out else home / "reports" / f"discovery-{chemsys}.html"
+    t0 = time.perf_counter()
+    try:
+        res = write_report(TableStore(home), out, chemical_system=chemsys, surrogate=args.surrogate or None,
+                           top_n=args.top)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    funnel = " -> ".join(f"{r['stage']} {r['count'] if r['count'] is not None else '-'}" for r in res.funnel)
+    print(f"wrote {res.path} ({res.path.stat().st_size / 1024:.0f} KiB, {res.top.height} candidates, "
+          f"plots: {', '.join(dict.fromkeys(res.plots)) or 'none'}; {time.perf_counter() - t0:.1f} s)")
+    print(f"  {funnel}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
+def cmd_dft_status(args: argparse.Namespace) -> int:
+    """The GPAW run folders under the DFT results root and their states (lib.dft_gpaw.folder_state)."""
+    import json
+
+    from lib.dft_gpaw import RUN_FILE, folder_states, summary_fields
+    from orchestration.resources import CgwganHome, configured
+
+    home = resolve_home(args.home)
+    if args.results_dir:
+        root = Path(args.results_dir).expanduser().resolve()
+    else:
+        root = configured("dft").results_root(CgwganHome(home=str(home)))  # type: ignore[attr-defined]
+    states = folder_states(root)
+    if not states:
+        print(f"no GPAW run folders under {root} (materialise dft_runs)")
+        return 0
+    rows = []
+    for name, state in states.items():
+        folder = root / name
+        try:
+            rec = json.loads((folder / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            rec = {}
+        f = summary_fields(folder)
+        rows.append({"run_name": name, "state": state, "kind": rec.get("kind"), "formula": rec.get("formula"),
+                     "preset": rec.get("preset_name"), "energy_per_atom_ev": f["energy_per_atom_ev"],
+                     "gpaw_wall_time_s": f["gpaw_wall_time_s"], "reason": (f["reason"] or "")[:100]})
+    if args.state:
+        rows = [r for r in rows if r["state"] in args.state]
+    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, fmt_str_lengths=100,
+                   tbl_width_chars=220):
+        print(pl.DataFrame(rows, schema={"run_name": pl.String, "state": pl.String, "kind": pl.String,
+                                         "formula": pl.String, "preset": pl.String, "energy_per_atom_ev": pl.Float64,
+                                         "gpaw_wall_time_s": pl.Float64, "reason": pl.String}))
+    counts = {s: sum(1 for v in states.values() if v == s) for s in ("pending", "running", "partial", "ok", "failed")}
+    print(f"{len(states)} run folders under {root}: {counts['pending']} pending, {counts['running']} running, "
+          f"{counts['partial']} partial (killed: redone by the next dft_runs), {counts['ok']} done, "
+          f"{counts['failed']} failed")
+    return 0
+
+
 def _main_settings_arguments(sp: argparse.ArgumentParser) -> None:
     """One option per field of :class:`orchestration.jobs.MainSettings` (``--gan-epochs``, ...);
     an option not given keeps the field's default."""
@@ -414,7 +480,10 @@ MAIN_OPTION_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser (``command`` None); with ``command`` (the subcommand about to run, "" for
+    none), ``main``'s size options only when it is ``main``: they come from ``orchestration.jobs``,
+    which imports Dagster, and the quick commands (``sql``, ``tables``, ...) start without it."""
     p = argparse.ArgumentParser(prog="cgwgan", description="CGWGAN crystal discovery platform.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -433,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
                     help="sizes of every stage; the options below override it. "
                     + "; ".join(f"{p}: {c}" for p, c in PROFILE_COSTS.items()))
-    _main_settings_arguments(sp)
+    if command in (None, "main"):
+        _main_settings_arguments(sp)
     sp.set_defaults(func=cmd_main)
 
     sp = with_home(sub.add_parser("tables", help="tables and views with their row counts"))
@@ -461,11 +531,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cif-symprec", type=float, default=None, help="write symmetrised CIFs with this tolerance")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sp.set_defaults(func=cmd_export)
+
+    sp = with_home(sub.add_parser("report", help="one self-contained HTML discovery report of a chemical system"))
+    sp.add_argument("--system", required=True, help="elements joined by '-' in any order, e.g. Ba-Ru-O")
+    sp.add_argument("--surrogate", help="whose shortlist ranks the candidates (default: the newest)")
+    sp.add_argument("--top", type=int, default=10, help="distinct candidates shown (default: 10)")
+    sp.add_argument("--out", help="the HTML file (default: <home>/reports/discovery-<system>.html)")
+    sp.set_defaults(func=cmd_report)
+
+    dft = sub.add_parser("dft", help="GPAW runs of the DFT verification (dft_runs)")
+    dft_sub = dft.add_subparsers(dest="dft_command", required=True, metavar="DFT_COMMAND")
+    sp = with_home(dft_sub.add_parser("status", help="run folders: pending, running, partial, done, failed"))
+    sp.add_argument("--results-dir", help="the DFT results folder (default: CGWGAN_DFT_RESULTS, else <home>/dft/results)")
+    sp.add_argument("--state", nargs="+", choices=("pending", "running", "partial", "ok", "failed"),
+                    help="list only folders in these states")
+    sp.set_defaults(func=cmd_dft_status)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the subcommand: the first word that is not an option (the top level has only -h)
+    args = build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
     if getattr(args, "shortlist", False):
         if (args.table and args.table != "shortlist") or args.ids:
             print("cgwgan: error: --shortlist cannot be combined with --table or --ids", file=sys.stderr)

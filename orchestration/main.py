@@ -117,9 +117,12 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         if instance_dir is not None:  # the instance this call opened
             instance.dispose()
     timings["total"] = round(time.perf_counter() - t_all, 1)
+    report = _discovery_report(home_res.store, home_path, s.chemical_system, surrogate, log)
 
     log("")
     log(f"Results are in {home_path}")
+    if report:
+        log(f"  Report         : {report} (cgwgan report --system {s.chemical_system})")
     log(f"  Parquet tables : {home_path / 'tables'}")
     log(f"  DuckDB catalog : {home_path / 'catalog.duckdb'}")
     log(f"  DFT inputs     : {home_path / 'dft' / 'inputs'}")
@@ -132,12 +135,25 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         log("(CGWGAN_HOME is the git-ignored .cgwgan/ folder of the checkout)")
     log(f"Dagster event log: {log_file}")
     return {"home": str(home_path), "surrogate": surrogate, "timings_s": timings, "log_file": str(log_file),
-            "stage_lines": list(job_log.stages.lines)}
+            "stage_lines": list(job_log.stages.lines), "report": str(report) if report else None}
+
+
+def _discovery_report(store, home_path: Path, chemical_system: str, surrogate: str, log) -> Path | None:
+    """The run's discovery report (:mod:`lib.report`), one HTML file; a failure is said, not raised."""
+    from lib.report import write_report
+
+    out = home_path / "reports" / f"discovery-{chemical_system}.html"
+    try:
+        write_report(store, out, chemical_system=chemical_system, surrogate=surrogate)
+    except (ValueError, OSError) as exc:
+        log(f"[cgwgan] no discovery report: {exc}")
+        return None
+    return out
 
 
 EXAMPLE_QUERIES = (
     "SELECT unique_rank, formula, spacegroup_number_relaxed, e_above_hull_ev_per_atom, "
-    "formation_energy_per_atom_ev, is_dynamically_stable FROM shortlist WHERE duplicate_of IS NULL "
+    "formation_energy_per_atom_ev, is_dynamically_stable FROM shortlist WHERE duplicate_of IS NULL AND is_novel "
     "ORDER BY rank LIMIT 10",
     "SELECT reduced_formula, count(*) AS n FROM candidates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
     "SELECT spacegroup_number, count(*) AS n FROM templates GROUP BY 1 ORDER BY 2 DESC LIMIT 10",

@@ -250,3 +250,30 @@ def test_main_unknown_profile_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["main", "--profile", "huge"])
     assert exc.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_dft_status_lists_run_folders_and_states(tmp_path, capsys):
+    """Folders written by lib.dft_gpaw (no GPAW needed): one pending, one killed part-way, one failed."""
+    import json
+
+    from pymatgen.core import Lattice
+
+    from lib.dft_gpaw import write_gpaw_run
+
+    results = tmp_path / "results"
+    si = Structure(Lattice.cubic(5.43), ["Si"] * 2, [[0, 0, 0], [0.25, 0.25, 0.25]])
+    for name in ("gpaw-fast-cand-a", "gpaw-fast-cand-b", "gpaw-fast-phase-mp-149"):
+        write_gpaw_run(si, results / name, preset="fast", record={"kind": "candidate"})
+    (results / "gpaw-fast-cand-b" / "gpaw_relax.txt").write_text("cut short\n")
+    failed = results / "gpaw-fast-phase-mp-149"
+    (failed / "gpaw_summary.json").write_text(json.dumps({"status": "failed", "reason": "SCF did not converge"}))
+    (failed / "done").write_text("failed\n")
+    rc, out, _ = run(capsys, "dft", "status", "--home", str(tmp_path / "h"), "--results-dir", str(results))
+    assert rc == 0
+    assert "3 run folders" in out and "1 pending" in out and "1 partial" in out and "1 failed" in out
+    assert "SCF did not converge" in out and "gpaw-fast-cand-b" in out
+    rc, out, _ = run(capsys, "dft", "status", "--home", str(tmp_path / "h"), "--results-dir", str(results),
+                     "--state", "failed")
+    assert rc == 0 and "gpaw-fast-cand-a" not in out and "gpaw-fast-phase-mp-149" in out
+    rc, out, _ = run(capsys, "dft", "status", "--home", str(tmp_path / "h"), "--results-dir", str(tmp_path / "none"))
+    assert rc == 0 and "no GPAW run folders" in out

@@ -107,8 +107,11 @@ def test_run_main_with_explicit_instance_and_resources(tmp_path: Path, monkeypat
     assert list(out["timings_s"]) == [*STAGES, "total"]
     assert f"Results are in {home.resolve()}" in lines
     assert not (home / "dagster_home").exists()  # the given instance was used, no other
-    assert TableStore(home).read("mp_structures")["source"].unique().to_list() == ["embedded:aflow_prototypes"]
+    assert sorted(TableStore(home).read("mp_structures")["source"].unique()) == [
+        "embedded:aflow_prototypes", "embedded:known_phases_ba_ru_o (textbook structure types)"]
     _assert_tables(home)
+    report = Path(out["report"])  # the discovery report of the run, with its hull plot
+    assert report.parent == home.resolve() / "reports" and 'data-plot="hull"' in report.read_text()
     log_file = Path(out["log_file"])
     assert log_file.parent == home.resolve() / "logs" and lines[0].endswith(f"{log_file} (--verbose to see it here)")
     _assert_quiet(lines, log_file)

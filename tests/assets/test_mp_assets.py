@@ -127,7 +127,8 @@ def test_mp_group_end_to_end(home: Path, mp_slice: Path, ray_down) -> None:
 
 
 def test_embedded_default_on_fresh_home(home: Path, ray_down, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No source configured: the 288 AFLOW prototypes from pymatgen, offline."""
+    """No source configured: the 288 AFLOW prototypes from pymatgen and the 23 Ba-Ru-O MP phases
+    shipped in the package, offline."""
     monkeypatch.delenv("CGWGAN_MP_SOURCE", raising=False)
     assert not any(home.iterdir())
     result = dg.materialize(
@@ -140,12 +141,12 @@ def test_embedded_default_on_fresh_home(home: Path, ray_down, monkeypatch: pytes
         "mp_structures_rejects_matches_contract": True}
     md = next(m.metadata for m in result.asset_materializations_for_node("mp_structures")
               if m.asset_key == dg.AssetKey("mp_structures"))
-    assert md["source"].value == "embedded:aflow_prototypes"
-    assert md["n_input"].value == 288
+    assert md["source"].value == "embedded:aflow_prototypes+known_phases_ba_ru_o"
+    assert md["n_input"].value == 288 + 7
     from lib.store import TableStore
 
     store = TableStore(home)
-    assert store.rows("mp_structures") + store.rows("mp_structures_rejects") == 288
+    assert store.rows("mp_structures") + store.rows("mp_structures_rejects") == 288 + 7
     assert store.read("mp_structures")["material_id"].is_unique().all()
 
 

@@ -8,12 +8,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from lib import known_phases
 from lib.mp_sources import (
+    EMBEDDED_LABEL,
+    EMBEDDED_PROTOTYPES_LABEL,
     REJECT_SCHEMA,
     STRUCTURE_SCHEMA,
     MPSourceError,
     load_mp_source,
     parse_records,
+    raw_from_known_phases,
     raw_from_table_file,
 )
 
@@ -147,12 +151,62 @@ def test_folder_of_cif_and_poscar_files(real_rows: pl.DataFrame, tmp_path: Path)
 
 def test_embedded_prototypes() -> None:
     loaded = load_mp_source("embedded")
-    assert loaded.n_input == 288
-    assert loaded.structures.height == 288 and loaded.rejects.height == 0
+    assert loaded.n_input == 288 + 7
+    assert loaded.structures.height == 288 + 7 and loaded.rejects.height == 0
     assert loaded.structures["material_id"].is_unique().all()
-    assert loaded.structures["material_id"].str.starts_with("aflow:").all()
-    assert loaded.source == "embedded:aflow_prototypes"
+    protos = loaded.structures.filter(pl.col("source") == EMBEDDED_PROTOTYPES_LABEL)
+    assert protos.height == 288 and protos["material_id"].str.starts_with("aflow:").all()
+    assert loaded.source == EMBEDDED_LABEL
     assert load_mp_source("embedded").snapshot_id == loaded.snapshot_id  # deterministic
+
+
+def test_embedded_known_phases(ba_ru_o_dir: Path) -> None:
+    """The Ba-Ru-O known phases shipped in the package: built from their structure types in the
+    stated space groups, parsed by the embedded source into the system's ternaries, binaries and
+    elements, and every "same crystal as mp-..." claim confirmed by StructureMatcher against the
+    Materials Project structures of the shared data."""
+    import warnings
+
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Structure
+
+    shipped = known_phases.read_known_phases()
+    assert shipped.columns == list(known_phases.COLUMNS) and shipped.height == 7
+    assert set(shipped["formula"]) == {"BaO", "BaO2", "RuO2", "BaRuO3", "Ba2RuO4", "Ba", "Ru"}
+    assert shipped["reference"].is_not_null().all()
+    loaded = load_mp_source("embedded")
+    mine = loaded.structures.filter(pl.col("source") == known_phases.SOURCE_LABEL)
+    assert mine["material_id"].to_list() == shipped["material_id"].to_list()
+    assert dict(zip(mine["material_id"], mine["nsites"], strict=True)) == dict(
+        zip(shipped["material_id"], shipped["nsites"], strict=True))  # primitive cells, e.g. BaO: 2
+    assert mine["chemical_system"].is_in(["Ba", "Ru", "Ba-O", "O-Ru", "Ba-O-Ru"]).all()
+    mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
+    matcher = StructureMatcher()
+    claimed = shipped.filter(pl.col("mp_material_id").is_not_null())
+    assert set(claimed["mp_material_id"]) == {"mp-1342", "mp-1105", "mp-1025237"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp_structs = {r["material_id"]: Structure.from_str(r["cif"], fmt="cif") for r in mp.iter_rows(named=True)}
+        for row in shipped.iter_rows(named=True):
+            ours = Structure.from_str(row["cif"], fmt="cif")
+            same = {mid for mid, s in mp_structs.items()
+                    if s.composition.reduced_formula == row["formula"] and matcher.fit(ours, s)}
+            # a claim holds, and no unclaimed MP twin exists in the shared Ba-Ru-O structures
+            assert same == ({row["mp_material_id"]} if row["mp_material_id"] else set()), row["material_id"]
+
+
+def test_known_phases_bad_input_names_the_row(tmp_path: Path) -> None:
+    import json
+
+    data = json.loads(known_phases.KNOWN_PHASES_FILE.read_text())
+    data["phases"][1]["spacegroup"] = 221  # BaO2's Wyckoff sites in the wrong group
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(known_phases.KnownPhasesError, match=r"bad\.json phase 1 \(known:BaO2-CaC2\)"):
+        known_phases.read_known_phases(bad)
+    # a package without its data file: a clear error from the embedded source
+    with pytest.raises(MPSourceError, match=r"gone\.json are missing"):
+        raw_from_known_phases(tmp_path / "gone.json")
 
 
 def test_mp_api_without_key_is_a_clear_error() -> None:
@@ -186,3 +240,25 @@ def test_parsing_through_ray_equals_in_process(real_rows: pl.DataFrame, tmp_path
     assert remote.rejects.equals(local.rejects)
     assert throttled.parse_stats.workers == 1 and throttled.parse_stats.n_chunks == 4
     assert throttled.structures.equals(local.structures)
+
+
+def test_infill_dedup_flags_a_known_phase_of_the_embedded_source() -> None:
+    """A rocksalt template filled with Ba and O is BaO (known:BaO-rocksalt, the crystal of
+    mp-1342): the offline default flags it."""
+    from lib.dedup import apply_dedup, dedup_candidates
+    from lib.infill import infill
+    from tests.lib.test_infill import template
+
+    tpl = template(225, ["a", "b"], [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], (5.9, 5.9, 5.9, 90.0, 90.0, 90.0),
+                   tid="tpl-rocksalt")
+    decoy = template(221, ["a", "b", "d"], [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.0, 0.0]],
+                     (4.0, 4.0, 4.0, 90.0, 90.0, 90.0), tid="tpl-decoy")  # Ba/O in a perovskite frame
+    cands = infill(pl.concat([tpl, decoy]), elements=["Ba", "O"]).candidates
+    embedded = load_mp_source("embedded").structures
+    res = dedup_candidates(cands, mp_structures=embedded, elements=["Ba", "O"])
+    out = apply_dedup(cands, res.unique)
+    known = out.filter(pl.col("is_known_in_mp"))
+    assert set(known["mp_material_id"]) == {"known:BaO-rocksalt"} and (known["template_id"] == "tpl-rocksalt").all()
+    decoys = out.filter(pl.col("template_id") == "tpl-decoy")
+    assert decoys.height == 6 and not decoys["is_known_in_mp"].any()
+    assert res.n_mp_references == 5  # the Ba-O phases of the embedded source: BaO, BaO2, Ba, 2 O2 prototypes

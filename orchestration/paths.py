@@ -1,0 +1,36 @@
+"""Where things are, without Dagster: the checkout's folders, the home folder, the derived views.
+
+:mod:`orchestration.resources` re-exports these; the CLI's quick commands (``cgwgan sql``,
+``cgwgan tables``, ``cgwgan report``) use them directly so that they start without importing
+Dagster. ``CGWGAN_HOME`` is read here exactly as the ``cgwgan_home`` resource reads it (its
+``ENV_VARS`` entry names :data:`HOME_ENV_VAR`): the variable when set and not blank, else
+:data:`DEFAULT_HOME`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HOME = REPO_ROOT / ".cgwgan"
+SQL_DIR = REPO_ROOT / "sql"
+HOME_ENV_VAR = "CGWGAN_HOME"
+
+
+def view_statements() -> list[str]:
+    """The derived views of ``sql/views/*.sql`` in file order (statements split on ';')."""
+    out: list[str] = []
+    for f in sorted((SQL_DIR / "views").glob("*.sql")):
+        out.extend(s.strip() for s in f.read_text().split(";") if s.strip())
+    return out
+
+
+def home_path(home: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """``home``, else ``CGWGAN_HOME`` from ``environ`` (default ``os.environ``), else
+    :data:`DEFAULT_HOME`; resolved, not created."""
+    if not home:
+        env = os.environ if environ is None else environ
+        home = env.get(HOME_ENV_VAR, "") if env.get(HOME_ENV_VAR, "").strip() else ""
+    return Path(home or DEFAULT_HOME).expanduser().resolve()
