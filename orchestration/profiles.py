@@ -47,10 +47,11 @@ PROFILE_COSTS: dict[str, str] = {
     "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 1.7 h with M3GNet (MP group 25 min, "
                 "training 31 min, dedup 1 min, pre-screen of ~43,000 unique candidates 14 min, "
                 "500 relaxations 19 min, 20 phonon screens 10 min), about 2.5 h with CHGNet",
-    "paper": "MP data; on 2 CPU cores about 52 h with M3GNet (MP group, training and dedup 1.5 h, "
-             "pre-screen of ~1.0 M unique candidates 5.7 h, 5,000 relaxations 3.1 h, 5,000 phonon "
-             "screens 42 h); on one H200 the surrogate stages take about 50 min (12 + 9 + 27 min), "
-             "plus the CPU stages",
+    "paper": "MP data; 120,000 templates -> ~1.8 M candidates, all pre-screened, 5,000 relaxations and "
+             "phonon screens (benchmarks/results/campaign.md): on a 2-core laptop about 11 h of compute "
+             "(55 h at a busy 2-core VM's wall-clock rates); on one H200 machine about 2 h (pre-screen "
+             "28 min with one actor, 7 min with eight sharing the GPU via gpus_per_actor, relaxations "
+             "36 min, phonons 63 min); on 8 such nodes about 26 min",
 }
 
 
