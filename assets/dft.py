@@ -66,6 +66,15 @@ def _md_table(df: pl.DataFrame, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _shortlists(store, chemical_systems: list[str]) -> pl.DataFrame:
+    """Every shortlist partition, of the given chemical systems (all when empty); a clear failure
+    when no shortlist was written yet."""
+    sl = read_all(store, "shortlist", with_chemical_system=True)
+    if sl is None:
+        raise dg.Failure(f"no shortlist table under {store.home}: materialise the screening stages first")
+    return sl.filter(pl.col("chemical_system").is_in(chemical_systems)) if chemical_systems else sl
+
+
 def with_cells(store, sl: pl.DataFrame) -> pl.DataFrame:
     """Shortlist rows with each surrogate's relaxed cell (``relaxed``, status ok), else the
     candidates' ASU columns (rebuilt by ``lib.export.structures_from_frame``)."""
@@ -115,11 +124,7 @@ def dft_inputs(context: dg.AssetExecutionContext, config: DftInputsConfig,
     candidate, under ``<home>/dft/inputs/<candidate_id>/``; the manifest maps folders to candidates."""
     t0 = time.perf_counter()
     store = cgwgan_home.store
-    sl = read_all(store, "shortlist", with_chemical_system=True)
-    if sl is None:
-        raise dg.Failure(f"no shortlist table under {store.home}: materialise the screening stages first")
-    if config.chemical_systems:
-        sl = sl.filter(pl.col("chemical_system").is_in(config.chemical_systems))
+    sl = _shortlists(store, config.chemical_systems)
     if not config.include_relaxed_duplicates and "duplicate_of" in sl.columns:
         sl = sl.filter(pl.col("duplicate_of").is_null())
     if not config.include_known_phases and "is_novel" in sl.columns:
@@ -213,11 +218,7 @@ def dft_runs(context: dg.AssetExecutionContext, config: DftRunsConfig, cgwgan_ho
 
     t0 = time.perf_counter()
     store = cgwgan_home.store
-    sl = read_all(store, "shortlist", with_chemical_system=True)
-    if sl is None:
-        raise dg.Failure(f"no shortlist table under {store.home}: materialise the screening stages first")
-    if config.chemical_systems:
-        sl = sl.filter(pl.col("chemical_system").is_in(config.chemical_systems))
+    sl = _shortlists(store, config.chemical_systems)
     picked, left_out = gp.select_candidates(with_cells(store, sl), k=config.k, max_atoms=config.max_atoms)
     root = dft.results_root(cgwgan_home)
     overrides = None if config.phonons else {"phonon": {"enabled": False}}

@@ -57,23 +57,11 @@ def mp_structures(shared: Path, n: int, *, compounds: bool) -> list[tuple[str, o
 
 
 def generated_structures(n: int, seed: int) -> list[tuple[str, object]]:
-    from pyxtal import pyxtal
+    """Random Ba-Ru-O crystals of 4-8 atoms, as the generator makes them (bench_screening's pyxtal draw)."""
+    from benchmarks.bench_screening import random_structures
 
-    rng = np.random.default_rng(seed)
-    out: list[tuple[str, object]] = []
-    while len(out) < n:
-        species, counts = COMPOSITIONS[len(out) % len(COMPOSITIONS)]
-        sg = int(rng.choice([1, 2, 12, 14, 62, 123, 139, 166, 194, 221]))
-        c = pyxtal()
-        try:
-            c.from_random(3, sg, species, counts, random_state=int(rng.integers(1 << 31)))
-        except Exception:  # noqa: BLE001 - composition not compatible with this group
-            continue
-        if c.valid:
-            s = c.to_pymatgen()
-            if 4 <= len(s) <= 8:
-                out.append((f"gen-{len(out):02d} {s.composition.reduced_formula} sg{sg}", s))
-    return out
+    drawn = random_structures(n, seed=seed, compositions=COMPOSITIONS, atoms=(4, 8))
+    return [(f"gen-{i:02d} {s.composition.reduced_formula} sg{sg}", s) for i, (s, sg) in enumerate(drawn)]
 
 
 def compare(tf, matgl, items: list[tuple[str, object]], *, below_zero_only: bool = False) -> dict:

@@ -40,13 +40,17 @@ COMPOSITIONS = [  # (species, counts) with 5-10 atoms per cell
 ]
 
 
-def random_structures(n: int, *, seed: int) -> list:
+def random_structures(n: int, *, seed: int, compositions: list | None = None,
+                       atoms: tuple[int, int] = (5, 10)) -> list[tuple[object, int]]:
+    """``n`` seeded random pyxtal crystals (structure, the space group it was drawn in) cycling over
+    ``compositions`` (default :data:`COMPOSITIONS`), keeping those with ``atoms`` (min, max) sites."""
     from pyxtal import pyxtal
 
+    compositions = compositions or COMPOSITIONS
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[tuple[object, int]] = []
     while len(out) < n:
-        species, counts = COMPOSITIONS[len(out) % len(COMPOSITIONS)]
+        species, counts = compositions[len(out) % len(compositions)]
         sg = int(rng.choice([1, 2, 12, 14, 62, 123, 139, 166, 194, 221]))
         c = pyxtal()
         try:
@@ -55,8 +59,8 @@ def random_structures(n: int, *, seed: int) -> list:
             continue
         if c.valid:
             s = c.to_pymatgen()
-            if 5 <= len(s) <= 10:
-                out.append(s)
+            if atoms[0] <= len(s) <= atoms[1]:
+                out.append((s, sg))
     return out
 
 
@@ -69,7 +73,7 @@ def ray_part(args) -> dict:
     """Pre-screen throughput on 1 and 2 local Ray actors (after their model loads)."""
     import ray
 
-    structures = random_structures(args.n, seed=args.seed)
+    structures = [s for s, _ in random_structures(args.n, seed=args.seed)]
     frame = cell_frame(structures)
     out: dict = {}
     ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
@@ -124,7 +128,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sur = scr.load_configured_surrogate(args.surrogate, models_dir=args.models_dir or None)
     load_s = time.perf_counter() - t0
-    structures = random_structures(args.n, seed=args.seed)
+    structures = [s for s, _ in random_structures(args.n, seed=args.seed)]
     res: dict = {"surrogate": sur.name, "surrogate_sha256": sur.weights_sha256, "n_structures": len(structures),
                  "atoms_per_cell_mean": float(np.mean([len(s) for s in structures])), "model_load_s": load_s,
                  "machine": f"{platform.node()} {os.cpu_count()} CPUs, shared with other jobs",

@@ -22,15 +22,31 @@ def _shared_dir() -> Path:
     return Path(os.environ.get("CGWGAN_SHARED") or (REPO.parent / "shared")).resolve()
 
 
+def skip_or_fail(msg: str) -> None:
+    """Skip a test whose input or tool is missing here; in CI (``CI=true``) fail it instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     d = _shared_dir()
     if not (d / "data").is_dir():
-        msg = f"shared data folder not found at {d} (set CGWGAN_SHARED)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail(f"shared data folder not found at {d} (set CGWGAN_SHARED)")
     return d
+
+
+@pytest.fixture(scope="session")
+def gpaw_version() -> str:
+    """GPAW's version under Debian's python (``make dft-deps``); skipped, or failed in CI, without it."""
+    from lib.dft_gpaw import DEFAULT_PYTHON, GpawMissingError, check_gpaw
+
+    try:
+        return check_gpaw(DEFAULT_PYTHON)
+    except GpawMissingError as exc:
+        skip_or_fail(str(exc))
+        raise
 
 
 @pytest.fixture(scope="session")

@@ -226,19 +226,6 @@ RB_I_PHASES = ("mp-639755", "mp-639751", "mp-22903")
 SURROGATES_M3GNET = ("M3GNet-MP-2021.2.8-PES", "M3GNet-MatPES-PBE-v2025.1-PES")
 
 
-def _gpaw_or_skip() -> str:
-    import os
-
-    from lib.dft_gpaw import DEFAULT_PYTHON, GpawMissingError, check_gpaw
-
-    try:
-        return check_gpaw(DEFAULT_PYTHON)
-    except GpawMissingError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-
-
 def _rb_i_candidates():
     """Two hypothetical RbI polymorphs (zinc blende, CsCl type) and a relaxed duplicate."""
     from pymatgen.core import Lattice, Structure
@@ -305,7 +292,7 @@ def _sensor_ingest(instance, resources, cursor):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_gpaw_verification_through_dagster(home: Path, store: TableStore, mp_file: Path, m3gnet_dir: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
+                                           gpaw_version: str, capsys: pytest.CaptureFixture) -> None:
     """dft_runs (real GPAW, preset fast) -> the dft_results sensor -> ingest -> discoveries ->
     surrogate_accuracy on the Rb-I system: two hypothetical RbI polymorphs and their competing phases."""
     import ray
@@ -314,7 +301,6 @@ def test_gpaw_verification_through_dagster(home: Path, store: TableStore, mp_fil
     from orchestration.cli import main as cli_main
     from orchestration.resources import RayResource
 
-    _gpaw_or_skip()
     surrogate_ehull = _write_rb_i_upstream(store, _mp_rows(mp_file, RB_I_PHASES), m3gnet_dir)
     resources = {"cgwgan_home": CgwganHome(home=str(home)), "dft": DftResource(),
                  "ray_runtime": RayResource(num_cpus=2, object_store_mb=256)}

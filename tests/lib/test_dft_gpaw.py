@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,6 @@ from lib.dft_gpaw import (
     SCRIPT_FILE,
     SUMMARY_FILE,
     GpawMissingError,
-    check_gpaw,
     folder_state,
     folder_states,
     gpaw_settings,
@@ -41,16 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 SI_PBE_A = 5.47  # PBE lattice constant of diamond Si (Å); MP's mp-149 (PBE) has 5.469
 NO_PHONONS = {"phonon": {"enabled": False}}
-
-
-@pytest.fixture(scope="module")
-def gpaw_version() -> str:
-    try:
-        return check_gpaw(DEFAULT_PYTHON)
-    except GpawMissingError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 def _si(a: float = 5.40):

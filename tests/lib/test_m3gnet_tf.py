@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from lib.surrogates.m3gnet_tf_client import (
     M3GNetTFWeightsError,
     venv_python,
 )
+from tests.conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "M3GNet-TF-MP-2021.2.8-EFS"
@@ -34,17 +34,11 @@ F_TOL_EV_PER_A = 1e-3
 S_TOL_EV_PER_A3 = 1e-4  # 0.016 GPa
 
 
-def _skip_or_fail(msg: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def weights_dir(shared_dir: Path) -> Path:
     d = shared_dir / "models" / MODEL
     if not (d / "m3gnet.json").is_file():
-        _skip_or_fail(f"TensorFlow M3GNet weights not found at {d}")
+        skip_or_fail(f"TensorFlow M3GNet weights not found at {d}")
     return d
 
 
@@ -52,7 +46,7 @@ def weights_dir(shared_dir: Path) -> Path:
 def reference(shared_dir: Path) -> dict:
     path = shared_dir / "data" / "m3gnet_reference" / f"{MODEL}.tf-reference.json"
     if not path.is_file():
-        _skip_or_fail(f"TensorFlow M3GNet reference not found at {path}")
+        skip_or_fail(f"TensorFlow M3GNet reference not found at {path}")
     data = json.loads(path.read_text())
     return {name: {**entry, "structure": Structure.from_dict(entry["structure"])}
             for name, entry in data["structures"].items()}
@@ -62,7 +56,7 @@ def reference(shared_dir: Path) -> dict:
 def tf_client(weights_dir: Path):
     python = venv_python(REPO / DEFAULT_VENV)
     if not python.exists():
-        _skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
+        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
                       "run `make tf-m3gnet`")
     client = M3GNetTFClient(python, weights_dir, threads=2, request_timeout_s=600)
     client.start()
@@ -228,7 +222,7 @@ def tf_surrogate(weights_dir: Path):
 
     python = venv_python(REPO / DEFAULT_VENV)
     if not python.exists():
-        _skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
+        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
                       "run `make tf-m3gnet`")
     sur = load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(python))
     yield sur
@@ -352,7 +346,7 @@ def test_surrogate_close_stops_its_worker(weights_dir: Path) -> None:
 
     python = venv_python(REPO / DEFAULT_VENV)
     if not python.exists():
-        _skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing)")
+        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing)")
     with load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(python)) as sur:
         proc = sur.client._proc
         assert sur.client.running and proc is not None
