@@ -13,25 +13,32 @@
   candidates appear later is screened then. When a system's shortlists change and it has at least
   two surrogates, a ``surrogate_churn`` run is requested. Without a registry file it does nothing
   (the built-in surrogates are screened by explicit runs or the weekly schedule).
+  Each entry is checked on its own before it gets a partition (``load_registry_entries``): a
+  malformed entry, a missing weights folder or weights whose sha256 is not the entry's are skipped
+  with a warning (``context.log.warning`` on every tick, and listed in the tick's skip text), and
+  the file's other entries are still screened.
 
 Bad input becomes a ``SkipReason`` naming it: an unreadable results folder (``OSError``), a
-registry file that cannot be read or parsed (``OSError``, ``ValueError`` - which covers JSON errors
-and ``SurrogateError`` - and YAML errors). Anything else is a bug and fails the tick visibly.
+registry file that cannot be read or parsed as a whole (``OSError``, ``ValueError`` - which covers
+JSON errors and ``SurrogateError`` - and YAML errors). Anything else is a bug and fails the tick visibly.
 """
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import yaml
 
 from assets.partitions import DEFAULT_CHEMICAL_SYSTEM, chemical_system_partitions, surrogate_partitions
-from assets.registry import registered_surrogates
 from lib.dft_ingest import content_sha256, scan_results_root
 from lib.ids import content_hash
-from orchestration.jobs import CHURN_JOB, DFT_INGEST_JOB, RESCREEN_JOB
+from lib.surrogates.registry import load_registry_entries
+from orchestration.jobs import CHURN_JOB, DFT_INGEST_JOB, RESCREEN_JOB, merge_run_config
+from orchestration.profiles import DEFAULT_PROFILE
 from orchestration.resources import CgwganHome, DftResource, SurrogateRegistryResource
+from orchestration.schedules import rescreen_run_config as recorded_run_config
 
 #: What reading a registry file raises on bad content (JSON errors and SurrogateError are ValueErrors).
 REGISTRY_INPUT_ERRORS = (OSError, ValueError, yaml.YAMLError)
@@ -144,8 +151,18 @@ def registry_requests(
     *,
     default_chemical_system: str = DEFAULT_CHEMICAL_SYSTEM,
     rescreen_run_config: dict | None = None,
+    rescreen_profile: str = DEFAULT_PROFILE,
+    log: Any = None,
 ) -> dg.SensorResult:
-    """What the registry sensor does on one tick (a function so it can be called from tests/CLI)."""
+    """What the registry sensor does on one tick (a function so it can be called from tests/CLI).
+
+    A re-screening run gets the sizes the system was first screened with, or ``rescreen_profile``'s
+    when it has none (:func:`orchestration.schedules.rescreen_run_config`), with
+    ``rescreen_run_config`` merged over them.
+
+    Registry entries that are malformed, lack their weights here or whose weights' sha256 does not
+    match are skipped; each is passed to ``log.warning`` (when ``log`` is given) and named in the
+    skip text of a tick that requests nothing."""
     state = json.loads(cursor) if cursor else {}
     screened: dict[str, str] = state.get("screened", {})
     churned: dict[str, str] = state.get("churn", {})
@@ -155,11 +172,15 @@ def registry_requests(
             "no surrogate registry file configured (CGWGAN_SURROGATES): nothing registered to screen"),
             cursor=json.dumps(state, sort_keys=True))
     try:
-        active, missing = registered_surrogates(registry_path, surrogate_registry.resolved_models_dir)
+        active, problems = load_registry_entries(registry_path,
+                                                 models_dir=surrogate_registry.resolved_models_dir or None)
     except REGISTRY_INPUT_ERRORS as exc:  # bad input: the registry file cannot be read or parsed
         return dg.SensorResult(skip_reason=dg.SkipReason(
             f"surrogate registry {Path(registry_path).expanduser()} unreadable: {type(exc).__name__}: {exc}"),
             cursor=json.dumps(state, sort_keys=True))
+    for problem in problems:
+        if log is not None:
+            log.warning(f"surrogate registry entry skipped: {problem}")
     known_surrogates = set(instance.get_dynamic_partitions("surrogate"))
     known_systems = set(instance.get_dynamic_partitions("chemical_system"))
     systems = sorted(known_systems | {default_chemical_system})
@@ -167,6 +188,7 @@ def registry_requests(
 
     screenable = [cs for cs in systems if cgwgan_home.store.exists("candidates_dedup", cs)]
     runs: list[dg.RunRequest] = []
+    sizes: dict[str, tuple[dict, str]] = {}
     for name, spec in sorted(active.items()):
         for cs in screenable:
             key = f"{cs}|{name}"
@@ -175,13 +197,16 @@ def registry_requests(
             if key not in screened and name in known_surrogates and name in shortlists.get(cs, {}):
                 screened[key] = spec.sha256  # screened before this sensor kept track of it
                 continue
+            if cs not in sizes:  # the sizes the system was first screened with (before this tick's runs)
+                sizes[cs] = recorded_run_config(cgwgan_home.store, cs, profile=rescreen_profile)
+            base, source = sizes[cs]
             runs.append(dg.RunRequest(
                 run_key=f"rescreen:{key}|{spec.sha256[:16]}",
                 job_name=RESCREEN_JOB.name,
-                run_config=rescreen_run_config or {},
+                run_config=merge_run_config(base, rescreen_run_config or {}),
                 partition_key=dg.MultiPartitionKey({"chemical_system": cs, "surrogate": name}),
                 tags={"cgwgan/trigger": "surrogate_registry_sensor", "cgwgan/surrogate": name,
-                      "cgwgan/surrogate_sha256": spec.sha256},
+                      "cgwgan/surrogate_sha256": spec.sha256, "cgwgan/sizes_from": source},
             ))
             screened[key] = spec.sha256
 
@@ -207,8 +232,8 @@ def registry_requests(
         waiting = sorted(set(systems) - set(screenable))
         if waiting:
             note += f"; no candidates_dedup yet for {', '.join(waiting)}"
-        if missing:
-            note += f"; registered without weights here: {', '.join(missing)}"
+        if problems:
+            note += f"; {len(problems)} entries skipped: " + "; ".join(problems)
         return dg.SensorResult(skip_reason=dg.SkipReason(note), cursor=new_state)
     return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=partition_requests, cursor=new_state)
 
@@ -216,9 +241,10 @@ def registry_requests(
 def make_surrogate_registry_sensor(*, name: str = "surrogate_registry_sensor", minimum_interval_seconds: int = 60,
                                    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
                                    default_chemical_system: str = DEFAULT_CHEMICAL_SYSTEM,
-                                   rescreen_run_config: dict | None = None):
-    """The registry sensor; ``rescreen_run_config`` is the run config of each re-screening run
-    (default: the stages' own defaults)."""
+                                   rescreen_run_config: dict | None = None,
+                                   rescreen_profile: str = DEFAULT_PROFILE):
+    """The registry sensor; each re-screening run gets the sizes its system was first screened
+    with (else ``rescreen_profile``'s), with ``rescreen_run_config`` merged over them."""
 
     @dg.sensor(name=name, jobs=[RESCREEN_JOB, CHURN_JOB], minimum_interval_seconds=minimum_interval_seconds,
                default_status=default_status,
@@ -227,7 +253,8 @@ def make_surrogate_registry_sensor(*, name: str = "surrogate_registry_sensor", m
                 cgwgan_home: CgwganHome):
         return registry_requests(context.instance, cgwgan_home, surrogate_registry, context.cursor,
                                  default_chemical_system=default_chemical_system,
-                                 rescreen_run_config=rescreen_run_config)
+                                 rescreen_run_config=rescreen_run_config, rescreen_profile=rescreen_profile,
+                                 log=context.log)
 
     return _sensor
 

@@ -184,9 +184,17 @@ def _registration_flow(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Pat
 
     # the weekly schedule re-screens every (system, surrogate) partition
     monday = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
-    sched = weekly_rescreen(dg.build_schedule_context(instance=instance, scheduled_execution_time=monday))
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=monday,  # exited: resources torn down
+                                   resources={"cgwgan_home": resources["cgwgan_home"]}) as sched_ctx:
+        sched = weekly_rescreen(sched_ctx)
     assert {r.run_key.split(":")[0] for r in sched} == {"weekly-2026-11-30"}
     assert sorted(str(r.partition_key) for r in sched) == [f"Ba-O-Ru|{MP}", f"Ba-O-Ru|{MATPES}"]
+    # no screening recorded for Ba-O-Ru in this fixture store: the demo profile's sizes, phonons capped
+    ops = sched[0].run_config["ops"]
+    assert (ops["prescreen"]["config"]["max_candidates"], ops["relaxed"]["config"]["top_k"],
+            ops["phonons"]["config"]["top_n"]) == (400, 8, 3)
+    assert ops["phonons"]["config"]["max_supercell_atoms"] == schedules.DEFAULT_MAX_SUPERCELL_ATOMS
+    assert sched[0].tags["cgwgan/sizes_from"] == "profile 'demo'"
 
 
 def test_registry_sensor_skips_bad_input_and_fails_on_a_bug(home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
@@ -210,7 +218,14 @@ def _bad_input(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_p
     bad_entry.write_text(json.dumps({"surrogates": [{"name": "x", "kind": "not-a-kind"}]}))
     res = sensor(dg.build_sensor_context(instance=instance, resources={
         "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(bad_entry))}))
-    assert not res.run_requests and "bad_entry.json" in res.skip_reason.skip_message
+    assert not res.run_requests and instance.get_dynamic_partitions("surrogate") == []
+    for req in res.dynamic_partitions_requests or []:  # what the daemon does with them
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    # a malformed entry is skipped, not the file: the tick's text names the entry and the reason
+    res = sensor(dg.build_sensor_context(instance=instance, cursor=res.cursor, resources={
+        "cgwgan_home": cg, "surrogate_registry": SurrogateRegistryResource(registry_path=str(bad_entry))}))
+    assert not res.run_requests and "bad_entry.json entry 0 ('x'): needs a 'name' and a 'kind'" in (
+        res.skip_reason.skip_message)
     # a cursor the sensor cannot have written is a bug, not bad input: the tick fails visibly
     with pytest.raises(json.JSONDecodeError):
         sensor(dg.build_sensor_context(instance=instance, cursor="{not json", resources={
@@ -223,7 +238,8 @@ def _bad_input(instance: dg.DagsterInstance, home: Path, m3gnet_dir: Path, tmp_p
                                                                            models_dir=str(tmp_path))}))
     assert not res.run_requests
     assert instance.get_dynamic_partitions("surrogate") == []
-    assert weekly_rescreen(dg.build_schedule_context(instance=instance)).skip_message
+    with dg.build_schedule_context(instance=instance, resources={"cgwgan_home": cg}) as sched_ctx:
+        assert weekly_rescreen(sched_ctx).skip_message
 
 
 def test_registry_observation_data_version_is_the_weights_hash(m3gnet_dir: Path, tmp_path: Path) -> None:
@@ -320,3 +336,88 @@ def test_new_surrogate_rescreens_ba_ru_o_through_the_sensor_and_churn_compares(
     side = dict(zip(churn["candidate_ids"], zip(churn["ranks_a"], churn["ranks_b"], strict=True), strict=True))
     assert side == {r["candidate_id"]: (r["rank"], sl_new.filter(pl.col("candidate_id") == r["candidate_id"])
                                         ["rank"][0]) for r in sl_mp.iter_rows(named=True)}
+
+
+def test_registry_sensor_verifies_each_entry_and_keeps_the_good_ones(
+        home: Path, m3gnet_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Real weight folders: MatPES copied under a new name with MP's sha256 (wrong), an entry
+    whose folder is missing and a malformed one sit next to a good MP entry. Only MP gets a
+    partition; each bad entry is a warning naming it and its reason."""
+    from lib.ids import file_sha256
+
+    mp_sha = file_sha256(str(m3gnet_dir / MP / "state.pt"))
+    matpes_sha = file_sha256(str(m3gnet_dir / MATPES / "state.pt"))
+    copy = _copy(m3gnet_dir / MATPES, tmp_path / "models" / "MatPES-copy")
+    reg = tmp_path / "surrogates.yaml"
+    reg.write_text(
+        "surrogates:\n"
+        f"  - {{name: {MP}, kind: m3gnet, sha256: '{mp_sha}'}}\n"
+        f"  - {{name: MatPES-wrong-sha, kind: m3gnet, weights: {copy}, sha256: '{mp_sha}'}}\n"
+        f"  - {{name: MatPES-no-folder, kind: m3gnet, weights: {tmp_path / 'nowhere'}}}\n"
+        "  - {name: malformed, kind: m3gnet, sha256: 12345}\n")
+    resources = {"cgwgan_home": CgwganHome(home=str(home)),
+                 "surrogate_registry": SurrogateRegistryResource(registry_path=str(reg), models_dir=str(m3gnet_dir))}
+    with dg.instance_for_test() as instance:
+        sensor = make_surrogate_registry_sensor()
+        ctx = dg.build_sensor_context(instance=instance, resources=resources)
+        ctx.log.addHandler(caplog.handler)  # the tick's log (shown with the tick in the UI)
+        res = sensor(ctx)
+        added = [k for r in res.dynamic_partitions_requests or [] if r.partitions_def_name == "surrogate"
+                 for k in r.partition_keys]
+        assert added == [MP]
+        warned = [r.getMessage() for r in caplog.records if "registry entry skipped" in r.getMessage()]
+        assert len(warned) == 3, warned
+        assert any("MatPES-wrong-sha" in w and f"is {matpes_sha}, the registry says {mp_sha}" in w for w in warned)
+        assert any("MatPES-no-folder" in w and "weights folder" in w and "not found" in w for w in warned)
+        assert any("'malformed'" in w and "sha256 must be 64 hex digits" in w for w in warned)
+        for req in res.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        again = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=res.cursor))
+        assert not again.run_requests and "3 entries skipped" in again.skip_reason.skip_message
+        assert "MatPES-wrong-sha" in again.skip_reason.skip_message
+        # fixing the entry's sha256 lets it through on the next tick
+        reg.write_text(reg.read_text().replace(f"weights: {copy}, sha256: '{mp_sha}'",
+                                               f"weights: {copy}, sha256: '{matpes_sha}'"))
+        fixed = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=again.cursor))
+        assert [k for r in fixed.dynamic_partitions_requests or [] for k in r.partition_keys] == ["MatPES-wrong-sha"]
+
+
+def test_rescreen_uses_the_sizes_the_system_was_first_screened_with(
+        home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+    """Ba-O-Ru was screened with M3GNet-MP on a 5-of-12 sample, 3 relaxed, 2 phonon screens on
+    2x2x2 supercells: registering MatPES re-screens it with those sizes (the sample is seeded, so
+    the same candidates), phonons capped; the stages' defaults (all, 100, 20) are not used."""
+    store = _fixture_store(home)
+    store.write("candidates_dedup", pl.DataFrame({"candidate_id": [f"c{i}" for i in range(12)]}), partition="Ba-O-Ru")
+    part = f"Ba-O-Ru|{MP}"
+    store.write("prescreen", pl.DataFrame({"candidate_id": [f"c{i}" for i in range(5)]}), partition=part)
+    store.write("relaxed", pl.DataFrame({"candidate_id": ["c0", "c1", "c2"]}), partition=part,
+                metadata={"rank_by": "formation_energy", "per_composition_quota": 2, "fmax": 0.05})
+    store.write("phonons", pl.DataFrame({"candidate_id": ["c0", "c1"]}), partition=part,
+                metadata={"supercell": "[2, 2, 2]", "min_length_a": "None", "mesh": "[8, 8, 8]"})
+    config, source = schedules.rescreen_run_config(store, "Ba-O-Ru")
+    assert source == f"first screening {part}"
+    assert config == {"ops": {
+        "prescreen": {"config": {"max_candidates": 5}},
+        "relaxed": {"config": {"top_k": 3, "rank_by": "formation_energy", "per_composition_quota": 2}},
+        "phonons": {"config": {"top_n": 2, "max_supercell_atoms": schedules.DEFAULT_MAX_SUPERCELL_ATOMS,
+                               "supercell": [2, 2, 2]}}}}
+    # through the sensor: MatPES is registered next to the recorded MP screening
+    reg = tmp_path / "surrogates.json"
+    _registry(reg, [MP, MATPES])
+    resources = {"cgwgan_home": CgwganHome(home=str(home)),
+                 "surrogate_registry": SurrogateRegistryResource(registry_path=str(reg), models_dir=str(m3gnet_dir))}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("surrogate", [MP])
+        instance.add_dynamic_partitions("chemical_system", ["Ba-O-Ru"])
+        sensor = make_surrogate_registry_sensor(rescreen_run_config={"ops": {"relaxed": {"config": {"steps": 60}}}})
+        res = sensor(dg.build_sensor_context(instance=instance, resources=resources))
+        req = {str(r.partition_key): r for r in res.run_requests}[f"Ba-O-Ru|{MATPES}"]
+        ops = req.run_config["ops"]
+        assert ops["prescreen"]["config"]["max_candidates"] == 5 and ops["phonons"]["config"]["top_n"] == 2
+        assert ops["relaxed"]["config"] == {"top_k": 3, "rank_by": "formation_energy", "per_composition_quota": 2,
+                                            "steps": 60}  # the explicit config is merged over the recorded sizes
+        assert req.tags["cgwgan/sizes_from"] == f"first screening {part}"
+    # a system with no screening yet: the named profile's sizes
+    _, source = schedules.rescreen_run_config(store, "Ba-Sr-O")
+    assert source == "profile 'demo'"

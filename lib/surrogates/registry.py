@@ -123,6 +123,55 @@ def _read_registry_file(path: Path) -> list[dict[str, Any]]:
     )
 
 
+def _parse_entry(entry: dict[str, Any], *, where: str, reg_path: Path, models_dir: str | None) -> SurrogateSpec:
+    """One registry-file entry as a spec (:class:`SurrogateError` naming ``where`` when malformed)."""
+    kinds = " or ".join(repr(k) for k in FAMILIES)
+    unknown = set(entry) - _ENTRY_FIELDS
+    if unknown:
+        raise SurrogateError(f"{where}: unknown fields {sorted(unknown)}")
+    name = entry.get("name")
+    kind = entry.get("kind")
+    if not name or kind not in FAMILIES:
+        raise SurrogateError(f"{where}: needs a 'name' and a 'kind' of {kinds}")
+    fam = FAMILIES[kind]
+    convention = entry.get("convention", fam.default_convention)
+    if convention not in _CONVENTIONS:
+        raise SurrogateError(f"{where}: convention must be dgl-legacy, native or auto")
+    weights = entry.get("weights")
+    if weights is not None:
+        weights = str(weights)
+        if "${models_dir}" in weights:
+            if not models_dir:
+                raise SurrogateError(f"{where}: uses ${{models_dir}} but no models_dir is set")
+            weights = weights.replace("${models_dir}", str(models_dir))
+        if not (fam.packaged_prefix and weights.startswith(fam.packaged_prefix)):
+            wp = Path(weights).expanduser()
+            weights = str(wp if wp.is_absolute() else (reg_path.parent / wp).resolve())
+    elif fam.weights_in_models_dir and models_dir:
+        weights = str(Path(models_dir).expanduser() / name)
+    sha_raw = entry.get("sha256")
+    if sha_raw is not None and not (
+        isinstance(sha_raw, str) and len(sha_raw) == 64
+        and all(c in "0123456789abcdef" for c in sha_raw.lower())
+    ):
+        raise SurrogateError(f"{where}: sha256 must be 64 hex digits as a string "
+                             f"(quote it in YAML), got {sha_raw!r}")
+    sha = (sha_raw or "").lower()
+    if not sha and weights is not None:
+        wf = fam.weights_file(weights)
+        if wf.is_file():
+            sha = file_sha256(str(wf))
+    return SurrogateSpec(
+        name=name,
+        kind=kind,
+        weights=weights,
+        sha256=sha,
+        version=str(entry.get("version", "")),
+        convention=convention,
+        description=str(entry.get("description", "")),
+    )
+
+
 def load_registry(
     path: str | None = None, *, models_dir: str | None = None
 ) -> dict[str, SurrogateSpec]:
@@ -143,54 +192,64 @@ def load_registry(
     reg_path = Path(path).expanduser()
     if not reg_path.is_file():
         raise SurrogateError(f"surrogate registry file not found: {reg_path}")
-    kinds = " or ".join(repr(k) for k in FAMILIES)
     for i, entry in enumerate(_read_registry_file(reg_path)):
-        where = f"{reg_path} entry {i}"
-        unknown = set(entry) - _ENTRY_FIELDS
-        if unknown:
-            raise SurrogateError(f"{where}: unknown fields {sorted(unknown)}")
-        name = entry.get("name")
-        kind = entry.get("kind")
-        if not name or kind not in FAMILIES:
-            raise SurrogateError(f"{where}: needs a 'name' and a 'kind' of {kinds}")
-        fam = FAMILIES[kind]
-        convention = entry.get("convention", fam.default_convention)
-        if convention not in _CONVENTIONS:
-            raise SurrogateError(f"{where}: convention must be dgl-legacy, native or auto")
-        weights = entry.get("weights")
-        if weights is not None:
-            weights = str(weights)
-            if "${models_dir}" in weights:
-                if not models_dir:
-                    raise SurrogateError(f"{where}: uses ${{models_dir}} but no models_dir is set")
-                weights = weights.replace("${models_dir}", str(models_dir))
-            if not (fam.packaged_prefix and weights.startswith(fam.packaged_prefix)):
-                wp = Path(weights).expanduser()
-                weights = str(wp if wp.is_absolute() else (reg_path.parent / wp).resolve())
-        elif fam.weights_in_models_dir and models_dir:
-            weights = str(Path(models_dir).expanduser() / name)
-        sha_raw = entry.get("sha256")
-        if sha_raw is not None and not (
-            isinstance(sha_raw, str) and len(sha_raw) == 64
-            and all(c in "0123456789abcdef" for c in sha_raw.lower())
-        ):
-            raise SurrogateError(f"{where}: sha256 must be 64 hex digits as a string "
-                                 f"(quote it in YAML), got {sha_raw!r}")
-        sha = (sha_raw or "").lower()
-        if not sha and weights is not None:
-            wf = fam.weights_file(weights)
-            if wf.is_file():
-                sha = file_sha256(str(wf))
-        specs[name] = SurrogateSpec(
-            name=name,
-            kind=kind,
-            weights=weights,
-            sha256=sha,
-            version=str(entry.get("version", "")),
-            convention=convention,
-            description=str(entry.get("description", "")),
-        )
+        spec = _parse_entry(entry, where=f"{reg_path} entry {i}", reg_path=reg_path, models_dir=models_dir)
+        specs[spec.name] = spec
     return specs
+
+
+def verify_weights(spec: SurrogateSpec) -> str | None:
+    """Why ``spec``'s weights cannot be used here, or ``None`` when they are present and their
+    sha256 is the registered one (the check loading does, done up front)."""
+    if not spec.weights:
+        return (f"surrogate {spec.name!r}: no weights configured (an M3GNet entry without 'weights' "
+                "needs models_dir, CGWGAN_M3GNET_DIR)")
+    fam = family(spec.kind)
+    try:
+        wfile = fam.weights_file(spec.weights)
+    except (SurrogateError, ImportError, OSError) as exc:
+        return f"surrogate {spec.name!r}: weights {spec.weights} unavailable ({type(exc).__name__}: {exc})"
+    if not wfile.is_file():
+        what = "weights folder" if not Path(spec.weights).exists() else "weights file"
+        missing = spec.weights if what == "weights folder" else str(wfile)
+        return f"surrogate {spec.name!r}: {what} {missing} not found"
+    actual = file_sha256(str(wfile))
+    if spec.sha256 and actual != spec.sha256:
+        return (f"surrogate {spec.name!r}: sha256 of {wfile} is {actual}, the registry says {spec.sha256}; "
+                "register these weights under their own name (or fix the entry's sha256)")
+    return None
+
+
+def load_registry_entries(path: str, *, models_dir: str | None = None,
+                          verify: bool = True) -> tuple[dict[str, SurrogateSpec], list[str]]:
+    """The entries of a registry file one by one: (usable specs by name, one problem line per
+    entry that is not).
+
+    Unlike :func:`load_registry` (all or nothing), a malformed entry, and with ``verify`` an entry
+    whose weights are missing or do not match its ``sha256`` (:func:`verify_weights`), is left out
+    and named in the problems (``"<file> entry <i> (<name>): <reason>"``); the other entries are
+    kept. Only a file that cannot be read or parsed at all raises (``OSError``,
+    :class:`SurrogateError`, YAML errors). Built-in surrogates are not added; a later entry with
+    the name of an earlier one replaces it.
+    """
+    reg_path = Path(path).expanduser()
+    if not reg_path.is_file():
+        raise SurrogateError(f"surrogate registry file not found: {reg_path}")
+    specs: dict[str, SurrogateSpec] = {}
+    problems: list[str] = []
+    for i, entry in enumerate(_read_registry_file(reg_path)):
+        where = f"{reg_path} entry {i}" + (f" ({entry['name']!r})" if entry.get("name") else "")
+        try:
+            spec = _parse_entry(entry, where=where, reg_path=reg_path, models_dir=models_dir)
+        except SurrogateError as exc:
+            problems.append(str(exc))
+            continue
+        reason = verify_weights(spec) if verify else None
+        if reason:
+            problems.append(f"{where}: {reason}")
+            continue
+        specs[spec.name] = spec
+    return specs, problems
 
 
 def registry_frame(registry: dict[str, SurrogateSpec]) -> pl.DataFrame:

@@ -70,3 +70,31 @@ def test_too_few_common_candidates_gives_null_rho_and_bad_input_raises() -> None
         rank_pairs(_sl("X", "A", ["c1"]), top_k=0)
     with pytest.raises(ValueError, match="verdict column"):
         surrogate_churn(_sl("X", "A", ["c1"]), verdict_column="is_phonon_stable")
+
+
+def test_duplicates_are_dropped_and_only_common_candidates_are_compared() -> None:
+    """A's top rows are one structure three times (d1, d2 relaxed into c1), and B drew c9, which A
+    never saw. Each side's own top-2 rows ({c1, d1} and {c9, c2}) share nothing; counting the
+    duplicates but only common candidates shares one; unique structures both ranked share both."""
+    a = _sl("Ba-O-Ru", "A", ["c1", "d1", "d2", "c2", "c3"], [True, False, False, True, True]).with_columns(
+        pl.Series("duplicate_of", [None, "c1", "c1", None, None], pl.String),
+        pl.Series("unique_rank", [1, None, None, 2, 3], pl.Int64))
+    b = _sl("Ba-O-Ru", "B", ["c9", "c2", "c1", "c3", "d1"], [True, True, True, False, True]).with_columns(
+        pl.Series("duplicate_of", [None] * 5, pl.String), pl.Series("unique_rank", [1, 2, 3, 4, 5], pl.Int64))
+    frame = pl.concat([a, b])
+    naive = surrogate_churn(frame.drop("duplicate_of", "unique_rank"), top_k=2).row(0, named=True)
+    row = surrogate_churn(frame, top_k=2).row(0, named=True)
+    assert naive["n_common"] == 4 and naive["top_k_overlap"] == 1
+    assert row["n_common"] == 3  # d1 is a duplicate under A: not compared
+    assert (row["n_ranked_a"], row["n_ranked_b"], row["n_duplicates_a"], row["n_duplicates_b"]) == (3, 5, 2, 0)
+    assert row["top_k_overlap"] == 2 and row["top_k_overlap_fraction"] == pytest.approx(1.0)
+    # common ranks: A c1 1, c2 2, c3 3; B c2 1, c1 2, c3 3
+    assert row["spearman_rho"] == pytest.approx(spearmanr([1, 2, 3], [2, 1, 3]).statistic)
+    assert row["spearman_rho"] != pytest.approx(naive["spearman_rho"])
+    assert row["n_verdict_compared"] == 3 and row["flipped_candidate_ids"] == ["c3"]  # d1's flip is not counted
+    pairs = rank_pairs(frame, top_k=2)
+    d1 = pairs.filter(pl.col("candidate_id") == "d1").row(0, named=True)
+    assert d1["rank_a"] is None and d1["rank_b"] == 5 and d1["common_rank_b"] is None
+    c9 = pairs.filter(pl.col("candidate_id") == "c9").row(0, named=True)
+    assert c9["rank_b"] == 1 and not c9["is_in_top_k_b"]
+    assert sorted(pairs.filter(pl.col("is_in_top_k_a"))["candidate_id"].to_list()) == ["c1", "c2"]
