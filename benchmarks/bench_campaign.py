@@ -110,28 +110,38 @@ class Stage:
 
 
 # ----------------------------------------------------------------------------- the chain
-def stage_mp(args, shared: Path, rec: dict) -> pl.DataFrame:
+def mp_tables(raw: pl.DataFrame, *, source: str, snapshot_key: dict, rec: dict, **selection):
+    """Parse ``raw`` MP records, analyse their symmetry and build the training table (``selection``:
+    :func:`lib.training.build_training_templates` options), timing each step into ``rec``; returns
+    the loaded source, the symmetry table, the training table and its selection report."""
     from lib.ids import content_hash
-    from lib.mp_sources import raw_from_table_file, validate_records
+    from lib.mp_sources import validate_records
     from lib.symmetry import analyse_symmetry
     from lib.training import build_training_templates
 
-    raw = raw_from_table_file(shared / "data" / "mp" / "mp_structures.csv.gz")
-    step = max(1, raw.height // max(args.mp_rows, 1))
-    raw = raw.gather_every(step).head(args.mp_rows)
     t = time.perf_counter()
-    loaded = validate_records(raw, source=f"file:mp_structures.csv.gz (every {step}th row)",
-                              snapshot_id=content_hash({"bench_campaign": step}, prefix="snap-"))
+    loaded = validate_records(raw, source=source, snapshot_id=content_hash(snapshot_key, prefix="snap-"))
     rec["parse_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     sym = analyse_symmetry(loaded.structures)
     rec["symmetry_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
-    training, _report = build_training_templates(sym, max_asu_sites=4)
+    training, report = build_training_templates(sym, max_asu_sites=4, **selection)
     rec["training_table_s"] = round(time.perf_counter() - t, 2)
-    rec.update(n_input=raw.height, every_nth_row=step, n_structures=loaded.structures.height,
-               n_rejects=loaded.rejects.height, n_round_trip_ok=int(sym["is_round_trip_ok"].fill_null(False).sum()),
-               n_training_rows=training.height)
+    rec.update(n_input=raw.height, n_structures=loaded.structures.height, n_rejects=loaded.rejects.height,
+               n_round_trip_ok=int(sym["is_round_trip_ok"].fill_null(False).sum()), n_training_rows=training.height)
+    return loaded, sym, training, report
+
+
+def stage_mp(args, shared: Path, rec: dict) -> pl.DataFrame:
+    from lib.mp_sources import raw_from_table_file
+
+    raw = raw_from_table_file(shared / "data" / "mp" / "mp_structures.csv.gz")
+    step = max(1, raw.height // max(args.mp_rows, 1))
+    raw = raw.gather_every(step).head(args.mp_rows)
+    rec["every_nth_row"] = step
+    _, _, training, _ = mp_tables(raw, source=f"file:mp_structures.csv.gz (every {step}th row)",
+                                  snapshot_key={"bench_campaign": step}, rec=rec)
     return training
 
 

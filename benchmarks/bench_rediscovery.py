@@ -70,10 +70,8 @@ def _cif_elements(text: pl.Expr) -> pl.Expr:
 def stage_mp_held_out(args, shared: Path, rec: dict) -> pl.DataFrame:
     """bench_campaign.stage_mp with the held-out system: every k-th row plus every row of the
     system, and ``exclude_chemical_systems`` in the training table (the report counts it)."""
-    from lib.ids import content_hash
-    from lib.mp_sources import raw_from_table_file, validate_records
-    from lib.symmetry import analyse_symmetry
-    from lib.training import build_training_templates, chemical_system_expr, normalise_chemical_system
+    from lib.mp_sources import raw_from_table_file
+    from lib.training import chemical_system_expr, normalise_chemical_system
 
     raw_all = raw_from_table_file(shared / "data" / "mp" / "mp_structures.csv.gz")
     step = max(1, raw_all.height // max(args.mp_rows, 1))
@@ -83,22 +81,15 @@ def stage_mp_held_out(args, shared: Path, rec: dict) -> pl.DataFrame:
     sample = raw_all.gather_every(step).head(args.mp_rows)
     extra = raw_all.filter(in_system).join(sample.select("material_id"), on="material_id", how="anti")
     raw = pl.concat([sample, extra])
-    t = time.perf_counter()
-    loaded = validate_records(raw, source=f"file:mp_structures.csv.gz (every {step}th row + {HELD_OUT} rows)",
-                              snapshot_id=content_hash({"bench_rediscovery": step}, prefix="snap-"))
-    rec["parse_s"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
-    sym = analyse_symmetry(loaded.structures)
-    rec["symmetry_s"] = round(time.perf_counter() - t, 2)
-    training, report = build_training_templates(
-        sym, max_asu_sites=MAX_ASU_SITES, exclude_chemical_systems=[HELD_OUT],
+    _, _, training, report = bc.mp_tables(
+        raw, source=f"file:mp_structures.csv.gz (every {step}th row + {HELD_OUT} rows)",
+        snapshot_key={"bench_rediscovery": step}, rec=rec, exclude_chemical_systems=[HELD_OUT],
         exclude_subsystems=args.exclude_subsystems)
     n_sys_file = raw_all.filter(in_system).height
-    rec.update(n_input=raw.height, every_nth_row=step, n_held_out_system_rows_in_file=n_sys_file,
+    rec.update(every_nth_row=step, n_held_out_system_rows_in_file=n_sys_file,
                n_held_out_system_rows_added=extra.height,
                held_out_material_ids=sorted(raw_all.filter(in_system)["material_id"].to_list()),
-               n_structures=loaded.structures.height, n_rejects=loaded.rejects.height,
-               selection_removed=report.removed, n_training_rows=training.height,
+               selection_removed=report.removed,
                training_rows_in_held_out_system=int(training.select(chemical_system_expr(pl.col("asu_elements"))
                                                                     .eq(normalise_chemical_system(HELD_OUT))
                                                                     .sum()).item() or 0))

@@ -86,25 +86,12 @@ def terminal_stream(verbose: bool) -> TextIO | None:
         return None
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def new_bar(total: int | None, desc: str, unit: str = "it") -> Any:
-    """A tqdm bar on the configured stream, or a no-op object with the same methods; close it."""
-    if _BARS.stream is None:
-        return _NoBar()
+    """A tqdm bar on the configured stream (a disabled, silent tqdm when bars are off); close it."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=_BARS.stream, leave=False, dynamic_ncols=True,
-                mininterval=0.5)
+                mininterval=0.5, disable=_BARS.stream is None)
 
 
 @contextmanager

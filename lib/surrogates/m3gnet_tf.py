@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lib.ids import file_sha256
 from lib.surrogates.base import (
@@ -35,7 +35,7 @@ from lib.surrogates.m3gnet_tf_client import (
     M3GNetTFEnvError,
     check_weights_dir,
 )
-from lib.surrogates.relax import RelaxResult
+from lib.surrogates.relax import RelaxResult, stored_results_calculator
 
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
@@ -88,8 +88,9 @@ class M3GNetTFSurrogate(Surrogate):
         return self.client.predict(structures, batch_size=max(1, len(structures)), energy_only=energy_only)
 
     def calculator(self) -> Calculator:
-        """An ASE calculator whose energy, forces and stress (eV/Å³) come from the worker."""
-        return _calculator_class()(self)
+        """An ASE calculator whose energy, forces and stress (eV/Å³) come from the worker: the
+        relaxation driver's calculator, computing each new state on demand, one structure."""
+        return stored_results_calculator()(self)
 
     def relax_m3gnet(self, structures: Sequence[Structure], *, fmax: float = 0.1, steps: int = 500,
                      relax_cell: bool = True, optimizer: str = "FIRE") -> list[RelaxResult]:
@@ -98,41 +99,6 @@ class M3GNetTFSurrogate(Surrogate):
         result carries the forces and stress at its final structure."""
         return self.client.relax(structures, fmax=fmax, steps=steps, relax_cell=relax_cell,
                                  optimizer=optimizer)
-
-
-_CALCULATOR: type | None = None
-
-
-def _calculator_class() -> type:
-    """The ASE calculator class (built on first use: no ASE import when the module loads)."""
-    global _CALCULATOR
-    if _CALCULATOR is not None:
-        return _CALCULATOR
-    from ase.calculators.calculator import Calculator, all_changes
-
-    from lib.surrogates.relax import atoms_to_structure
-
-    class M3GNetTFCalculator(Calculator):
-        """Energy (eV), forces (eV/Å), stress (eV/Å³, ASE Voigt) from the TensorFlow worker."""
-
-        implemented_properties = ["energy", "free_energy", "forces", "stress"]  # noqa: RUF012
-
-        def __init__(self, surrogate: M3GNetTFSurrogate, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.surrogate = surrogate
-
-        def calculate(self, atoms: Any = None, properties: Any = None,
-                      system_changes: Any = all_changes) -> None:
-            super().calculate(atoms, properties, system_changes)
-            p = self.surrogate.predict_unchecked([atoms_to_structure(self.atoms)], batch_size=1,
-                                                 energy_only=False)[0]
-            if p.error is not None:
-                raise RuntimeError(f"TensorFlow M3GNet: {p.error}")
-            self.results = {"energy": p.energy_ev, "free_energy": p.energy_ev,
-                            "forces": p.forces_ev_per_a, "stress": p.stress_ev_per_a3}
-
-    _CALCULATOR = M3GNetTFCalculator
-    return _CALCULATOR
 
 
 def weights_file(weights: str) -> Path:

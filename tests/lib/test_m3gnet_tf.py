@@ -53,12 +53,17 @@ def reference(shared_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tf_client(weights_dir: Path):
+def tf_python() -> Path:
+    """The TensorFlow venv's python (``make tf-m3gnet``); skipped, or failed in CI, without it."""
     python = venv_python(REPO / DEFAULT_VENV)
     if not python.exists():
-        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
-                      "run `make tf-m3gnet`")
-    client = M3GNetTFClient(python, weights_dir, threads=2, request_timeout_s=600)
+        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): run `make tf-m3gnet`")
+    return python
+
+
+@pytest.fixture(scope="module")
+def tf_client(weights_dir: Path, tf_python: Path):
+    client = M3GNetTFClient(tf_python, weights_dir, threads=2, request_timeout_s=600)
     client.start()
     yield client
     client.close()
@@ -217,14 +222,10 @@ def _mp_structure(shared_dir: Path, material_id: str) -> Structure:
 
 
 @pytest.fixture(scope="module")
-def tf_surrogate(weights_dir: Path):
+def tf_surrogate(weights_dir: Path, tf_python: Path):
     from lib.surrogates import load_surrogate
 
-    python = venv_python(REPO / DEFAULT_VENV)
-    if not python.exists():
-        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing): "
-                      "run `make tf-m3gnet`")
-    sur = load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(python))
+    sur = load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(tf_python))
     yield sur
     sur.close()
 
@@ -341,13 +342,10 @@ def test_relax_rattled_bao_rocksalt(tf_surrogate, shared_dir: Path) -> None:
           f"steps, a = {r.structure.lattice.a:.3f} Å (MP {conv.lattice.a:.3f})")
 
 
-def test_surrogate_close_stops_its_worker(weights_dir: Path) -> None:
+def test_surrogate_close_stops_its_worker(weights_dir: Path, tf_python: Path) -> None:
     from lib.surrogates import load_surrogate
 
-    python = venv_python(REPO / DEFAULT_VENV)
-    if not python.exists():
-        skip_or_fail(f"TensorFlow M3GNet environment not installed ({python} missing)")
-    with load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(python)) as sur:
+    with load_surrogate(MODEL, models_dir=str(weights_dir.parent), worker_python=str(tf_python)) as sur:
         proc = sur.client._proc
         assert sur.client.running and proc is not None
     assert proc.poll() == 0 and not sur.client.running
