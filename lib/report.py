@@ -65,11 +65,14 @@ class ReportResult:
 
 
 def canonical_system(system: str) -> str:
-    """``Ba-Ru-O`` (any order, '-' or ',') -> ``Ba-O-Ru``, the partition key of the tables."""
-    els = [e.strip() for e in system.replace(",", "-").split("-") if e.strip()]
-    if len(els) < 2:
+    """``Ba-Ru-O`` (any order, '-' or ',') -> ``Ba-O-Ru``, the partition key of the tables
+    (:func:`lib.training.normalise_chemical_system`, which rejects non-elements); two elements at least."""
+    from lib.training import normalise_chemical_system
+
+    canonical = normalise_chemical_system(system)
+    if "-" not in canonical:
         raise ValueError(f"chemical system {system!r}: give at least two elements, e.g. Ba-Ru-O")
-    return "-".join(sorted(set(els)))
+    return canonical
 
 
 # ----------------------------------------------------------------------------- reading
@@ -130,9 +133,10 @@ def funnel_counts(store: TableStore, chemical_system: str, surrogate: str | None
     return out
 
 
-def lineage_rows(store: TableStore, chemical_system: str, surrogates: list[str],
+def lineage_rows(store: TableStore, shortlists: dict[str, pl.DataFrame],
                  shortlist: pl.DataFrame | None) -> list[tuple[str, str]]:
-    """(label, value) pairs: MP snapshot, checkpoint, surrogates."""
+    """(label, value) pairs: MP snapshot, checkpoint, surrogates (``shortlists``: surrogate -> its
+    shortlist of the system, as already read; ``shortlist``: the ranking one)."""
     rows: list[tuple[str, str]] = []
     mp = _read(store, "mp_structures")
     if mp is not None:
@@ -152,9 +156,8 @@ def lineage_rows(store: TableStore, chemical_system: str, surrogates: list[str],
             rows.append(("generator checkpoint", f"{r['checkpoint_id']}: " + ", ".join(bits)))
     elif used:
         rows.append(("generator checkpoint", ", ".join(used)))
-    for s in surrogates:
-        sl = _read(store, "shortlist", f"{chemical_system}|{s}")
-        if sl is not None and sl.height and "surrogate_sha256" in sl.columns:
+    for s, sl in shortlists.items():
+        if sl.height and "surrogate_sha256" in sl.columns:
             r = sl.row(0, named=True)
             rows.append(("surrogate", f"{s}: weights sha256 {str(r['surrogate_sha256'])[:16]}…, "
                                       f"code {r.get('code_version', '')}"))
@@ -498,7 +501,7 @@ def write_report(store: TableStore, out: Path, *, chemical_system: str, surrogat
             plots.append("bands")
 
     # --- lineage and settings
-    lineage = lineage_rows(store, chemsys, surrogates, sl)
+    lineage = lineage_rows(store, shortlists, sl)
     settings_rows = [("chemical system", chemsys), ("ranked by", primary), ("home", str(store.home)),
                      *[(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in (settings or {}).items()]]
     funnel = funnel_counts(store, chemsys, primary)
@@ -518,8 +521,8 @@ def write_report(store: TableStore, out: Path, *, chemical_system: str, surrogat
                     + _table(trows, tcols, raw={"CIF"}))
     if bands:
         sections.append("<h2>Phonon band structures</h2><div class=\"bands\">" + "".join(bands) + "</div>")
-    sections.append('<p class="muted">Known phases: Materials Project (CC BY 4.0) as loaded into '
-                    "<code>mp_structures</code>; ids above are the platform's content-hash ids "
+    sections.append('<p class="muted">Known phases: the rows of <code>mp_structures</code> (their sources '
+                    "under lineage above; Materials Project data is CC BY 4.0); ids above are the platform's content-hash ids "
                     "(<code>cgwgan sql</code> finds every row by them).</p>")
     doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>CGWGAN discovery report: "
            f"{html.escape(chemsys)}</title><style>{_CSS}</style></head><body>"

@@ -386,13 +386,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``cgwgan report``: the discovery report of one system (lib.report), one HTML file."""
-    from lib.report import canonical_system, write_report
+    from lib.report import write_report
 
     home = resolve_home(args.home)
-    try:
-        chemsys = canonical_system(args.system)
-    except ValueError as exc:
-        raise CliError(f"--system: {exc}") from None
+    chemsys = check_chemical_system(args.system)
     out = Path(args.out) if args.out else home / "reports" / f"discovery-{chemsys}.html"
     t0 = time.perf_counter()
     try:

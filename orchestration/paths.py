@@ -32,5 +32,6 @@ def home_path(home: str | None = None, environ: Mapping[str, str] | None = None)
     :data:`DEFAULT_HOME`; resolved, not created."""
     if not home:
         env = os.environ if environ is None else environ
-        home = env.get(HOME_ENV_VAR, "") if env.get(HOME_ENV_VAR, "").strip() else ""
+        value = env.get(HOME_ENV_VAR, "")
+        home = value if value.strip() else ""  # a blank variable counts as unset
     return Path(home or DEFAULT_HOME).expanduser().resolve()

@@ -57,8 +57,8 @@ class CgwganHome(dg.ConfigurableResource):
 class MPSource(dg.ConfigurableResource):
     """Which Materials Project source feeds ``mp_structures`` (``CGWGAN_MP_SOURCE``).
 
-    ``embedded`` (default): pymatgen's 288 AFLOW prototypes plus the 23 Ba–Ru–O Materials Project
-    phases shipped in the package (``lib/data``, CC BY 4.0), offline. A path to a CSV/CSV.gz/
+    ``embedded`` (default): pymatgen's 288 AFLOW prototypes plus the seven Ba–Ru–O known phases
+    shipped in the package, written from their textbook structure types (:mod:`lib.known_phases`), offline. A path to a CSV/CSV.gz/
     Parquet file in the MP-20 layout, or to a folder of CIF/POSCAR files. ``mp-api``: the
     Materials Project API with ``api_key`` (``MP_API_KEY``, a secret: fed by ``dg.EnvVar`` only).
     """

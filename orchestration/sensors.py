@@ -178,8 +178,8 @@ def registry_requests(
         return dg.SensorResult(skip_reason=dg.SkipReason(
             f"surrogate registry {Path(registry_path).expanduser()} unreadable: {type(exc).__name__}: {exc}"),
             cursor=json.dumps(state, sort_keys=True))
-    for problem in problems:
-        if log is not None:
+    if log is not None:
+        for problem in problems:
             log.warning(f"surrogate registry entry skipped: {problem}")
     known_surrogates = set(instance.get_dynamic_partitions("surrogate"))
     known_systems = set(instance.get_dynamic_partitions("chemical_system"))

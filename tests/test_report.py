@@ -144,6 +144,8 @@ def test_report_errors(report_home: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["report", "--home", str(report_home), "--system", "Ba-O-Ru", "--surrogate", "Nope"]) == 1
     assert "screened with: CHGNet-0.3.0" in capsys.readouterr().err
     assert canonical_system("O, Ru ,Ba") == CHEMSYS
+    with pytest.raises(ValueError, match="'Qq' is not an element"):
+        canonical_system("Ba-Qq")
     with pytest.raises(ValueError, match="at least two elements"):
         write_report(TableStore(report_home), report_home / "x.html", chemical_system="Ba")
 
