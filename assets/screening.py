@@ -329,13 +329,13 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     cands = store.scan("candidates_dedup", partition=chemsys).join(
         top.select("candidate_id").lazy(), on="candidate_id", how="semi").collect()
     sha = pre["surrogate_sha256"][0] if pre.height else ""
-    batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
-                               salt={"surrogate_sha256": sha, "stage": "relaxed", "fmax": config.fmax,
-                                     "steps": config.steps, "relax_cell": config.relax_cell,
-                                     "optimizer": config.optimizer, "primitive": config.primitive,
-                                     "code_version": scr.CODE_VERSION})
     kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec,
           "batch_size": config.batch_size, "optimizer": config.optimizer, "primitive": config.primitive}
+    # the batch ids hash the settings that change a result (not batch_size, nor symprec: only the reported spacegroup)
+    salt = {"surrogate_sha256": sha, "stage": "relaxed", "code_version": scr.CODE_VERSION,
+            **{k: v for k, v in kw.items() if k not in ("batch_size", "symprec")}}
+    batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
+                               salt=salt)
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
                   batches["batch_id"].n_unique(), **kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part),
@@ -398,12 +398,8 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
     chemsys, surrogate, part = _keys(context)
     store = cgwgan_home.store
     elements = chemsys.split("-")
-    if config.mp_csv_path:
-        mp = scr.mp_csv_cells(config.mp_csv_path, elements=elements)
-    elif store.exists("mp_structures"):
-        mp = scr.mp_table_cells(store.read("mp_structures"), elements=elements)
-    else:
-        mp = None
+    mp, _ = _mp_cells(store, config.mp_csv_path, elements)
+    if mp is None:
         context.log.warning("no mp_structures table and no mp_csv_path: ASE reference states only")
     n_skipped = 0
     if mp is not None and config.max_phase_atoms > 0:
@@ -514,18 +510,24 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
                       20)})
 
 
+def _mp_cells(store, mp_csv_path: str, elements: list[str]) -> tuple[pl.DataFrame | None, str]:
+    """The system's MP cells and where they came from: the CSV at ``mp_csv_path`` when set, else
+    the ``mp_structures`` table, else none (``None``, ``"none"``)."""
+    if mp_csv_path:
+        return scr.mp_csv_cells(mp_csv_path, elements=elements), f"file:{mp_csv_path}"
+    if store.exists("mp_structures"):
+        return scr.mp_table_cells(store.read("mp_structures"), elements=elements), "table:mp_structures"
+    return None, "none"
+
+
 def _known_phases(context: dg.AssetExecutionContext, store, config: ShortlistConfig, elements: list[str],
                   refs: pl.DataFrame | None) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Every known structure of the system and its subsystems (lib.novelty.known_structures):
     the MP source as stored, the references as relaxed by the surrogate, every ingested DFT result."""
     from lib.novelty import known_structures
 
-    if config.mp_csv_path:
-        mp, mp_label = scr.mp_csv_cells(config.mp_csv_path, elements=elements), f"file:{config.mp_csv_path}"
-    elif store.exists("mp_structures"):
-        mp, mp_label = scr.mp_table_cells(store.read("mp_structures"), elements=elements), "table:mp_structures"
-    else:
-        mp, mp_label = None, "none"
+    mp, mp_label = _mp_cells(store, config.mp_csv_path, elements)
+    if mp is None:
         context.log.warning("shortlist: no mp_structures table and no mp_csv_path: known phases are the "
                             "surrogate-relaxed references and DFT results only")
     dft = store.read("dft_results") if store.exists("dft_results") else None

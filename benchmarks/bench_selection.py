@@ -52,9 +52,8 @@ def _spread(frame: pl.DataFrame, *, top: int = 6) -> dict:
                  "largest_share": round(max(sizes) / max(frame.height, 1), 3) if sizes else 0.0}
     if "static_e_above_hull_ev_per_atom" in frame.columns:
         h = np.asarray(frame["static_e_above_hull_ev_per_atom"].drop_nulls().to_list(), dtype=float)
-        stats = {"min": h.min(), "median": np.median(h), "max": h.max()} if h.size else {}
-        out |= {f"static_e_above_hull_{k}": round(float(stats[k]), 4) if h.size else None
-                for k in ("min", "median", "max")}
+        out |= {f"static_e_above_hull_{k}": round(float(f(h)), 4) if h.size else None
+                for k, f in (("min", np.min), ("median", np.median), ("max", np.max))}
         out["n_within_0_1_ev_of_hull"] = int((h <= 0.1).sum())
     return out
 
