@@ -525,10 +525,6 @@ def run_folder_name(kind: str, ident: str, preset_name: str) -> str:
     return f"gpaw-{preset_name}-" + ("phase-" if kind == "competing_phase" else "") + safe
 
 
-def _subsystem(elements: set[str], allowed: set[str]) -> bool:
-    return bool(elements) and elements <= allowed
-
-
 def select_candidates(shortlist, *, k: int, max_atoms: int = 0):
     """The best ``k`` novel, unique shortlist rows of each chemical system, one row per candidate.
 
@@ -584,6 +580,8 @@ def select_competing_phases(mp, elements, *, max_atoms: int = 0, max_e_above_hul
     and skipped ``{material_id, reduced_formula, reason}``: formulas whose every polymorph is too
     large, compounds too far above MP's hull, and elements with no MP structure at all (their
     hull cannot be built: ``discoveries`` says so)."""
+    import polars as pl
+
     from lib.cells import cell_to_structure
 
     allowed = set(elements)
@@ -591,11 +589,15 @@ def select_competing_phases(mp, elements, *, max_atoms: int = 0, max_e_above_hul
         if col not in mp.columns:
             raise ValueError(f"mp_structures lacks column {col!r}: no competing-phase cells")
     ehull = "e_above_hull_ev_per_atom" if "e_above_hull_ev_per_atom" in mp.columns else None
+    # columnar pre-filter: only cells of the system or its subsystems reach the Python loop
+    sub = mp.filter(pl.col("lattice_matrix").is_not_null() & (pl.col("species").list.len() > 0)
+                    & pl.col("species").list.eval(pl.element().is_in(sorted(allowed))).list.all())
     options: dict[str, list[tuple[tuple[float, int, str], dict[str, Any]]]] = {}
-    for row in mp.iter_rows(named=True):
-        species = row["species"] or []
-        if not _subsystem(set(species), allowed) or row["lattice_matrix"] is None:
-            continue
+    elements_seen: set[str] = set()  # elements with at least one MP cell (kept or skipped below)
+    for row in sub.iter_rows(named=True):
+        species = row["species"]
+        if len(set(species)) == 1:
+            elements_seen.add(species[0])
         structure = cell_to_structure(row["lattice_matrix"], species, row["frac_coords"])
         if primitive:
             try:
@@ -625,13 +627,11 @@ def select_competing_phases(mp, elements, *, max_atoms: int = 0, max_e_above_hul
                             "reason": f"MP e_above_hull {e:.3f} eV/atom > {max_e_above_hull_ev_per_atom:g}"})
             continue
         rows.append({k: v for k, v in best.items() if not k.startswith("_")})
-    have = {r["structure"].composition.elements[0].symbol for r in rows
-            if len(r["structure"].composition.elements) == 1}
-    for el in sorted(allowed - have):
-        if not any(sk["reduced_formula"] == el for sk in skipped):
-            skipped.append({"material_id": None, "reduced_formula": el,
-                            "reason": f"no MP structure of element {el} in mp_structures: no elemental "
-                                      "competing phase (the DFT hull of its systems cannot be built)"})
+    # an element's reduced formula may not be its symbol (O2, H2, N2...): compare by element
+    for el in sorted(allowed - elements_seen):
+        skipped.append({"material_id": None, "reduced_formula": el,
+                        "reason": f"no MP structure of element {el} in mp_structures: no elemental "
+                                  "competing phase (the DFT hull of its systems cannot be built)"})
     return rows, skipped
 
 
@@ -673,12 +673,15 @@ def run_gpaw_folders(folders: list[str], *, use_ray: bool, num_cpus: float = 1.0
     under ``python`` (:class:`GpawMissingError`, naming ``make dft-deps``, before anything runs).
     Returns one dict per folder, in order: ``folder, state_before, state, error, seconds,
     redone_after_partial``; ``on_done(result)`` is called as each finishes."""
-    todo = [f for f in folders if folder_state(f) not in ("ok", "failed")]
     results: dict[str, dict[str, Any]] = {}
+    todo = []
     for f in folders:
-        if f not in todo:
-            results[f] = {"folder": f, "state_before": folder_state(f), "state": folder_state(f), "error": "",
+        state = folder_state(f)  # read once: a finished folder is reported as it is
+        if state in ("ok", "failed"):
+            results[f] = {"folder": f, "state_before": state, "state": state, "error": "",
                           "seconds": 0.0, "redone_after_partial": False}
+        else:
+            todo.append(f)
     if todo:
         check_gpaw(python)
     threads = max(1, int(num_cpus))

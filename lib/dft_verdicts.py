@@ -191,7 +191,7 @@ def surrogate_accuracy(verdicts: pl.DataFrame, shortlist: pl.DataFrame, *,
             r = g.select(pl.corr("surrogate_e", "dft_e", method="spearman")).item()
             rho = None if r is None or not math.isfinite(r) else float(r)
         rows.append({"chemical_system": system, "surrogate_name": sur,
-                     "surrogate_sha256": g["surrogate_sha256"].drop_nulls().first() if g.height else None,
+                     "surrogate_sha256": g["surrogate_sha256"].drop_nulls().first(),
                      "energy_footing": footing, "n_candidates": g.height,
                      "mae_ev_per_atom": float(np.abs(s_e - d_e).mean()),
                      "mean_error_ev_per_atom": float((s_e - d_e).mean()),

@@ -77,19 +77,29 @@ def test_reference_inputs_keep_molecules_fixed(ba_ru_o_dir):
         reference_inputs(refs.with_columns(pl.lit("error").alias("status")))
 
 
-def test_relaxed_hull_columns_refuses_another_surrogates_hull():
+def test_relaxed_hull_columns_refuses_another_surrogates_hull(ba_ru_o_dir):
+    """Real MP energies: the elemental ground states of Ba and O (mp-122, O2) and rocksalt BaO at
+    MP's formation energy (-2.824 eV/atom, mp-1342); the hull arithmetic gives that formation
+    energy back, and refuses references made by another surrogate."""
+    import json
+
     from pymatgen.core import Lattice, Structure
 
+    elemental = json.loads((ba_ru_o_dir / "mp_elemental_refs_Ba_Ru_O.json").read_text())
+    mu = {el: elemental[el]["energy"] / sum(elemental[el]["composition"].values()) for el in ("Ba", "O")}
+    mp = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", infer_schema_length=0)
+    ef_bao = float(mp.filter(pl.col("material_id") == "mp-1342")["formation_energy_per_atom"][0])
     rs = Structure.from_spacegroup(225, Lattice.cubic(5.5), ["Ba", "O"], [[0, 0, 0], [.5, .5, .5]])
-    rel = pl.DataFrame([{"candidate_id": "c", "status": "ok", "energy_ev": -40.0, "surrogate_sha256": "aaa",
+    e_bao = len(rs) * (ef_bao + (mu["Ba"] + mu["O"]) / 2)
+    rel = pl.DataFrame([{"candidate_id": "c", "status": "ok", "energy_ev": e_bao, "surrogate_sha256": "aaa",
                          **structure_to_cell(rs)}])
-    refs = pl.DataFrame({"phase_id": ["ba", "o"], "formula": ["Ba", "O2"], "energy_ev": [-2.0, -10.0],
+    refs = pl.DataFrame({"phase_id": ["ba", "o"], "formula": ["Ba", "O2"], "energy_ev": [mu["Ba"], 2 * mu["O"]],
                          "status": ["ok", "ok"], "kind": ["reference"] * 2, "surrogate_sha256": ["bbb"] * 2})
     with pytest.raises(ValueError, match="differ: the hull must be built with the candidates' own surrogate"):
         scr.relaxed_hull_columns(rel, refs, elements=["Ba", "O"])
     out = scr.relaxed_hull_columns(rel, refs.with_columns(pl.lit("aaa").alias("surrogate_sha256")),
                                    elements=["Ba", "O"])
-    # 8 atoms at -5 eV/atom against mu(Ba) = -2, mu(O) = -5: formation -1.5 eV/atom, on (below) the hull
-    assert out["formation_energy_per_atom_ev"][0] == pytest.approx(-1.5)
-    assert out["e_above_hull_ev_per_atom"][0] == pytest.approx(-1.5)
+    # only the elements on the hull: BaO's formation energy is its energy above (below) the hull
+    assert out["formation_energy_per_atom_ev"][0] == pytest.approx(ef_bao, abs=1e-9)
+    assert out["e_above_hull_ev_per_atom"][0] == pytest.approx(ef_bao, abs=1e-9)
     assert out["decomposition"][0] is not None

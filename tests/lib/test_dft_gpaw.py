@@ -264,6 +264,13 @@ def test_competing_phases_of_ba_ru_o_from_real_mp_rows(ba_ru_o_mp) -> None:
     kept = {r["reduced_formula"] for r in tight}
     assert {"BaO6", "RuO2"}.isdisjoint(kept) and {"Ba", "O2", "BaRuO3"} <= kept  # elements are always kept
     assert any("MP e_above_hull 0.067" in s["reason"] for s in tight_skipped)
+    # every O cell too large (the 1-atom mp-1056831 left out): skipped as O2, never reported as an
+    # element without any MP cell
+    no_1_atom_o = ba_ru_o_mp.filter(ba_ru_o_mp["material_id"] != "mp-1056831")
+    _, tiny_skipped = select_competing_phases(no_1_atom_o, ["Ba", "Ru", "O"], max_atoms=1)
+    tiny_why = {s["reduced_formula"]: s["reason"] for s in tiny_skipped}
+    assert "max_phase_atoms=1" in tiny_why["O2"] and "O" not in tiny_why
+    assert "no MP structure of element Ru" in tiny_why["Ru"]
     assert run_folder_name("competing_phase", "mp-1342", "fast") == "gpaw-fast-phase-mp-1342"
     assert run_folder_name("candidate", "cand-1/x", "fast") == "gpaw-fast-cand-1_x"
 
