@@ -201,7 +201,7 @@ _CENTRING = {
 
 @functools.lru_cache(maxsize=256)
 def _centring(sg: int) -> tuple[str, np.ndarray, np.ndarray, int]:
-    letter = wyckoff._group(int(sg)).symbol[0]
+    letter = wyckoff.group(int(sg)).symbol[0]
     m = _CENTRING.get(letter, _CENTRING["P"])
     return letter, m, np.linalg.inv(m), round(1.0 / abs(np.linalg.det(m)))
 

@@ -42,6 +42,7 @@ from lib.cells import (
     asu_to_structure,
     atomic_number,
     cell_to_structure,
+    lattice_matrix,
     lattice_parameters,
     minimum_image,
 )
@@ -65,9 +66,7 @@ class SymmetryError(ValueError):
 
 @lru_cache(maxsize=256)
 def _pyxtal_setting(sg: int) -> tuple[int, str]:
-    from pyxtal.symmetry import Group
-
-    g = Group(sg)
+    g = W.group(sg)  # the Group lib.wyckoff loads and caches (loading one costs ~5 ms)
     return int(g.hall_number), str(g.symbol[0])
 
 
@@ -114,15 +113,19 @@ def asymmetric_unit(
     # ``crystallographic_orbits`` (orbits of the primitive cell's group), not ``equivalent_atoms``
     # (orbits under the operations found for the input cell): for an input supercell at a loose
     # symprec the latter splits one Wyckoff orbit into several (4 of 2,725 MP structures).
-    prim_to_input: dict[int, int] = {}
-    for i, p in enumerate(ds.mapping_to_primitive):
-        prim_to_input.setdefault(int(p), i)
-    std_orbit = np.array([int(ds.crystallographic_orbits[prim_to_input[int(p)]])
-                          for p in ds.std_mapping_to_primitive])
+    mapping = np.asarray(ds.mapping_to_primitive)
+    std_prim = np.asarray(ds.std_mapping_to_primitive)
+    first_input = np.full(int(max(mapping.max(), std_prim.max())) + 1, -1, dtype=np.int64)
+    prims, first = np.unique(mapping, return_index=True)  # the first input atom of each primitive atom
+    first_input[prims] = first
+    if (first_input[std_prim] < 0).any():
+        raise KeyError(int(std_prim[first_input[std_prim] < 0][0]))
+    std_orbit = np.asarray(ds.crystallographic_orbits)[first_input[std_prim]]
     sym_of = {int(n): s for n, s in zip(numbers, species, strict=True)}
     sites = []
     for orbit in np.unique(std_orbit):
-        members = std_pos[std_orbit == orbit]
+        in_orbit = std_orbit == orbit
+        members = std_pos[in_orbit]
         letter = str(ds.wyckoffs[orbit])
         wp = W.position(sg, letter)
         if len(members) != wp.multiplicity:
@@ -139,8 +142,8 @@ def asymmetric_unit(
                 f"no point of orbit {wp.label} (sg {sg}, Hall {int(ds.hall_number)}) in pyxtal's "
                 f"form; closest off by {dev[k]:.3g}", spacegroup_number=sg)
         rep = proj[k].copy()
-        rep[np.isclose(rep, 1.0, atol=1e-10)] = 0.0
-        sites.append((W.letter_index(sg, letter), sym_of[int(std_types[std_orbit == orbit][0])],
+        rep[np.abs(rep - 1.0) <= 1e-10 + 1e-5] = 0.0  # np.isclose(rep, 1.0, atol=1e-10), its rtol 1e-5 kept
+        sites.append((W.letter_index(sg, letter), sym_of[int(std_types[in_orbit][0])],
                       letter, wp.multiplicity, rep))
     sites.sort(key=lambda s: (s[0], s[1], tuple(np.round(s[4], 6))))
     params = tuple(lattice_parameters(np.asarray(ds.std_lattice, float)).tolist())
@@ -206,6 +209,13 @@ def rebuild(asu: dict):
                               asu["asu_frac_coords"], asu["lattice_params"])
 
 
+def rebuild_cell(asu: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`rebuild` as arrays, without a pymatgen ``Structure``: ``(lattice (3, 3), fractional
+    coordinates (N, 3), species (N,))``, the same numbers as the Structure's."""
+    frac, owner = W.expand_asu(asu["spacegroup_number"], asu["wyckoff_letters"], asu["asu_frac_coords"])
+    return lattice_matrix(*asu["lattice_params"]), frac, np.asarray(asu["asu_elements"])[owner]
+
+
 def round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray, asu: dict, *,
                matchers: tuple | None = None) -> None:
     """Rebuild the conventional cell from ``asu`` and match it against the input with
@@ -242,14 +252,15 @@ def direct_round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray,
     (distance in the rebuilt lattice). The tolerance is ``stol * (V/N)^(1/3)`` of the input, as
     StructureMatcher's. Raises :class:`SymmetryError` on failure.
     """
-    rebuilt = rebuild(asu)
+    rebuilt_lat, rebuilt_frac, rebuilt_species = rebuild_cell(asu)
     P = np.asarray(ds.transformation_matrix, float)
     p = np.asarray(ds.origin_shift, float)
     x_in = np.asarray(frac, float)
     lat = np.asarray(lattice, float)
     n_expected = len(x_in) / abs(np.linalg.det(P))
-    if len(rebuilt) != round(n_expected):
-        raise SymmetryError("atom_count_mismatch", f"rebuilt {len(rebuilt)} atoms, input implies {n_expected:g}")
+    if len(rebuilt_frac) != round(n_expected):
+        raise SymmetryError("atom_count_mismatch",
+                            f"rebuilt {len(rebuilt_frac)} atoms, input implies {n_expected:g}")
     expected = lattice_parameters(np.linalg.inv(P).T @ lat)
     got = np.asarray(asu["lattice_params"])
     length_err = np.abs(got[:3] / np.asarray(expected[:3]) - 1).max()
@@ -258,17 +269,17 @@ def direct_round_trip(lattice: np.ndarray, species: list[str], frac: np.ndarray,
         raise SymmetryError("no_match", f"conventional lattice off by {length_err:.1%} in length, "
                             f"{angle_err:.1f} deg in angle")
     tol = stol * (abs(np.linalg.det(lat)) / len(x_in)) ** (1 / 3)
-    back = (rebuilt.frac_coords - p) @ np.linalg.inv(P).T
+    back = (rebuilt_frac - p) @ np.linalg.inv(P).T
     d = minimum_image(back[:, None, :] - x_in[None, :, :]) @ lat
     dist = np.linalg.norm(d, axis=-1)
-    same = np.array([[a.symbol == b for b in species] for a in rebuilt.species])
+    same = rebuilt_species[:, None] == np.asarray(species)[None, :]
     dist[~same] = np.inf
     nearest = dist.min(axis=1)
     if nearest.max() > tol:
         raise SymmetryError("no_match", f"a rebuilt atom is {nearest.max():.3f} Å from any input atom")
     # the other way round in the conventional frame (complete there modulo its lattice)
     fwd = x_in @ P.T + p
-    d2 = minimum_image(fwd[:, None, :] - rebuilt.frac_coords[None, :, :]) @ rebuilt.lattice.matrix
+    d2 = minimum_image(fwd[:, None, :] - rebuilt_frac[None, :, :]) @ rebuilt_lat
     dist2 = np.linalg.norm(d2, axis=-1)
     dist2[~same.T] = np.inf
     missed = dist2.min(axis=1)

@@ -83,7 +83,8 @@ class WyckoffArrays:
 
 
 @lru_cache(maxsize=256)
-def _group(sg: int):
+def group(sg: int):
+    """pyxtal's ``Group`` of a space group (cached: loading one costs ~5 ms)."""
     from pyxtal.symmetry import Group
 
     if not 1 <= sg <= 230:
@@ -94,7 +95,7 @@ def _group(sg: int):
 @lru_cache(maxsize=256)
 def letters(sg: int) -> tuple[str, ...]:
     """Wyckoff letters of ``sg`` in alphabetical order ('a' = most special)."""
-    return tuple(sorted((wp.letter for wp in _group(sg).Wyckoff_positions), key=_letter_key))
+    return tuple(sorted((wp.letter for wp in group(sg).Wyckoff_positions), key=_letter_key))
 
 
 def _letter_key(letter: str) -> tuple[int, str]:
@@ -112,7 +113,7 @@ def letter_index(sg: int, letter: str) -> int:
 @lru_cache(maxsize=8192)
 def position(sg: int, letter: str) -> WyckoffArrays:
     """The Wyckoff position ``letter`` of space group ``sg`` as arrays."""
-    for wp in _group(sg).Wyckoff_positions:
+    for wp in group(sg).Wyckoff_positions:
         if wp.letter == letter:
             rot = np.array([op.rotation_matrix for op in wp.ops], dtype=float)
             trans = np.array([op.translation_vector for op in wp.ops], dtype=float)
