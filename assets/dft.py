@@ -496,7 +496,39 @@ def discoveries(context: dg.AssetExecutionContext, config: DiscoveriesConfig,
         "rejected": dg.MetadataValue.md(_md_table(out.filter(
             ~pl.col("verdict").is_in(["discovery", "rediscovery"])).select("candidate_id", "verdict", "verdict_reason"),
             max_rows=40)),
+        **_discovery_plots(store, out),
     })
+
+
+def _discovery_plots(store, out: pl.DataFrame, *, max_systems: int = 3) -> dict[str, dg.MetadataValue]:
+    """The shortlist's key plots (``assets.screening.key_plots``) for the DFT-verified candidates of
+    each chemical system (at most ``max_systems``): the hull the screening ranked them on (the
+    ``reference_energies`` of the first surrogate that ranked them), with the candidates coloured by
+    their DFT energy above the DFT hull, and DFT energy above the hull against the DFT phonon minimum."""
+    from assets.screening import key_plots
+
+    rows = out.filter(pl.col("candidate_id").is_not_null() & pl.col("chemical_system").is_not_null()
+                      & pl.col("e_above_hull_dft_ev_per_atom").is_not_null())
+    if rows.is_empty():
+        return {k: dg.MetadataValue.md("(no DFT-verified candidate with an energy above the hull yet)")
+                for k in ("hull_diagram", "e_above_hull_vs_phonon_min")}
+    hull, energies = [], []
+    for cs in sorted(rows["chemical_system"].unique().to_list())[:max_systems]:
+        sub = rows.filter(pl.col("chemical_system") == cs).sort("e_above_hull_dft_ev_per_atom")
+        plot_rows = sub.select("candidate_id", pl.coalesce("reduced_formula", "formula").alias("formula"),
+                               pl.col("e_above_hull_dft_ev_per_atom").alias("e_above_hull_ev_per_atom"),
+                               pl.col("formation_energy_dft_ev_per_atom").alias("formation_energy_per_atom_ev"),
+                               "min_frequency_thz", "is_dynamically_stable")
+        ranked = [s for s in sub["ranked_by_surrogates"].explode().drop_nulls().unique(maintain_order=True)]
+        part = next((f"{cs}|{s}" for s in ranked if store.exists("reference_energies", f"{cs}|{s}")), None)
+        refs = store.read("reference_energies", partition=part) if part else None
+        plots = key_plots(refs, plot_rows, cs.split("-"), note=(
+            f"{cs}: {sub.height} DFT-verified candidates, DFT energies ({', '.join(sorted(set(sub['energy_footing'].drop_nulls())))}"
+            f" footing); the phases on the hull are the screening's ({part.split('|', 1)[1] if part else 'none'})."))
+        hull.append(str(plots["hull_diagram"].value))
+        energies.append(str(plots["e_above_hull_vs_phonon_min"].value))
+    return {"hull_diagram": dg.MetadataValue.md("\n\n".join(hull)),
+            "e_above_hull_vs_phonon_min": dg.MetadataValue.md("\n\n".join(energies))}
 
 
 @dg.asset_check(asset=discoveries, description="Every row has a verdict with its reason; every discovery is "

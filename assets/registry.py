@@ -3,7 +3,9 @@
 Its data version is a hash of the registered surrogates' weight hashes, so registering a new
 surrogate (a model folder plus a registry entry) or changing a surrogate's weights changes it, and
 ``surrogate_registry_sensor`` (``orchestration/sensors.py``) reacts by adding the partitions and
-requesting the re-screening runs.
+requesting the re-screening runs. The sensor also records the observation (the same data version
+and metadata, :func:`registry_observation`) on every tick that finds the version changed, so the
+asset is observed without anyone clicking Observe.
 
 Which surrogates count (:func:`registered_surrogates`): the entries of the registry file when one
 is configured (``CGWGAN_SURROGATES``), otherwise the built-in ones; in both cases only those whose
@@ -18,6 +20,7 @@ import dagster as dg
 
 from lib.ids import content_hash
 from lib.surrogates import SurrogateSpec, load_registry
+from lib.surrogates.registry import load_registry_entries
 from orchestration.resources import SurrogateRegistryResource
 
 
@@ -50,8 +53,15 @@ def weights_available(spec: SurrogateSpec) -> bool:
 
 
 def registered_surrogates(registry_path: str, models_dir: str) -> tuple[dict[str, SurrogateSpec], list[str]]:
-    """(available registered surrogates by name, names registered but without weights here)."""
-    registry = load_registry(registry_path or None, models_dir=models_dir or None)
+    """(available registered surrogates by name, names registered but not usable here).
+
+    With a registry file its entries are read one by one (``load_registry_entries``, weights
+    verified against their sha256): a malformed entry, missing weights or a wrong hash make that
+    entry unavailable, not the whole registry unreadable (as the registry sensor sees it)."""
+    if registry_path:
+        registry, _ = load_registry_entries(registry_path, models_dir=models_dir or None)
+    else:
+        registry = load_registry(None, models_dir=models_dir or None)
     names = registry_file_names(registry_path) if registry_path else list(registry)
     active = {n: registry[n] for n in names if n in registry and weights_available(registry[n])}
     missing = [n for n in names if n not in active]
@@ -63,22 +73,26 @@ def registry_version(active: dict[str, SurrogateSpec]) -> str:
     return content_hash(sorted((n, s.sha256) for n, s in active.items()), length=16)
 
 
-@dg.observable_source_asset(group_name="screening", description=(
-    "Registered surrogates (registry file + model folders). Data version: hash of the weights' sha256s."))
-def surrogate_registry(surrogate_registry: SurrogateRegistryResource) -> dg.ObserveResult:
+def registry_observation(surrogate_registry: SurrogateRegistryResource) -> tuple[str, dict[str, Any]]:
+    """(data version, metadata) of an observation of the registry: what the ``surrogate_registry``
+    asset reports when observed, and what ``surrogate_registry_sensor`` records when it changes."""
     active, missing = registered_surrogates(surrogate_registry.resolved_registry_path,
                                             surrogate_registry.resolved_models_dir)
     rows = "\n".join(f"| {n} | {s.kind} | {s.version} | {s.sha256[:16]} | {s.surrogate_id} |"
                      for n, s in sorted(active.items()))
-    return dg.ObserveResult(
-        data_version=dg.DataVersion(registry_version(active)),
-        metadata={
-            "n_surrogates": len(active),
-            "surrogates": ", ".join(sorted(active)),
-            "unavailable": ", ".join(missing) or "none",
-            "registry_file": surrogate_registry.resolved_registry_path or "(built-in entries)",
-            "models_dir": surrogate_registry.resolved_models_dir or "(not set)",
-            "registry": dg.MetadataValue.md(
-                "| name | kind | version | sha256 | id |\n|---|---|---|---|---|\n" + rows),
-        },
-    )
+    return registry_version(active), {
+        "n_surrogates": len(active),
+        "surrogates": ", ".join(sorted(active)),
+        "unavailable": ", ".join(missing) or "none",
+        "registry_file": surrogate_registry.resolved_registry_path or "(built-in entries)",
+        "models_dir": surrogate_registry.resolved_models_dir or "(not set)",
+        "registry": dg.MetadataValue.md("| name | kind | version | sha256 | id |\n|---|---|---|---|---|\n" + rows),
+    }
+
+
+@dg.observable_source_asset(group_name="screening", description=(
+    "Registered surrogates (registry file + model folders). Data version: hash of the weights' sha256s. "
+    "Observed by surrogate_registry_sensor whenever that changes (and by Observe in the UI)."))
+def surrogate_registry(surrogate_registry: SurrogateRegistryResource) -> dg.ObserveResult:
+    version, metadata = registry_observation(surrogate_registry)
+    return dg.ObserveResult(data_version=dg.DataVersion(version), metadata=metadata)

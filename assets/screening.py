@@ -34,7 +34,13 @@ from assets.partitions import screening_partitions
 from lib import screening as scr
 from lib.cells import ASU_COLUMNS, CELL_COLUMNS, MATCHER_TOLERANCES
 from lib.consensus import ConsensusRankBy
-from lib.phonons import DEFAULT_PHONON_SYMPREC, DEFAULT_THRESHOLD_THZ, band_structure_figure
+from lib.phonons import (
+    DEFAULT_ACTOR_MEMORY_GB,
+    DEFAULT_MAX_SUPERCELL_ATOMS,
+    DEFAULT_PHONON_SYMPREC,
+    DEFAULT_THRESHOLD_THZ,
+    band_structure_figure,
+)
 from lib.plots import figure_markdown
 from lib.selection import RankBy
 from lib.store import partition_dirname
@@ -97,7 +103,12 @@ class PhononsConfig(RayStageConfig):
     symprec: float = DEFAULT_PHONON_SYMPREC  # Å, symmetrisation to the primitive cell before the displacements; 0 = none
     supercell: list[int] = [2, 2, 2]
     min_length_a: float = 0.0  # > 0: smallest diagonal supercell with every length >= this
-    max_supercell_atoms: int = 0  # > 0: larger supercells are skipped (status "skipped", counted)
+    # larger supercells are skipped (status "skipped", counted, reason in error); 0 = no cap. Uncapped, one
+    # actor reached 15 GB RSS on 2x2x2 supercells of 80- and 48-atom cells (issue 17; lib/phonons.py)
+    max_supercell_atoms: int = DEFAULT_MAX_SUPERCELL_ATOMS
+    # GB, peak RSS budget of one actor: force batches shrink to fit it (measured per surrogate kind, lib.phonons)
+    # and actors = min(configured, available memory / this); 0 = off (batch_size as set, actors by CPU only)
+    actor_memory_gb: float = DEFAULT_ACTOR_MEMORY_GB
     displacement_a: float = 0.01
     mesh: list[int] = [8, 8, 8]
     band_npoints: int = 31
@@ -137,10 +148,36 @@ def _local_surrogate(name: str, registry_path: str | None, models_dir: str | Non
                                          threads=threads, cache=True, worker_python=worker_python)
 
 
+def _available_memory_gb(ray: Any, local: bool) -> float:
+    """Memory the actors may use (GB): this machine's available memory for a local Ray, else the
+    cluster's unreserved ``memory`` resource."""
+    if local:
+        import psutil
+
+        return psutil.virtual_memory().available / 1e9
+    return float(ray.available_resources().get("memory", 0.0)) / 1e9
+
+
+def _peak_rss_gb(pids: list[int]) -> float | None:
+    """Largest peak RSS (VmHWM, GB) of these local processes; None when none can be read."""
+    peaks = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                peaks += [int(line.split()[1]) * 1024 / 1e9 for line in fh if line.startswith("VmHWM")]
+        except OSError:
+            continue
+    return round(max(peaks), 3) if peaks else None
+
+
 @contextmanager
 def _compute(config: RayStageConfig, method: str, surrogate: str, reg: SurrogateRegistryResource,
-             ray_runtime: RayResource, n_batches: int, **kwargs) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """A ``compute`` for ``run_batches`` (Ray actors or in-process) and what ran it."""
+             ray_runtime: RayResource, n_batches: int, **kwargs: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """A ``compute`` for ``run_batches`` (Ray actors or in-process) and what ran it; ``kwargs`` go
+    to the compute method, but for ``memory_per_actor_gb`` (GB, > 0: at most as many actors as the
+    available memory holds at that size each; ``how`` then also gets the available memory, the
+    actors the CPUs alone allowed and, after the body ran, the actors' largest peak RSS (local Ray))."""
+    memory_per_actor_gb = float(kwargs.pop("memory_per_actor_gb", 0.0))
     lk = _load_kwargs(reg)
     if not config.use_ray or n_batches == 0:
         sur = _local_surrogate(surrogate, **lk)
@@ -152,12 +189,24 @@ def _compute(config: RayStageConfig, method: str, surrogate: str, reg: Surrogate
     cpus = float(ray.cluster_resources().get("CPU", 1))
     n = scr.default_num_actors(n_batches, requested=config.num_actors, cpus=cpus,
                                cpus_per_actor=config.cpus_per_actor)
+    local = not ray_runtime.resolved_address
+    memory: dict[str, Any] = {}
+    if memory_per_actor_gb > 0:
+        from lib.phonons import memory_aware_num_actors
+
+        avail = _available_memory_gb(ray, local)
+        memory = {"actors_by_cpu": n, "available_memory_gb": round(avail, 2),
+                  "memory_per_actor_gb": round(memory_per_actor_gb, 2)}
+        n = memory_aware_num_actors(n, available_gb=avail, per_actor_gb=memory_per_actor_gb)
     pool = scr.SurrogatePool(surrogate, num_actors=n, load_kwargs=lk, num_cpus_per_actor=config.cpus_per_actor,
                              num_gpus_per_actor=config.gpus_per_actor)
+    how: dict[str, Any] = {"backend": "ray", "actors": n, **memory}
     try:
         nodes = {i["node_id"] for i in pool.info()}  # also waits until every actor has loaded the model
-        yield pool.compute(method, **kwargs), {"backend": "ray", "actors": n, "ray_nodes": len(nodes),
-                                               "ray_address": ray_runtime.resolved_address or "local"}
+        how |= {"ray_nodes": len(nodes), "ray_address": ray_runtime.resolved_address or "local"}
+        yield pool.compute(method, **kwargs), how
+        if memory and local:
+            how["actor_peak_rss_gb"] = _peak_rss_gb(pool.pids())
     finally:
         pool.shutdown()
 
@@ -196,6 +245,41 @@ def _surrogate_identity(surrogate: str, reg: SurrogateRegistryResource) -> tuple
         sur = _local_surrogate(surrogate, *_load_kwargs(reg).values())
         return sur.name, sur.weights_sha256
     return spec.name, spec.sha256
+
+
+def key_plots(refs: pl.DataFrame | None, rows: pl.DataFrame, elements: list[str], *, n_hull: int = 10,
+              note: str = "") -> dict[str, dg.MetadataValue]:
+    """The key plots of a screening result as Markdown images (the discovery report's, reused:
+    ``lib.report.hull_figure`` and ``energies_figure``): ``hull_diagram``, the competing phases'
+    hull (pymatgen ``PhaseDiagram``) with the first ``n_hull`` rows marked #1, #2, ...; and
+    ``e_above_hull_vs_phonon_min``, energy above the hull against formation energy and against
+    the lowest phonon frequency. ``rows``: ``candidate_id``, ``formula``,
+    ``e_above_hull_ev_per_atom``, ``formation_energy_per_atom_ev``, ``min_frequency_thz``,
+    ``is_dynamically_stable``, in rank order. ``refs``: ``reference_energies`` rows (None: no hull).
+    A plot that cannot be drawn is a line saying why."""
+    from lib.report import energies_figure, hull_figure
+
+    sys_name = "-".join(sorted(elements))
+    if refs is None:
+        hull_md = f"(no reference_energies for {sys_name}: no hull)"
+    else:
+        try:
+            fig = hull_figure(refs.filter(pl.col("kind") == "reference"), rows.head(n_hull), elements)
+            hull_md = (figure_markdown(fig, alt=f"{sys_name} hull") if fig is not None
+                       else f"(a hull diagram is drawn for binary and ternary systems, not {sys_name})")
+        except (ValueError, KeyError) as exc:  # e.g. an element without a reference phase
+            hull_md = f"(hull of {sys_name} not drawn: {exc})"
+    energies_md = figure_markdown(energies_figure(rows, rows), alt=f"{sys_name} energy above hull vs phonon minimum")
+    return {"hull_diagram": dg.MetadataValue.md(hull_md + (f"\n\n{note}" if note else "")),
+            "e_above_hull_vs_phonon_min": dg.MetadataValue.md(energies_md + (f"\n\n{note}" if note else ""))}
+
+
+def _surrogate_kind(surrogate: str, reg: SurrogateRegistryResource) -> str | None:
+    """The registry ``kind`` of a surrogate (``m3gnet``, ``chgnet``, ...); None when not registered."""
+    from lib.surrogates import load_registry
+
+    spec = load_registry(reg.resolved_registry_path or None, models_dir=reg.resolved_models_dir or None).get(surrogate)
+    return spec.kind if spec is not None else None
 
 
 def _md_table(df: pl.DataFrame, n: int = 10) -> dg.MetadataValue:
@@ -252,7 +336,10 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     carry = [c for c in ("formula", "reduced_formula", "spacegroup_number", "is_known_in_mp") if c in cands.columns]
     out = scr.with_lineage(res.join(cands.select("candidate_id", *carry), on="candidate_id", how="left"), cands,
                            surrogate_name=name, surrogate_sha256=sha)
-    store.write("prescreen", out, partition=part, metadata={"surrogate_sha256": sha, **how})
+    # the sample's size and seed: a re-screen (orchestration.schedules.rescreen_run_config) draws the same candidates
+    store.write("prescreen", out, partition=part, metadata={
+        "surrogate_sha256": sha, "max_candidates": config.max_candidates, "sample_seed": config.sample_seed,
+        "n_candidates_input": n_input, **how})
     cgwgan_home.refresh_catalog()
     n_ok = int((out["status"] == "ok").sum())
     missing = cands.height - out.join(cands.select("candidate_id"), on="candidate_id", how="semi").height
@@ -466,6 +553,8 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
                       "hull, the shortlist's order (or by formation energy, the paper's: rank_by).")
 def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_home: CgwganHome,
             ray_runtime: RayResource, surrogate_registry: SurrogateRegistryResource) -> dg.MaterializeResult:
+    from lib.phonons import max_batch_atoms, phonon_rss_estimate_gb
+
     _, surrogate, part = _keys(context)
     store = cgwgan_home.store
     relaxed_all = store.read("relaxed", partition=part)
@@ -481,10 +570,22 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
           "symprec": config.symprec or None}
     if config.max_supercell_atoms > 0:  # only when set: batch ids of uncapped runs stay as they were
         kw["max_supercell_atoms"] = config.max_supercell_atoms
+    # memory: force batches sized to the actor budget of this surrogate kind, actors to the memory available
+    kind = _surrogate_kind(surrogate, surrogate_registry)
+    memory: dict[str, Any] = {"surrogate_kind": kind or "unknown", "actor_memory_gb": config.actor_memory_gb}
+    per_actor_gb = 0.0
+    if config.actor_memory_gb > 0:
+        batch_atoms = max_batch_atoms(config.actor_memory_gb, kind)
+        largest = config.max_supercell_atoms or batch_atoms  # uncapped: a batch fills the budget
+        per_actor_gb = phonon_rss_estimate_gb(kind, min(batch_atoms, max(1, config.batch_size) * largest))
+        memory |= {"max_batch_atoms": batch_atoms, "per_actor_rss_estimate_gb": round(per_actor_gb, 2)}
+    salt = {"surrogate_sha256": sha, "stage": "phonons", **kw}  # the batch atoms change no result: not salted
+    if config.actor_memory_gb > 0:
+        kw["max_batch_atoms"] = memory["max_batch_atoms"]
     batches = scr.plan_batches(rel.select("candidate_id", *CELL_COLUMNS), rows_per_batch=config.batch_rows,
-                               salt={"surrogate_sha256": sha, "stage": "phonons", **kw})
+                               salt=salt)
     with _compute(config, "phonons", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
-                  **kw) as (compute, how):
+                  memory_per_actor_gb=per_actor_gb, **kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "phonons", part),
                                         on_batch_written=_progress(context, "phonons", batches))
     if not res.height:
@@ -494,12 +595,19 @@ def phonons(context: dg.AssetExecutionContext, config: PhononsConfig, cgwgan_hom
     out = res.rename({"key": "candidate_id"}).join(
         rel.select(*scr.LINEAGE_COLUMNS, "formula"), on="candidate_id", how="left")
     out = out.select(*scr.LINEAGE_COLUMNS, *[c for c in out.columns if c not in scr.LINEAGE_COLUMNS])
-    store.write("phonons", out, partition=part, metadata={**{k: str(v) for k, v in kw.items()}, **how})
+    store.write("phonons", out, partition=part, metadata={**{k: str(v) for k, v in kw.items()}, **how, **memory})
     cgwgan_home.refresh_catalog()
     ok = out.filter(pl.col("status") == "ok")
+    skipped = out.filter(pl.col("status") == "skipped")
+    if skipped.height:
+        context.log.warning(f"phonons {part}: {skipped.height} of {out.height} cells skipped: supercell above "
+                            f"max_supercell_atoms {config.max_supercell_atoms}")
     return dg.MaterializeResult(
         metadata={"rows": out.height, "n_ok": ok.height, "n_stable": int(ok["is_dynamically_stable"].sum() or 0),
-                  "n_skipped_size": int((out["status"] == "skipped").sum()),
+                  "n_skipped_size": skipped.height, "max_supercell_atoms": config.max_supercell_atoms,
+                  "skipped_size": _md_table(skipped.select("candidate_id", "formula", "n_supercell_atoms", "error")),
+                  **memory,
+                  **{k: how[k] for k in ("actors_by_cpu", "available_memory_gb", "actor_peak_rss_gb") if k in how},
                   "threshold_thz": config.threshold_thz, "rank_by": config.rank_by, "top_n": config.top_n,
                   "seconds": round(stats.seconds, 2),
                   "screens_per_hour": round(3600 * ok.height / max(stats.seconds, 1e-9), 1) if stats.n_run else 0.0,
@@ -583,6 +691,8 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
                     .sort("best_rank"))
     problems = scr.ranked_and_unique_problems(out)
     unique_novel = out.filter(pl.col("duplicate_of").is_null() & pl.col("is_novel").fill_null(False))
+    plots_md = key_plots(refs, out.filter(pl.col("duplicate_of").is_null()), chemsys.split("-"), note=(
+        f"Unique structures ranked by energy above the hull under {part.split('|', 1)[1]}; #1, #2, ... as in `top`."))
     return dg.MaterializeResult(
         metadata={"rows": out.height, "n_with_phonons": int(out["has_phonons"].sum() or 0),
                   "n_dynamically_stable": int(out["is_dynamically_stable"].fill_null(False).sum()),
@@ -608,7 +718,8 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
                   "known_phases": _md_table(out.filter(pl.col("is_novel").eq(False)).select(
                       "rank", "candidate_id", "formula", "known_material_id", "known_source",
                       "e_above_hull_ev_per_atom"), 15),
-                  "band_structures": dg.MetadataValue.md("\n\n".join(plots) or "(no phonon results)")},
+                  "band_structures": dg.MetadataValue.md("\n\n".join(plots) or "(no phonon results)"),
+                  **plots_md},
         check_results=[dg.AssetCheckResult(
             check_name="ranked_and_unique", passed=not problems,
             metadata={"rows": out.height, "problems": dg.MetadataValue.md(

@@ -46,6 +46,86 @@ DEFAULT_THRESHOLD_THZ = -0.5
 #: spglib tolerance (Å) of the symmetrisation before the displacements (None: none).
 DEFAULT_PHONON_SYMPREC = 1e-2
 
+# ----------------------------------------------------------------------------- memory
+# Peak RSS of one phonon screen is set by the forward pass of one force batch (the surrogate's
+# graph and autograd buffers of every displaced supercell in it), not by the structures held.
+# Measured (issue 17): peak RSS of a fresh process running ``phonon_frame`` on real MP Ba-Ru-O
+# cells, 2x2x2 (one 2x2x3) supercells, CPU, one torch thread; "batch atoms" = supercells in one
+# forward batch x supercell atoms:
+#
+# ==========  ===========  ===========  ========  ===========  ===========
+# surrogate   cell         supercell    batch     batch atoms  peak RSS
+# ==========  ===========  ===========  ========  ===========  ===========
+# M3GNet-MP   mp-547094    80 atoms     16        1,280        1.71 GB
+# M3GNet-MP   mp-3597      160 atoms    9         1,440        2.15 GB
+# M3GNet-MP   mp-3598      240 atoms    13        3,120        4.05 GB
+# M3GNet-MP   mp-3598      240 atoms    8         1,920        2.71 GB
+# M3GNet-MP   mp-3598      240 atoms    4         960          1.75 GB
+# M3GNet-MP   mp-554791    320 atoms    12        3,840        3.94 GB
+# M3GNet-MP   mp-554791    320 atoms    6         1,920        2.36 GB
+# CHGNet      mp-3598      240 atoms    13        3,120        12.02 GB
+# CHGNet      mp-3598      240 atoms    8         1,920        7.68 GB
+# CHGNet      mp-3598      240 atoms    2         480          2.37 GB
+# ==========  ===========  ===========  ========  ===========  ===========
+#
+# (model loaded, before the screen: 0.55 GB M3GNet, 0.40 GB CHGNet). Linear in the batch atoms;
+# least squares: 0.82 GB + 0.90 MB/atom for M3GNet (residuals up to 0.45 GB: denser cells have
+# more neighbours), 0.63 GB + 3.65 MB/atom for CHGNet. The model below is an upper envelope of
+# every row. Uncapped, a 2x2x2 supercell of an 80-atom cell (640 atoms) in batches of 16 holds
+# 10,240 atoms: about 12 GB with M3GNet, 38 GB with CHGNet.
+
+#: kind -> (GB, GB per atom in one force batch): peak RSS <= GB + per-atom x batch atoms for every
+#: measurement above. Kinds not measured (e.g. the TensorFlow M3GNet in its own process) get
+#: CHGNet's, the larger.
+PHONON_MEMORY_MODEL_GB: dict[str, tuple[float, float]] = {"m3gnet": (0.8, 1.1e-3), "chgnet": (0.65, 3.7e-3)}
+#: What a Ray actor adds to the bare process (GB): the ``phonons`` asset with M3GNet, one actor,
+#: force batches of 8 x 240 atoms (mp-3597 and mp-3598 in one batch) peaked at 2.94 GB, against
+#: 2.71 GB for the same 1,920 batch atoms in a bare process.
+RAY_ACTOR_OVERHEAD_GB = 0.25
+#: Supercells with more atoms are skipped (status "skipped", counted, with the reason): 2x2x2 of a
+#: 32-atom cell. Under :data:`DEFAULT_ACTOR_MEMORY_GB` its forces go in batches of 6 supercells
+#: with M3GNet (1,772 batch atoms) and of 2 with CHGNet (567).
+DEFAULT_MAX_SUPERCELL_ATOMS = 256
+#: Peak RSS budget (GB) of one phonon actor: force batches are sized to it
+#: (:func:`max_batch_atoms`) and the number of actors to the memory available
+#: (:func:`memory_aware_num_actors`).
+DEFAULT_ACTOR_MEMORY_GB = 3.0
+
+
+def phonon_memory_model(kind: str | None) -> tuple[float, float]:
+    """(base GB, GB per batch atom) of a surrogate ``kind`` (:data:`PHONON_MEMORY_MODEL_GB`)."""
+    return PHONON_MEMORY_MODEL_GB.get(kind or "", PHONON_MEMORY_MODEL_GB["chgnet"])
+
+
+def max_batch_atoms(memory_gb: float, kind: str | None) -> int:
+    """Atoms one force batch may hold so that a phonon screen with surrogate ``kind`` in a Ray
+    actor peaks at about ``memory_gb`` (at least 1: one supercell per batch)."""
+    base, per_atom = phonon_memory_model(kind)
+    return max(1, int((memory_gb - base - RAY_ACTOR_OVERHEAD_GB) / per_atom))
+
+
+def phonon_rss_estimate_gb(kind: str | None, batch_atoms: int, *, ray_actor: bool = True) -> float:
+    """Estimated peak RSS (GB) of a phonon screen whose force batches hold ``batch_atoms`` atoms,
+    in a Ray actor (or, ``ray_actor`` False, a bare process)."""
+    base, per_atom = phonon_memory_model(kind)
+    return base + per_atom * batch_atoms + (RAY_ACTOR_OVERHEAD_GB if ray_actor else 0.0)
+
+
+def force_batch_size(batch_size: int, n_supercell_atoms: int, batch_atoms: int | None) -> int:
+    """Supercells per force batch: ``batch_size``, fewer when ``batch_atoms`` would be exceeded
+    (never below one)."""
+    if not batch_atoms or n_supercell_atoms <= 0:
+        return max(1, batch_size)
+    return max(1, min(batch_size, batch_atoms // n_supercell_atoms))
+
+
+def memory_aware_num_actors(num_actors: int, *, available_gb: float | None, per_actor_gb: float) -> int:
+    """``num_actors``, fewer when the available memory does not hold that many actors of
+    ``per_actor_gb`` each (at least one; ``available_gb`` None or ``per_actor_gb`` <= 0: unchanged)."""
+    if available_gb is None or per_actor_gb <= 0:
+        return max(1, num_actors)
+    return max(1, min(num_actors, int(available_gb // per_actor_gb)))
+
 #: One phonon screen: the ``phonons`` table without what the asset adds (``key`` = candidate_id).
 PHONON_SCHEMA = {"key": pl.String(), **contracts.schema(
     "phonons", exclude=(*contracts.LINEAGE, "batch_id", "formula"))}
@@ -100,11 +180,15 @@ def phonon_frame(
     batch_size: int = 16,
     symprec: float | None = DEFAULT_PHONON_SYMPREC,
     max_supercell_atoms: int | None = None,
+    max_batch_atoms: int | None = None,
 ) -> pl.DataFrame:
     """Phonon screen of every row (ASU or cell form): :data:`PHONON_SCHEMA` columns.
 
     ``max_supercell_atoms``: a row whose supercell would have more atoms gets ``status``
-    "skipped" with the sizes in ``error`` (no forces computed), not a verdict."""
+    "skipped" with the sizes in ``error`` (no forces computed), not a verdict.
+    ``max_batch_atoms``: force batches hold at most this many atoms (fewer than ``batch_size``
+    supercells when the largest supercell of the frame needs it; at least one): the bound on
+    memory (:func:`max_batch_atoms`). The forces do not depend on it."""
     from phonopy.phonon.band_structure import get_band_qpoints_and_path_connections
 
     keys, structures = prepared_structures(surrogate, frame, key)
@@ -138,7 +222,9 @@ def phonon_frame(
         except Exception as exc:  # noqa: BLE001 - any setup failure is reported on its row
             rows[i] |= {"status": "error", "error": f"{key}={k}: phonopy setup failed: {type(exc).__name__}: {exc}"}
     t_pred = time.perf_counter()
-    preds = surrogate.predict_safe(cells, batch_size=batch_size) if cells else []
+    largest = max((len(c) for c in cells), default=0)
+    preds = surrogate.predict_safe(cells, batch_size=force_batch_size(batch_size, largest, max_batch_atoms)) \
+        if cells else []
     pred_share = (time.perf_counter() - t_pred) / max(1, len(cells))
     labels = [p[0] for p in BAND_PATH]
     path = [[list(p[1]) for p in BAND_PATH]]

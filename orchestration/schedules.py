@@ -13,14 +13,15 @@ from typing import Any
 import dagster as dg
 from dagster_shared.check import CheckError
 
+from lib.phonons import DEFAULT_MAX_SUPERCELL_ATOMS
 from orchestration.jobs import RESCREEN_JOB, MainSettings, main_run_config
 from orchestration.profiles import DEFAULT_PROFILE, profile_settings
 from orchestration.resources import CgwganHome
 
 #: Phonon supercells with more atoms are skipped (status "skipped", counted) in a re-screen unless
-#: the system's first screening recorded its own cap: 2x2x2 of a 32-atom cell. Uncapped, one actor
+#: the system's first screening recorded its own cap: the phonons stage's default
+#: (``lib.phonons.DEFAULT_MAX_SUPERCELL_ATOMS``, 2x2x2 of a 32-atom cell). Uncapped, one actor
 #: reached about 15 GB RSS on 2x2x2 supercells of 80- and 48-atom cells (issue 17).
-DEFAULT_MAX_SUPERCELL_ATOMS = 256
 
 
 def _first_screening(store: Any, chemical_system: str, exclude_surrogate: str | None) -> str | None:
@@ -40,8 +41,10 @@ def rescreen_run_config(store: Any, chemical_system: str, *, exclude_surrogate: 
     """(run config of ``RESCREEN_JOB`` for one system, where its sizes came from).
 
     From the system's first screening (its earliest relaxed partition of another surrogate): the
-    pre-screen sample size (its prescreen rows when fewer than the system's ``candidates_dedup``,
-    else all; the sample is seeded, so the same size draws the same candidates), the relaxed
+    pre-screen sample size (recorded with its prescreen; for a partition written before that was
+    recorded, its prescreen rows when fewer than the system's ``candidates_dedup``, else all) and
+    the sample's seed (recorded with it; 0, the stage default, when not), so the re-screen draws
+    the same candidates from the same ``candidates_dedup``; the relaxed
     count, selection order and quota, and the phonon count and supercell settings, read from the
     stored tables and their write metadata. Without one: the ``profile``'s sizes
     (:mod:`orchestration.profiles`). Either way phonons get :data:`DEFAULT_MAX_SUPERCELL_ATOMS`
@@ -53,8 +56,14 @@ def rescreen_run_config(store: Any, chemical_system: str, *, exclude_surrogate: 
         config = main_run_config(settings)["screening_job"]
         config["ops"]["phonons"]["config"]["max_supercell_atoms"] = DEFAULT_MAX_SUPERCELL_ATOMS
         return config, f"profile {profile!r}"
-    n_pre = store.read("prescreen", partition=part).height
-    n_cands = store.read("candidates_dedup", partition=chemical_system).height
+    pre_md = (store.pointer("prescreen", part) or {}).get("metadata", {})
+    if pre_md.get("max_candidates") is not None:
+        max_candidates = int(pre_md["max_candidates"])
+    else:  # written before the sample size was recorded: its size
+        n_pre = store.read("prescreen", partition=part).height
+        n_cands = store.read("candidates_dedup", partition=chemical_system).height
+        max_candidates = n_pre if n_pre < n_cands else 0
+    prescreen_cfg = {"max_candidates": max_candidates, "sample_seed": int(pre_md.get("sample_seed", 0))}
     relaxed_md = (store.pointer("relaxed", part) or {}).get("metadata", {})
     relaxed_cfg: dict[str, Any] = {"top_k": store.read("relaxed", partition=part).height}
     for key in ("rank_by", "per_composition_quota"):
@@ -71,7 +80,7 @@ def rescreen_run_config(store: Any, chemical_system: str, *, exclude_surrogate: 
         if md.get("min_length_a") not in (None, "None"):
             phonons_cfg["min_length_a"] = float(md["min_length_a"])
     config = {"ops": {
-        "prescreen": {"config": {"max_candidates": n_pre if n_pre < n_cands else 0}},
+        "prescreen": {"config": prescreen_cfg},
         "relaxed": {"config": relaxed_cfg},
         "phonons": {"config": phonons_cfg},
     }}

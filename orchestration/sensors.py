@@ -13,6 +13,9 @@
   candidates appear later is screened then. When a system's shortlists change and it has at least
   two surrogates, a ``surrogate_churn`` run is requested. Without a registry file it does nothing
   (the built-in surrogates are screened by explicit runs or the weekly schedule).
+  Each tick whose registry data version differs from the last one it recorded also reports an
+  observation of the ``surrogate_registry`` source asset (same data version and metadata as an
+  Observe click), so the asset's version follows the registry without a manual observation.
   Each entry is checked on its own before it gets a partition (``load_registry_entries``): a
   malformed entry, a missing weights folder or weights whose sha256 is not the entry's are skipped
   with a warning (``context.log.warning`` on every tick, and listed in the tick's skip text), and
@@ -32,6 +35,7 @@ import dagster as dg
 import yaml
 
 from assets.partitions import DEFAULT_CHEMICAL_SYSTEM, chemical_system_partitions, surrogate_partitions
+from assets.registry import registry_observation
 from lib.dft_ingest import content_sha256, scan_results_root
 from lib.ids import content_hash
 from lib.surrogates.registry import load_registry_entries
@@ -40,6 +44,8 @@ from orchestration.profiles import DEFAULT_PROFILE
 from orchestration.resources import CgwganHome, DftResource, SurrogateRegistryResource
 from orchestration.schedules import rescreen_run_config as recorded_run_config
 
+#: The tag an observation carries its data version in (Dagster's, as an observable source asset's ObserveResult sets it).
+DATA_VERSION_TAG = "dagster/data_version"
 #: What reading a registry file raises on bad content (JSON errors and SurrogateError are ValueErrors).
 REGISTRY_INPUT_ERRORS = (OSError, ValueError, yaml.YAMLError)
 
@@ -166,11 +172,12 @@ def registry_requests(
     state = json.loads(cursor) if cursor else {}
     screened: dict[str, str] = state.get("screened", {})
     churned: dict[str, str] = state.get("churn", {})
+    observed = _registry_observation_event(surrogate_registry, state)
     registry_path = surrogate_registry.resolved_registry_path
     if not registry_path:
         return dg.SensorResult(skip_reason=dg.SkipReason(
             "no surrogate registry file configured (CGWGAN_SURROGATES): nothing registered to screen"),
-            cursor=json.dumps(state, sort_keys=True))
+            cursor=json.dumps(state, sort_keys=True), asset_events=observed)
     try:
         active, problems = load_registry_entries(registry_path,
                                                  models_dir=surrogate_registry.resolved_models_dir or None)
@@ -226,7 +233,9 @@ def registry_requests(
     add_systems = sorted({default_chemical_system} - known_systems)
     if add_systems:
         partition_requests.append(chemical_system_partitions.build_add_request(add_systems))
-    new_state = json.dumps({"screened": screened, "churn": churned}, sort_keys=True)
+    new_state = json.dumps({"screened": screened, "churn": churned,
+                            **({"registry_version": state["registry_version"]} if "registry_version" in state else {})},
+                           sort_keys=True)
     if not runs and not partition_requests:
         note = f"{len(active)} registered surrogates, nothing new"
         waiting = sorted(set(systems) - set(screenable))
@@ -234,8 +243,25 @@ def registry_requests(
             note += f"; no candidates_dedup yet for {', '.join(waiting)}"
         if problems:
             note += f"; {len(problems)} entries skipped: " + "; ".join(problems)
-        return dg.SensorResult(skip_reason=dg.SkipReason(note), cursor=new_state)
-    return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=partition_requests, cursor=new_state)
+        return dg.SensorResult(skip_reason=dg.SkipReason(note), cursor=new_state, asset_events=observed)
+    return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=partition_requests, cursor=new_state,
+                           asset_events=observed)
+
+
+def _registry_observation_event(surrogate_registry: SurrogateRegistryResource,
+                                state: dict[str, Any]) -> list[dg.AssetObservation]:
+    """An observation of ``surrogate_registry`` when its data version differs from the one in
+    ``state`` (the cursor; updated in place), else none. A registry that cannot be read is not
+    observed (the tick's skip reason says why)."""
+    try:
+        version, metadata = registry_observation(surrogate_registry)
+    except REGISTRY_INPUT_ERRORS:
+        return []
+    if state.get("registry_version") == version:
+        return []
+    state["registry_version"] = version
+    return [dg.AssetObservation(asset_key="surrogate_registry", metadata=metadata,
+                                tags={DATA_VERSION_TAG: version})]
 
 
 def make_surrogate_registry_sensor(*, name: str = "surrogate_registry_sensor", minimum_interval_seconds: int = 60,

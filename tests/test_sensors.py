@@ -370,6 +370,10 @@ def test_registry_sensor_verifies_each_entry_and_keeps_the_good_ones(
         assert any("MatPES-wrong-sha" in w and f"is {matpes_sha}, the registry says {mp_sha}" in w for w in warned)
         assert any("MatPES-no-folder" in w and "weights folder" in w and "not found" in w for w in warned)
         assert any("'malformed'" in w and "sha256 must be 64 hex digits" in w for w in warned)
+        # the registry is still observed: the usable entry, the others named as unavailable
+        (obs,) = res.asset_events
+        assert obs.metadata["surrogates"].value == MP and obs.metadata["n_surrogates"].value == 1
+        assert obs.metadata["unavailable"].value == "MatPES-wrong-sha, MatPES-no-folder, malformed"
         for req in res.dynamic_partitions_requests or []:
             instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
         again = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=res.cursor))
@@ -398,7 +402,7 @@ def test_rescreen_uses_the_sizes_the_system_was_first_screened_with(
     config, source = schedules.rescreen_run_config(store, "Ba-O-Ru")
     assert source == f"first screening {part}"
     assert config == {"ops": {
-        "prescreen": {"config": {"max_candidates": 5}},
+        "prescreen": {"config": {"max_candidates": 5, "sample_seed": 0}},  # no seed recorded: the stage default
         "relaxed": {"config": {"top_k": 3, "rank_by": "formation_energy", "per_composition_quota": 2}},
         "phonons": {"config": {"top_n": 2, "max_supercell_atoms": schedules.DEFAULT_MAX_SUPERCELL_ATOMS,
                                "supercell": [2, 2, 2]}}}}
@@ -421,3 +425,88 @@ def test_rescreen_uses_the_sizes_the_system_was_first_screened_with(
     # a system with no screening yet: the named profile's sizes
     _, source = schedules.rescreen_run_config(store, "Ba-Sr-O")
     assert source == "profile 'demo'"
+
+
+def test_rescreen_reuses_the_recorded_prescreen_sample_and_seed(home: Path, m3gnet_dir: Path) -> None:
+    """The real prescreen asset (CHGNet, in-process) screens a seeded 3-of-5 sample of Ba-O-Ru; its
+    size and seed are recorded with it, rescreen_run_config returns them, and M3GNet's re-screen
+    with that config pre-screens exactly the same candidates (seed 0, the stage default, would not)."""
+    import torch
+
+    from assets.screening import prescreen
+    from lib.selection import stratified_sample
+    from tests.lib.test_screening import ba_ru_o_dedup_frame
+
+    torch.set_num_threads(1)
+    store = TableStore(home)
+    dedup = ba_ru_o_dedup_frame()
+    store.write("candidates_dedup", dedup, partition="Ba-O-Ru")
+    from orchestration.resources import RayResource
+
+    first, resources = "CHGNet-0.3.0", {"cgwgan_home": CgwganHome(home=str(home)), "ray_runtime": RayResource(),
+                                        "surrogate_registry": SurrogateRegistryResource(models_dir=str(m3gnet_dir))}
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("chemical_system", ["Ba-O-Ru"])
+    instance.add_dynamic_partitions("surrogate", [first, MP])
+
+    def run_prescreen(surrogate: str, config: dict) -> list[str]:
+        res = dg.materialize([prescreen], instance=instance, resources=resources,
+                             partition_key=dg.MultiPartitionKey({"chemical_system": "Ba-O-Ru", "surrogate": surrogate}),
+                             run_config={"ops": {"prescreen": {"config": {"use_ray": False, **config}}}})
+        assert res.success
+        return store.read("prescreen", partition=f"Ba-O-Ru|{surrogate}")["candidate_id"].sort().to_list()
+
+    screened = run_prescreen(first, {"max_candidates": 3, "sample_seed": 2})
+    md = store.pointer("prescreen", f"Ba-O-Ru|{first}")["metadata"]
+    assert (md["max_candidates"], md["sample_seed"]) == (3, 2)
+    # the first screening's later stages: only that its relaxed partition exists matters here
+    _fixture_store(home).write("relaxed", pl.DataFrame({"candidate_id": screened[:2]}), partition=f"Ba-O-Ru|{first}")
+    config, source = schedules.rescreen_run_config(store, "Ba-O-Ru", exclude_surrogate=MP)
+    assert source == f"first screening Ba-O-Ru|{first}"
+    assert config["ops"]["prescreen"]["config"] == {"max_candidates": 3, "sample_seed": 2}
+    assert run_prescreen(MP, config["ops"]["prescreen"]["config"]) == screened
+    assert stratified_sample(dedup, 3, seed=0)["candidate_id"].sort().to_list() != screened
+
+
+def test_registry_sensor_observes_the_registry_when_its_version_changes(
+        home: Path, m3gnet_dir: Path, tmp_path: Path) -> None:
+    """The sensor reports an observation of the surrogate_registry source asset (the data version
+    an Observe click gives) on its first tick and whenever the registry's version changes; the
+    instance then holds that data version without anyone observing by hand."""
+    reg = tmp_path / "surrogates.json"
+    _registry(reg, [MP])
+    resource = SurrogateRegistryResource(registry_path=str(reg), models_dir=str(m3gnet_dir))
+    resources = {"cgwgan_home": CgwganHome(home=str(home)), "surrogate_registry": resource}
+    observe = dg.Definitions(assets=[surrogate_registry], resources={"surrogate_registry": resource}, jobs=[
+        dg.define_asset_job("observe_registry", selection=[surrogate_registry])]).resolve_job_def("observe_registry")
+    sensor = make_surrogate_registry_sensor()
+    with dg.instance_for_test() as instance:
+        def tick(cursor):
+            res = sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+            for event in res.asset_events:  # what the daemon does with them
+                instance.report_runless_asset_event(event)
+            return res
+
+        def observed_version() -> str | None:
+            rec = instance.get_latest_data_version_record(dg.AssetKey("surrogate_registry"), is_source=True)
+            return rec.asset_observation.tags["dagster/data_version"] if rec and rec.asset_observation else None
+
+        def clicked_version() -> str:  # an Observe click, in a throwaway instance
+            run = observe.execute_in_process(instance=dg.DagsterInstance.ephemeral())
+            obs = [e for e in run.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+            return obs[0].event_specific_data.asset_observation.tags["dagster/data_version"]
+
+        assert observed_version() is None
+        r1 = tick(None)
+        assert [e.asset_key for e in r1.asset_events] == [dg.AssetKey("surrogate_registry")]
+        one = registry_version(registered_surrogates(str(reg), str(m3gnet_dir))[0])
+        assert observed_version() == one == clicked_version()
+        assert r1.asset_events[0].metadata["surrogates"].value == MP
+        r2 = tick(r1.cursor)
+        assert not r2.asset_events and observed_version() == one  # unchanged: not observed again
+        _registry(reg, [MP, MATPES])
+        r3 = tick(r2.cursor)
+        two = registry_version(registered_surrogates(str(reg), str(m3gnet_dir))[0])
+        assert two != one and [e.tags["dagster/data_version"] for e in r3.asset_events] == [two]
+        assert observed_version() == two == clicked_version()
+        assert not tick(r3.cursor).asset_events

@@ -178,6 +178,9 @@ def test_dft_group_end_to_end_with_lineage(home: Path, store: TableStore, fixtur
     assert d["energy_footing"] == "MP2020" and d["e_above_hull_dft_ev_per_atom"] is not None
     meta = res.asset_materializations_for_node("discoveries")[0].metadata
     assert meta["n_rediscovery"].value == 1 and meta["n_discovery"].value == 0
+    # the shortlist's key plots: DFT energy above the hull vs the DFT phonon minimum; no screening hull here
+    assert meta["e_above_hull_vs_phonon_min"].value.count("data:image/png;base64") == 1
+    assert meta["hull_diagram"].value.startswith("(no reference_energies for Cl-Na: no hull)")
     assert (d["template_id"], d["checkpoint_id"], d["training_snapshot_id"], d["mp_source"]) == (
         "tpl-nacl", "ckpt-test", "snap-test", "file:mp_structures.csv.gz")
     assert d["ranked_by_surrogates"] == ["S-a", "S-b"] and d["surrogate_ranks"] == [1, 2]

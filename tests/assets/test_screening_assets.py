@@ -130,6 +130,10 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, m3gnet_di
         assert sl["e_above_hull_ev_per_atom"].is_sorted()
         md = res.asset_materializations_for_node("shortlist")[0].metadata["band_structures"].value
         assert md.count("data:image/png;base64") == 2
+        # the key plots: the Ba-O-Ru hull diagram and energy above the hull vs the phonon minimum
+        for key in ("hull_diagram", "e_above_hull_vs_phonon_min"):
+            plot = res.asset_materializations_for_node("shortlist")[0].metadata[key].value
+            assert plot.count("data:image/png;base64") == 1 and len(plot) > 5000, plot[:200]
         # known phases after relaxation: rock-salt BaO (not flagged before relaxation) is MP's mp-1342;
         # the cubic perovskite and rutile RuO2 are not in the MP file: novel
         by_id = {r["candidate_id"]: r for r in sl.iter_rows(named=True)}
@@ -211,3 +215,54 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, m3gnet_di
         assert meta3["n_candidates_input"].value == 5 and meta3["n_compositions_sampled"].value == 3
     finally:
         ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_phonons_cap_skips_large_supercells_and_sizes_actors_to_memory(home, store, ba_ru_o_dir, monkeypatch):
+    """Two real MP cells as the relaxed rows: rock-salt BaO (2x2x2: 16 atoms) is screened, the
+    30-atom BaRuO3 mp-3598 (240 atoms) is above a 200-atom cap: skipped, counted, with its reason.
+    The force batches and the number of actors follow the memory model of the surrogate's kind,
+    and the actors' measured peak RSS stays under its per-actor estimate."""
+    import ray
+    import torch
+
+    from lib import screening as scr
+    from lib.phonons import max_batch_atoms, memory_aware_num_actors, phonon_rss_estimate_gb
+    from lib.store import TableStore
+
+    torch.set_num_threads(1)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cells = scr.mp_csv_cells(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", elements=["Ba", "Ru", "O"]).filter(
+        pl.col("phase_id").is_in(["mp-1342", "mp-3598"])).sort("phase_id")
+    rel = cells.select(pl.col("phase_id").alias("candidate_id"), "formula", "lattice_matrix", "species",
+                       "frac_coords").with_columns(
+        pl.lit("tpl-test").alias("template_id"), pl.lit("ckpt-test").alias("checkpoint_id"),
+        pl.lit(SURROGATE).alias("surrogate_name"), pl.lit("x" * 64).alias("surrogate_sha256"),
+        pl.lit(scr.CODE_VERSION).alias("code_version"), pl.lit("ok").alias("status"),
+        pl.Series("formation_energy_per_atom_ev", [-2.8, -2.2]), pl.Series("e_above_hull_ev_per_atom", [0.0, 0.02]),
+        pl.lit("").alias("decomposition"))
+    TableStore(home, contracts={}).write("relaxed", rel, partition=PART)  # the phonons stage's input only
+    cfg = {"use_ray": True, "num_actors": 2, "cpus_per_actor": 0.5, "batch_rows": 1, "top_n": 2,
+           "max_supercell_atoms": 200, "actor_memory_gb": 2.0, "mesh": [4, 4, 4], "band_npoints": 5}
+    pk = dg.MultiPartitionKey({"chemical_system": CHEMSYS, "surrogate": SURROGATE})
+    try:
+        res = dg.materialize([phonons, contract_check("phonons")], partition_key=pk, instance=_instance(),
+                             resources=_resources(home), run_config={"ops": {"phonons": {"config": cfg}}})
+    finally:
+        ray.shutdown()
+    assert res.success and _checks(res) == {"phonons_matches_contract": True}
+    ph = {r["candidate_id"]: r for r in store.read("phonons", partition=PART).iter_rows(named=True)}
+    assert ph["mp-1342"]["status"] == "ok" and ph["mp-1342"]["n_supercell_atoms"] == 16
+    big = ph["mp-3598"]
+    assert big["status"] == "skipped" and big["n_supercell_atoms"] == 240 and big["min_frequency_thz"] is None
+    assert "supercell of 240 atoms > max_supercell_atoms 200" in big["error"]
+    md = {k: v.value for k, v in res.asset_materializations_for_node("phonons")[0].metadata.items()}
+    assert md["n_skipped_size"] == 1 and md["n_ok"] == 1 and "mp-3598" in md["skipped_size"]
+    assert md["surrogate_kind"] == "chgnet" and md["max_batch_atoms"] == max_batch_atoms(2.0, "chgnet") == 297
+    assert md["per_actor_rss_estimate_gb"] == round(phonon_rss_estimate_gb("chgnet", 297), 2) == 2.0
+    assert md["actors_by_cpu"] == 2 and md["actors"] == memory_aware_num_actors(
+        2, available_gb=md["available_memory_gb"], per_actor_gb=2.0)
+    assert 0.2 < md["actor_peak_rss_gb"] < md["per_actor_rss_estimate_gb"]
+    stored = store.pointer("phonons", PART)["metadata"]
+    assert stored["max_supercell_atoms"] == "200" and stored["max_batch_atoms"] == 297

@@ -227,6 +227,67 @@ def test_phonon_symmetrisation_restores_the_displacement_count(surrogate):
     assert capped["status"] == "skipped" and capped["n_supercell_atoms"] == 40 and "39" in capped["error"]
 
 
+def test_phonon_force_batches_bounded_by_atoms_give_the_same_frequencies(surrogate):
+    """A force-batch atom budget (the memory bound) splits the displaced supercells into smaller
+    forward batches; the frequencies do not change."""
+    from lib.phonons import force_batch_size
+
+    frame = pl.DataFrame([
+        cand("nacl", 225, ["a", "b"], ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]], 5.673),
+        cand("bruo3", 221, ["a", "b", "d"], ["Ru", "Ba", "O"], [[0, 0, 0], [.5, .5, .5], [.5, 0, 0]], 4.064),
+    ])
+    kw = {"supercell": (2, 2, 2), "mesh": (4, 4, 4), "band_npoints": 5, "batch_size": 16}
+    whole = phonon_frame(surrogate, frame, **kw).sort("key")
+    split = phonon_frame(surrogate, frame, max_batch_atoms=50, **kw).sort("key")  # 40-atom supercells: one a batch
+    assert force_batch_size(16, 40, 50) == 1 and force_batch_size(16, 40, None) == 16
+    assert split["status"].to_list() == whole["status"].to_list() == ["ok", "ok"]
+    assert split["min_frequency_thz"].to_list() == pytest.approx(whole["min_frequency_thz"].to_list(), abs=1e-3)
+
+
+def test_memory_aware_actor_count():
+    from lib.phonons import memory_aware_num_actors
+
+    assert memory_aware_num_actors(8, available_gb=10.0, per_actor_gb=3.0) == 3
+    assert memory_aware_num_actors(2, available_gb=100.0, per_actor_gb=3.0) == 2
+    assert memory_aware_num_actors(4, available_gb=1.0, per_actor_gb=3.0) == 1  # one always runs
+    assert memory_aware_num_actors(4, available_gb=None, per_actor_gb=3.0) == 4
+
+
+@pytest.mark.slow
+def test_default_phonon_memory_budget_holds_for_a_real_m3gnet_screen(m3gnet_dir, ba_ru_o_dir):
+    """Peak RSS of a fresh process screening the 30-atom BaRuO3 mp-3598 (2x2x2: 240 atoms, 12
+    displacements) with M3GNet, force batches sized to a 2 GB budget (batches of 4), stays under
+    the memory model's estimate: the model the default cap and actor count rest on."""
+    import json
+    import subprocess
+    import sys
+
+    from lib.phonons import max_batch_atoms, phonon_rss_estimate_gb
+
+    budget = max_batch_atoms(2.0, "m3gnet")
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+import polars as pl
+from lib import screening as scr
+from lib.phonons import phonon_frame
+cells = scr.mp_csv_cells({str(ba_ru_o_dir / "ba_ru_o_mp_structures.csv")!r}, elements=["Ba", "Ru", "O"])
+row = cells.filter(pl.col("phase_id") == "mp-3598").rename({{"phase_id": "candidate_id"}})
+sur = scr.load_configured_surrogate("M3GNet-MP-2021.2.8-PES", models_dir={str(m3gnet_dir)!r}, threads=1)
+r = phonon_frame(sur, row.select("candidate_id", "lattice_matrix", "species", "frac_coords"), batch_size=16,
+                 max_batch_atoms={budget}).row(0, named=True)
+hwm = [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")][0]
+print(json.dumps({{"status": r["status"], "n": r["n_supercell_atoms"], "nd": r["n_displacements"],
+                  "peak_gb": hwm / 1024**2}}))
+"""
+    # VmHWM, the new process's own peak: ru_maxrss would report the forking pytest's RSS when larger
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (got["status"], got["n"], got["nd"]) == ("ok", 240, 12)
+    estimate = phonon_rss_estimate_gb("m3gnet", (budget // 240) * 240, ray_actor=False)  # a bare process
+    assert estimate <= 2.0 and got["peak_gb"] <= estimate, (got, estimate)
+
+
 def test_supercell_from_min_length():
     from lib.phonons import supercell_diagonal
 
