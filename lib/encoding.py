@@ -202,6 +202,17 @@ class EncodingSchema:
 DEFAULT_SCHEMA = EncodingSchema()
 
 
+def schema_for_dim(dim: int) -> EncodingSchema:
+    """The default schema whose vectors have length ``dim`` (its ``max_sites`` follows from it);
+    how a ``training_templates`` table built with ``max_asu_sites`` != 4 is read back."""
+    width, fixed = DEFAULT_SCHEMA.site_width, DEFAULT_SCHEMA.n_spacegroups + 6
+    sites, rest = divmod(dim - fixed, width)
+    if rest or sites < 1:
+        raise ValueError(f"no encoding schema has vectors of length {dim} "
+                         f"({fixed} + k x {width} for k >= 1 sites)")
+    return EncodingSchema(max_sites=sites)
+
+
 # --------------------------------------------------------------------------- lookups
 @lru_cache(maxsize=1)
 def letter_counts() -> np.ndarray:
@@ -217,7 +228,7 @@ def multiplicity_table() -> np.ndarray:
     """(231, MAX_WYCKOFF_LETTERS) multiplicity of each group's letter index (0 where none)."""
     out = np.zeros((N_SPACEGROUPS + 1, wyckoff.MAX_WYCKOFF_LETTERS), dtype=np.int64)
     for sg in range(1, N_SPACEGROUPS + 1):
-        mult = {wp.letter: int(wp.multiplicity) for wp in wyckoff._group(sg).Wyckoff_positions}
+        mult = {wp.letter: int(wp.multiplicity) for wp in wyckoff.group(sg).Wyckoff_positions}
         for i, letter in enumerate(wyckoff.letters(sg)):
             out[sg, i] = mult[letter]
     return out

@@ -78,10 +78,30 @@ class GanConfig:
     lr_generator: float = 5e-4
     lr_critic: float = 5e-4
     adam_betas: tuple[float, float] = (0.5, 0.9)
+    # Robustness options (benchmarks/bench_generator.py measures each; the architecture is unchanged):
+    #: exponential moving average of the generator's weights, updated after every generator step
+    #: (0 = off); the checkpoint's generator is the average.
+    ema_decay: float = 0.0
+    #: every ``eval_every`` epochs (0 = never) sample ``eval_samples`` templates with a fixed seed,
+    #: decode them and record the number-density overlap with the training rows and the validity
+    #: (history ``eval_*``); needs ``reference_density`` in :func:`train_wgan`.
+    eval_every: int = 0
+    eval_samples: int = 10_000
+    #: "last": the weights after the last epoch; "density_overlap": the evaluated weights with the
+    #: highest density overlap (needs ``eval_every``).
+    select_by: Literal["last", "density_overlap"] = "last"
+    #: with EMA: evaluate the raw (not averaged) weights too (history ``eval_*_raw``), the plain
+    #: recipe's trajectory on the same run; doubles the evaluation cost.
+    eval_raw_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The hyperparameters as JSON; robustness options at their defaults are left out, so the
+        checkpoint ids (which hash this) of models trained before the options existed still hold."""
         d = asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        for k, default in _OPTIONAL_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod
@@ -90,6 +110,19 @@ class GanConfig:
         if "adam_betas" in d:
             d["adam_betas"] = tuple(d["adam_betas"])
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.select_by not in ("last", "density_overlap"):
+            raise ValueError(f"select_by must be 'last' or 'density_overlap', got {self.select_by!r}")
+        if self.select_by == "density_overlap" and self.eval_every <= 0:
+            raise ValueError("select_by='density_overlap' needs eval_every > 0")
+
+
+#: GanConfig fields added after checkpoints existed, with the values that reproduce the old training.
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"ema_decay": 0.0, "eval_every": 0, "eval_samples": 10_000, "select_by": "last",
+                                      "eval_raw_weights": False}
 
 
 # ------------------------------------------------------------------------------- modules
@@ -259,6 +292,9 @@ class TrainingResult:
     history: dict[str, list[float]]  # per epoch: critic_loss, generator_loss, gradient_penalty, wasserstein
     wall_time_s: float
     device: str
+    #: the generator's own weights after the last epoch (what the plain recipe keeps), before EMA
+    #: or selection replaced them in ``model``
+    last_raw_state: dict[str, torch.Tensor] | None = None
 
 
 def _gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor,
@@ -282,6 +318,7 @@ def train_wgan(
     log: Any = None,
     cpu_threads: int | None = 1,
     init_from: WganModel | None = None,
+    reference_density: np.ndarray | None = None,
 ) -> TrainingResult:
     """Train a WGAN-GP on encoded templates ``x`` (n, dim). Seeded; data order from the seed.
 
@@ -293,21 +330,25 @@ def train_wgan(
     time on a busy machine (no OpenMP spin-waiting); None keeps torch's setting.
     ``init_from``: continue from a model's weights (same config and schema; fresh optimisers);
     its checkpoint id is recorded as ``parent_checkpoint_id``.
+    ``reference_density``: number densities of the training templates (atoms/Å^3,
+    ``lib.templates.training_density``), needed when ``config.eval_every`` > 0.
     """
+    if config.eval_every > 0 and reference_density is None:
+        raise ValueError("config.eval_every > 0 needs reference_density (the training rows' number densities)")
     previous_threads = torch.get_num_threads()
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
         return _train(x, config=config, schema=schema, seed=seed, device=device,
                       training_snapshot_id=training_snapshot_id, log_every=log_every, log=log,
-                      init_from=init_from)
+                      init_from=init_from, reference_density=reference_density)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: int, device: str | None,
            training_snapshot_id: str, log_every: int, log: Any,
-           init_from: WganModel | None = None) -> TrainingResult:
+           init_from: WganModel | None = None, reference_density: np.ndarray | None = None) -> TrainingResult:
     device = device or default_device()
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != schema.dim or x.shape[0] < 2:
@@ -334,11 +375,18 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
     bs = min(config.batch_size, n)
     history: dict[str, list[float]] = {k: [] for k in
                                        ("critic_loss", "generator_loss", "gradient_penalty", "wasserstein")}
+    ema = _Ema(gen_net, config.ema_decay) if config.ema_decay > 0 else None
+    evals: dict[str, list[float]] = {"eval_epoch": [], "eval_density_overlap": [], "eval_validity": []}
+    eval_raw = ema is not None and config.eval_raw_weights
+    if eval_raw:  # the raw (not averaged) weights too: the trajectory of the plain training
+        evals.update(eval_density_overlap_raw=[], eval_validity_raw=[])
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     t0 = time.perf_counter()
     step = 0
     for epoch in range(config.epochs):
         perm = torch.randperm(n, generator=rng).to(device)
-        sums = dict.fromkeys(history, 0.0)
+        # summed on the device and read once an epoch (a float() per step would wait for the GPU)
+        sums: dict[str, Any] = {k: torch.zeros((), device=device) for k in history}
         counts = {"c": 0, "g": 0}
         for start in range(0, n - bs + 1, bs):
             idx = perm[start:start + bs]
@@ -354,9 +402,9 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
             opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             opt_c.step()
-            sums["critic_loss"] += float(loss_c.detach())
-            sums["gradient_penalty"] += float(gp.detach())
-            sums["wasserstein"] += float((d_real - d_fake).detach())
+            sums["critic_loss"] += loss_c.detach()
+            sums["gradient_penalty"] += gp.detach()
+            sums["wasserstein"] += (d_real - d_fake).detach()
             counts["c"] += 1
             step += 1
             if step % config.n_critic == 0:
@@ -366,19 +414,100 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
-                sums["generator_loss"] += float(loss_g.detach())
+                if ema is not None:
+                    ema.update(gen_net)
+                sums["generator_loss"] += loss_g.detach()
                 counts["g"] += 1
         for k in history:
             c = counts["g"] if k == "generator_loss" else counts["c"]
-            history[k].append(sums[k] / max(c, 1))
+            history[k].append(float(sums[k]) / max(c, 1))
+        evaluated = ""
+        if config.eval_every > 0 and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            weights = ema.state() if ema is not None else _state_copy(gen_net)
+            q = _evaluate(model, weights, reference_density, n=config.eval_samples, seed=seed + 1_000_003)
+            evals["eval_epoch"].append(epoch + 1)
+            evals["eval_density_overlap"].append(q["density_overlap"])
+            evals["eval_validity"].append(q["validity"])
+            evaluated = f" overlap={q['density_overlap']:.3f} validity={q['validity']:.3f}"
+            if eval_raw:
+                raw = _evaluate(model, _state_copy(gen_net), reference_density, n=config.eval_samples,
+                                seed=seed + 1_000_003)
+                evals["eval_density_overlap_raw"].append(raw["density_overlap"])
+                evals["eval_validity_raw"].append(raw["validity"])
+                evaluated += f" (raw weights {raw['density_overlap']:.3f})"
+            if best is None or q["density_overlap"] > best[0]:
+                best = (q["density_overlap"], epoch + 1, weights)
         if log is not None and log_every and (epoch + 1) % log_every == 0:
             log(f"epoch {epoch + 1}/{config.epochs}: W={history['wasserstein'][-1]:.4f} "
-                f"gp={history['gradient_penalty'][-1]:.4f} t={time.perf_counter() - t0:.0f}s")
+                f"gp={history['gradient_penalty'][-1]:.4f} t={time.perf_counter() - t0:.0f}s{evaluated}")
+    last_raw = _state_copy(gen_net)
+    selected_epoch = config.epochs
+    if config.select_by == "density_overlap" and best is not None:
+        gen_net.load_state_dict(best[2])
+        selected_epoch = best[1]
+    elif ema is not None:
+        gen_net.load_state_dict(ema.state())
     wall = time.perf_counter() - t0
+    if config.eval_every > 0:
+        history.update({k: [float(v) for v in vals] for k, vals in evals.items()})
     model.history = history
-    model.extra = {"wall_time_s": round(wall, 3), "device": device, "n_train": n, "epochs_run": config.epochs}
+    model.extra = {"wall_time_s": round(wall, 3), "device": device, "n_train": n, "epochs_run": config.epochs,
+                   "selected_epoch": selected_epoch}
     model.checkpoint_id = model.compute_checkpoint_id()
-    return TrainingResult(model=model, history=history, wall_time_s=wall, device=device)
+    return TrainingResult(model=model, history=history, wall_time_s=wall, device=device, last_raw_state=last_raw)
+
+
+def auto_ema_decay(n_rows: int, *, epochs: int, batch_size: int, n_critic: int, horizon: float = 0.075) -> float:
+    """An EMA decay whose horizon 1/(1 - decay) is ``horizon`` of the run's generator steps (at
+    least one step): 0.995 for the 14,113-row MP table at the paper's 120 epochs, batch 128, 5
+    critic steps (2,640 generator steps), and a shorter average for short runs, which a fixed
+    0.995 would tie to their first, untrained weights."""
+    bs = min(batch_size, n_rows)
+    steps = epochs * ((n_rows - bs) // bs + 1) // max(n_critic, 1)
+    return round(1.0 - 1.0 / max(1.0, horizon * steps), 6)
+
+
+class _Ema:
+    """Exponential moving average of a module's parameters (buffers copied as they are)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p.detach().clone() for p in module.parameters()]
+        self.names = [k for k, _ in module.named_parameters()]
+        self.module = module
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        torch._foreach_lerp_(self.params, [p.detach() for p in module.parameters()], 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = _state_copy(self.module)
+        state.update({k: v.clone() for k, v in zip(self.names, self.params, strict=True)})
+        return state
+
+
+def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _evaluate(model: WganModel, weights: dict[str, torch.Tensor], reference_density: np.ndarray | None, *,
+              n: int, seed: int) -> dict[str, float]:
+    """Density overlap and validity of ``n`` templates sampled with generator ``weights``
+    (the live generator's weights are restored afterwards)."""
+    from lib.templates import decode_templates, density_overlap
+
+    gen = model.generator
+    live = _state_copy(gen)
+    gen.load_state_dict(weights)
+    try:
+        x = sample_vectors(model, n, seed=seed)
+    finally:
+        gen.load_state_dict(live)
+        gen.train()
+    res = decode_templates(x, checkpoint_id="eval", schema=model.schema)
+    dens = res.templates["number_density_per_a3"].to_numpy()
+    overlap = density_overlap(dens, reference_density) if len(dens) and reference_density is not None else 0.0
+    return {"density_overlap": float(overlap), "validity": float(res.validity)}
 
 
 # ------------------------------------------------------------------------------- sampling

@@ -115,3 +115,52 @@ def test_conditioning_yields_only_requested_groups() -> None:
         gan.condition_spacegroups(crystal_system="cubic", space_groups=[2])
     with pytest.raises(ValueError):
         gan.condition_spacegroups(space_groups=[231])
+
+
+def test_ema_is_the_exponential_average_of_the_weights() -> None:
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    ema = gan._Ema(lin, 0.9)
+    for value in ([[3.0, 0.0]], [[0.0, 4.0]]):
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(value))
+        ema.update(lin)
+    # 0.9^2 w0 + 0.9 * 0.1 w1 + 0.1 w2
+    expected = 0.81 * np.array([1.0, -2.0]) + 0.09 * np.array([3.0, 0.0]) + 0.1 * np.array([0.0, 4.0])
+    np.testing.assert_allclose(ema.state()["weight"].numpy()[0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(lin.weight.detach().numpy()[0], [0.0, 4.0])  # the live weights are untouched
+
+
+def test_selection_keeps_the_evaluated_weights_with_the_best_density_overlap() -> None:
+    x = _toy_vectors(256)
+    ref = decode_templates(x, checkpoint_id="toy").templates["number_density_per_a3"].to_numpy()
+    assert ref.size > 100
+    cfg = gan.GanConfig(**{**TINY.to_dict(), "adam_betas": TINY.adam_betas, "epochs": 4, "eval_every": 1,
+                           "eval_samples": 400, "select_by": "density_overlap", "ema_decay": 0.5})
+    res = gan.train_wgan(x, config=cfg, seed=3, device="cpu", reference_density=ref)
+    h = res.history
+    assert h["eval_epoch"] == [1.0, 2.0, 3.0, 4.0]
+    assert len(h["eval_density_overlap"]) == len(h["eval_validity"]) == 4
+    best = int(np.argmax(h["eval_density_overlap"]))  # first maximum
+    assert res.model.extra["selected_epoch"] == best + 1
+    # the kept weights reproduce the recorded evaluation exactly (same samples, same decoding)
+    again = gan._evaluate(res.model, gan._state_copy(res.model.generator), ref, n=400, seed=3 + 1_000_003)
+    assert again["density_overlap"] == h["eval_density_overlap"][best]
+    assert again["validity"] == h["eval_validity"][best]
+
+
+def test_robustness_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="eval_every"):
+        gan.GanConfig(select_by="density_overlap")
+    with pytest.raises(ValueError, match="ema_decay"):
+        gan.GanConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="reference_density"):
+        gan.train_wgan(_toy_vectors(), config=gan.GanConfig(**{**TINY.to_dict(), "adam_betas": TINY.adam_betas,
+                                                              "eval_every": 1}), device="cpu")
+
+
+def test_auto_ema_decay_spans_a_fixed_share_of_the_generator_steps() -> None:
+    # the MP table at the paper's settings: 120 epochs x 110 critic steps / 5 = 2,640 generator steps
+    assert gan.auto_ema_decay(14_113, epochs=120, batch_size=128, n_critic=5) == round(1 - 1 / (0.075 * 2640), 6)
+    assert gan.auto_ema_decay(60, epochs=12, batch_size=32, n_critic=5) == 0.0  # 2 steps: nothing to average
