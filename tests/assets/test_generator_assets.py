@@ -137,3 +137,46 @@ def test_templates_quality_gate_fails_and_blocks_the_infill(home: Path, mp_file:
     assert not store.exists("candidates")
     print(f"templates_quality failed: density overlap {overlap:.3f} < {MIN_DENSITY_OVERLAP} "
           f"on {out.height} templates")
+
+
+def test_formula_conditioned_repaired_templates(home: Path, mp_file: Path) -> None:
+    """The defaults of the robust recipe (EMA + checkpoint chosen by evaluated density overlap,
+    repairs before a min-distance reject) and stoichiometry conditioning, through Dagster: every
+    template can host BaRuO3, is exactly symmetric and keeps the 1 Å minimum distance; the
+    checkpoint records its evaluation curve and the epoch it kept."""
+    from lib.gan import auto_ema_decay
+    from lib.stoichiometry import usable_for_formula
+    from lib.templates import density_overlap_floor
+
+    store = CgwganHome(home=str(home)).store
+    train = _write_training_templates(mp_file, store)
+    run_config = dg.RunConfig(ops={
+        "wgan_checkpoint": gen_assets.WganCheckpointConfig(epochs=12, batch_size=32, latent_dim=16,
+                                                           generator_hidden=32, critic_hidden=32, seed=1,
+                                                           eval_samples=400),
+        "templates": gen_assets.TemplatesConfig(n_samples=800, seed=2, tsne_points=0, min_density_overlap=0.0,
+                                                target_formula="BaRuO3"),
+    })
+    result = dg.materialize(
+        [dg.AssetSpec("training_templates", group_name="mp"), gen_assets.wgan_checkpoint, gen_assets.templates,
+         gen_assets.templates_quality],
+        resources={"cgwgan_home": CgwganHome(home=str(home))}, run_config=run_config, raise_on_error=True)
+    ckpt_meta = result.asset_materializations_for_node("wgan_checkpoint")[-1].metadata
+    model = load_checkpoint(store.read("wgan_checkpoints")["path"][0], device="cpu")
+    h = model.history
+    assert h["eval_epoch"] == [float(e) for e in range(1, 13)]  # auto: every max(1, 12 // 24) epochs
+    assert model.config.select_by == "density_overlap"
+    assert model.config.ema_decay == auto_ema_decay(train.height, epochs=12, batch_size=32, n_critic=5)
+    kept = int(ckpt_meta["selected_epoch"].value)
+    assert h["eval_density_overlap"][kept - 1] == max(h["eval_density_overlap"])
+    out = store.read("templates")
+    assert out.height > 0
+    assert usable_for_formula(out, "BaRuO3").all()
+    assert (out["min_distance_a"] >= 1.0).all()
+    meta = result.asset_materializations_for_node("templates")[-1].metadata
+    assert meta["stoichiometry_conditioning"].value["formula"] == "BaRuO3"
+    assert set(meta["repairs"].value) >= {"free_params", "rescale", "dedupe_fixed_site"}
+    q = {e.check_name: e for e in result.get_asset_check_evaluations()}["templates_quality"]
+    assert q.metadata["symmetry_exactness"].value == 1.0
+    assert q.metadata["overlap_of_training_itself_at_this_size"].value == pytest.approx(
+        density_overlap_floor(training_density(train), out.height), abs=1e-4)
