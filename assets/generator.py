@@ -46,10 +46,11 @@ class WganCheckpointConfig(dg.Config):
     resume_checkpoint_id: str = ""  # continue training from this row of wgan_checkpoints
     # Robustness of the paper's recipe (lib.gan.GanConfig; benchmarks/results/bench_generator.md:
     # over 4 seeds the density overlap's spread fell from 0.014 to 0.004 sd). 0 / "last" = the paper.
-    ema_decay: float = -1.0  # generator weight average; -1 = auto (horizon 7.5 % of the generator steps)
+    ema_decay: float = -1.0  # generator weight average; -1 = auto (gan.auto_ema_decay: off below 1,000 steps)
     eval_every: int = -1  # epochs between density-overlap evaluations; -1 = auto (about 24 of them)
     eval_samples: int = 5_000  # templates sampled per evaluation
-    select_by: Literal["last", "density_overlap"] = "density_overlap"  # which weights the checkpoint keeps
+    # which weights the checkpoint keeps: "quality" = best density overlap minus ASU-site-count TV
+    select_by: Literal["last", "density_overlap", "quality"] = "quality"
 
 
 class TemplatesConfig(dg.Config):

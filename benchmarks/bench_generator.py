@@ -53,6 +53,9 @@ for _name, _cfg in (("paper", {}),
                     ("robust", {"ema_decay": 0.995, "eval_every": 5, "select_by": "density_overlap",
                                 "eval_raw_weights": True}),
                     ("ema", {"ema_decay": 0.995, "eval_every": 5, "eval_raw_weights": True}),
+                    # the Dagster default: auto EMA (0.995 here), 5,000 evaluation samples, "quality" selection
+                    ("default", {"ema_decay": 0.995, "eval_every": 5, "eval_samples": 5_000, "select_by": "quality",
+                                 "eval_raw_weights": True}),
                     ("select", {"eval_every": 5, "select_by": "density_overlap"})):
     VARIANTS[_name] = (_cfg, 4, ())
     VARIANTS[f"{_name}-heldout"] = (_cfg, 4, (HELD_OUT,))

@@ -99,6 +99,8 @@ def broadened_profiles(
     ids = patterns["candidate_id"].unique(maintain_order=True).to_list()
     index = {cid: i for i, cid in enumerate(ids)}
     out = np.zeros((len(ids), grid.size))
+    if not ids:  # nothing to broaden (an empty mapping would also give an object-typed index array)
+        return ids, out
     rows = patterns["candidate_id"].replace_strict(index, return_dtype=pl.Int64).to_numpy()
     x = patterns["two_theta_deg"].to_numpy()
     y = patterns["intensity"].to_numpy()

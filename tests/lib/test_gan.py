@@ -136,18 +136,24 @@ def test_selection_keeps_the_evaluated_weights_with_the_best_density_overlap() -
     x = _toy_vectors(256)
     ref = decode_templates(x, checkpoint_id="toy").templates["number_density_per_a3"].to_numpy()
     assert ref.size > 100
-    cfg = gan.GanConfig(**{**TINY.to_dict(), "adam_betas": TINY.adam_betas, "epochs": 4, "eval_every": 1,
-                           "eval_samples": 400, "select_by": "density_overlap", "ema_decay": 0.5})
-    res = gan.train_wgan(x, config=cfg, seed=3, device="cpu", reference_density=ref)
-    h = res.history
-    assert h["eval_epoch"] == [1.0, 2.0, 3.0, 4.0]
-    assert len(h["eval_density_overlap"]) == len(h["eval_validity"]) == 4
-    best = int(np.argmax(h["eval_density_overlap"]))  # first maximum
-    assert res.model.extra["selected_epoch"] == best + 1
-    # the kept weights reproduce the recorded evaluation exactly (same samples, same decoding)
-    again = gan._evaluate(res.model, gan._state_copy(res.model.generator), ref, n=400, seed=3 + 1_000_003)
-    assert again["density_overlap"] == h["eval_density_overlap"][best]
-    assert again["validity"] == h["eval_validity"][best]
+    for select_by in ("density_overlap", "quality"):
+        cfg = gan.GanConfig(**{**TINY.to_dict(), "adam_betas": TINY.adam_betas, "epochs": 4, "eval_every": 1,
+                               "eval_samples": 400, "select_by": select_by, "ema_decay": 0.5})
+        res = gan.train_wgan(x, config=cfg, seed=3, device="cpu", reference_density=ref)
+        h = res.history
+        assert h["eval_epoch"] == [1.0, 2.0, 3.0, 4.0]
+        assert len(h["eval_density_overlap"]) == len(h["eval_validity"]) == len(h["eval_n_sites_tv"]) == 4
+        score = np.array(h["eval_density_overlap"])
+        if select_by == "quality":
+            score = score - np.array(h["eval_n_sites_tv"])
+        best = int(np.argmax(score))  # first maximum
+        assert res.model.extra["selected_epoch"] == best + 1
+        # the kept weights reproduce the recorded evaluation exactly (same samples, same decoding)
+        again = gan._evaluate(res.model, gan._state_copy(res.model.generator), ref, gan._present_sites(x, DEFAULT_SCHEMA),
+                              n=400, seed=3 + 1_000_003)
+        assert again["density_overlap"] == h["eval_density_overlap"][best]
+        assert again["validity"] == h["eval_validity"][best]
+        assert again["n_sites_tv"] == h["eval_n_sites_tv"][best]
 
 
 def test_robustness_options_are_validated() -> None:
@@ -164,3 +170,4 @@ def test_auto_ema_decay_spans_a_fixed_share_of_the_generator_steps() -> None:
     # the MP table at the paper's settings: 120 epochs x 110 critic steps / 5 = 2,640 generator steps
     assert gan.auto_ema_decay(14_113, epochs=120, batch_size=128, n_critic=5) == round(1 - 1 / (0.075 * 2640), 6)
     assert gan.auto_ema_decay(60, epochs=12, batch_size=32, n_critic=5) == 0.0  # 2 steps: nothing to average
+    assert gan.auto_ema_decay(14_113, epochs=40, batch_size=128, n_critic=5) == 0.0  # 880 < MIN_EMA_STEPS
