@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from lib.store import TableStore
+from lib.store import S3Options, TableStore, is_object_store_url
 from orchestration.paths import DEFAULT_HOME, HOME_ENV_VAR, REPO_ROOT, SQL_DIR, view_statements
 
 __all__ = ["DEFAULT_HOME", "REPO_ROOT", "SQL_DIR", "view_statements"]  # re-exported from orchestration.paths
@@ -25,13 +25,33 @@ __all__ = ["DEFAULT_HOME", "REPO_ROOT", "SQL_DIR", "view_statements"]  # re-expo
 
 class CgwganHome(dg.ConfigurableResource):
     """Where Parquet tables, the DuckDB catalog, checkpoints and DFT folders live (``CGWGAN_HOME``;
-    "" = ``.cgwgan`` in the checkout)."""
+    "" = ``.cgwgan`` in the checkout).
+
+    ``home`` may be an object store, ``s3://bucket/prefix``: the tables then live there (reached
+    with ``s3_endpoint``/``s3_access_key``/``s3_secret_key``/``s3_region``: ``CGWGAN_S3_ENDPOINT``,
+    ``CGWGAN_S3_ACCESS_KEY_ID``, ``CGWGAN_S3_SECRET_ACCESS_KEY`` (a secret), ``CGWGAN_S3_REGION``;
+    empty keys = the AWS SDK's own credential chain), and what needs a local disk (checkpoints,
+    work and DFT folders, reports) lives under ``local_dir`` (``CGWGAN_LOCAL_DIR``; "" = ``.cgwgan``
+    in the checkout). There is no ``catalog.duckdb`` on S3: :meth:`refresh_catalog` skips it and SQL
+    goes through ``store.connect()``.
+    """
 
     home: str = ""
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = ""
+    local_dir: str = ""
+
+    @property
+    def is_object_store(self) -> bool:
+        return is_object_store_url(self.home)
 
     @property
     def root(self) -> Path:
-        """The home folder (not created)."""
+        """The home folder (not created); for an ``s3://`` home, the local folder (``local_dir``)."""
+        if self.is_object_store:
+            return Path(self.local_dir or DEFAULT_HOME).expanduser().resolve()
         return Path(self.home or DEFAULT_HOME).expanduser().resolve()
 
     @property
@@ -42,6 +62,10 @@ class CgwganHome(dg.ConfigurableResource):
 
     @property
     def store(self) -> TableStore:
+        if self.is_object_store:
+            return TableStore(self.home.strip(), s3=S3Options(
+                endpoint=self.s3_endpoint, access_key=self.s3_access_key, secret_key=self.s3_secret_key,
+                region=self.s3_region))
         return TableStore(self.path)
 
     def subdir(self, name: str) -> Path:
@@ -49,8 +73,11 @@ class CgwganHome(dg.ConfigurableResource):
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def refresh_catalog(self) -> Path:
-        """Rewrite ``catalog.duckdb``: a view per table plus the views in ``sql/views``."""
+    def refresh_catalog(self) -> Path | None:
+        """Rewrite ``catalog.duckdb``: a view per table plus the views in ``sql/views``. None for an
+        ``s3://`` home, which has no catalog file (``store.connect(extra_sql=view_statements())``)."""
+        if self.is_object_store:
+            return None
         return self.store.refresh_catalog(extra_sql=view_statements())
 
 
@@ -173,7 +200,9 @@ class DftResource(dg.ConfigurableResource):
 # ----------------------------------------------------------------------------- environment
 #: Every environment variable of the platform: resource key -> {field: variable}.
 ENV_VARS: dict[str, dict[str, str]] = {
-    "cgwgan_home": {"home": HOME_ENV_VAR},
+    "cgwgan_home": {"home": HOME_ENV_VAR, "s3_endpoint": "CGWGAN_S3_ENDPOINT",
+                    "s3_access_key": "CGWGAN_S3_ACCESS_KEY_ID", "s3_secret_key": "CGWGAN_S3_SECRET_ACCESS_KEY",
+                    "s3_region": "CGWGAN_S3_REGION", "local_dir": "CGWGAN_LOCAL_DIR"},
     "mp_source": {"source": "CGWGAN_MP_SOURCE", "api_key": "MP_API_KEY"},
     "ray_runtime": {"address": "RAY_ADDRESS", "auth_mode": "RAY_AUTH_MODE"},
     "surrogate_registry": {"registry_path": "CGWGAN_SURROGATES", "models_dir": "CGWGAN_M3GNET_DIR",
