@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import dagster as dg
-import polars as pl
 
 from lib import contracts
 from lib.contracts import Contract, Violation
@@ -26,7 +25,7 @@ from orchestration.resources import CgwganHome
 
 def _partition_violations(store, c: Contract, partition: str) -> list[Violation]:
     """Schema violations of every shard, then nulls and duplicated keys over the partition."""
-    schemas = [pl.read_parquet_schema(f) for f in store.files(c.table, partition)]
+    schemas = store.shard_schemas(c.table, partition)
     found: list[Violation] = []
     for s in schemas:
         found.extend(v for v in c.schema_violations(s, partition=partition) if v not in found)

@@ -278,6 +278,13 @@ class TableStore:
             out.extend(f"{self._pkey(table, part)}/{ptr['version']}/{f}" for f in ptr["files"])
         return out
 
+    def shard_schemas(self, table: str, partition: str | None = None) -> list[dict[str, pl.DataType]]:
+        """The polars schema of every current Parquet file (local or on S3), for contract checks."""
+        if self._fs is None:
+            return [pl.read_parquet_schema(f) for f in self.files(table, partition)]
+        return [dict(pl.DataFrame(pq.read_schema(k, filesystem=self._fs).empty_table()).schema)
+                for k in self._file_keys(table, partition)]
+
     def uris(self, table: str, partition: str | None = None) -> list[str]:
         """The current Parquet files as strings: local paths, or ``s3://`` URLs on S3."""
         keys = self._file_keys(table, partition)
