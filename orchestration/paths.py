@@ -34,4 +34,7 @@ def home_path(home: str | None = None, environ: Mapping[str, str] | None = None)
         env = os.environ if environ is None else environ
         value = env.get(HOME_ENV_VAR, "")
         home = value if value.strip() else ""  # a blank variable counts as unset
+    if home and "://" in str(home):
+        raise ValueError(f"{home}: the CLI's quick commands (cgwgan sql, tables, export, report) read a local "
+                         "home; for an object-store home query it through TableStore.connect()")
     return Path(home or DEFAULT_HOME).expanduser().resolve()

@@ -277,3 +277,12 @@ def test_dft_status_lists_run_folders_and_states(tmp_path, capsys):
     assert rc == 0 and "gpaw-fast-cand-a" not in out and "gpaw-fast-phase-mp-149" in out
     rc, out, _ = run(capsys, "dft", "status", "--home", str(tmp_path / "h"), "--results-dir", str(tmp_path / "none"))
     assert rc == 0 and "no GPAW run folders" in out
+
+
+def test_quick_commands_refuse_an_object_store_home() -> None:
+    from orchestration.paths import home_path
+
+    with pytest.raises(ValueError, match="local home"):
+        home_path("s3://bucket/prefix")
+    with pytest.raises(ValueError, match="local home"):
+        home_path(None, environ={"CGWGAN_HOME": "s3://bucket/prefix"})
