@@ -81,7 +81,11 @@ class RelaxConfig(RayStageConfig):
     relax_cell: bool = True
     optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]  # BFGS stops at symmetric saddles
     primitive: bool = False  # relax each candidate's primitive cell (faster; misses cell-doubling distortions)
-    symprec: float = scr.DEFAULT_SYMPREC
+    symprec: float = scr.DEFAULT_SYMPREC  # Å, spglib tolerance of the reported spacegroup_number_relaxed
+    # keep each candidate's space group while relaxing (ASE FixSymmetry at fix_symmetry_symprec Å; the candidate is
+    # exactly symmetric in its template's group): benchmarks/results/relax_symmetry.md
+    fix_symmetry: bool = scr.DEFAULT_FIX_SYMMETRY
+    fix_symmetry_symprec: float = scr.DEFAULT_FIX_SYMPREC
     batch_rows: int = 16  # candidates per resumable batch (one Ray task), relaxed together
     batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
 
@@ -209,6 +213,20 @@ def _compute(config: RayStageConfig, method: str, surrogate: str, reg: Surrogate
             how["actor_peak_rss_gb"] = _peak_rss_gb(pool.pids())
     finally:
         pool.shutdown()
+
+
+def relax_settings(config: RelaxConfig, surrogate_sha256: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``lib.screening.relax_frame`` keyword arguments, batch-id salt) of the ``relaxed`` asset.
+
+    The salt hashes every setting that changes a batch's rows (``fix_symmetry`` and its symprec;
+    ``symprec``: the rows' ``spacegroup_number_relaxed``), not ``batch_size``, so cached batches
+    of one setting are never taken for another's."""
+    kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec,
+          "batch_size": config.batch_size, "optimizer": config.optimizer, "primitive": config.primitive,
+          "fix_symmetry": config.fix_symmetry, "fix_symmetry_symprec": config.fix_symmetry_symprec}
+    salt = {"surrogate_sha256": surrogate_sha256, "stage": "relaxed", "code_version": scr.CODE_VERSION,
+            **{k: v for k, v in kw.items() if k != "batch_size"}}
+    return kw, salt
 
 
 def _work_dir(home: CgwganHome, stage: str, partition: str) -> Path:
@@ -416,11 +434,7 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     cands = store.scan("candidates_dedup", partition=chemsys).join(
         top.select("candidate_id").lazy(), on="candidate_id", how="semi").collect()
     sha = pre["surrogate_sha256"][0] if pre.height else ""
-    kw = {"fmax": config.fmax, "steps": config.steps, "relax_cell": config.relax_cell, "symprec": config.symprec,
-          "batch_size": config.batch_size, "optimizer": config.optimizer, "primitive": config.primitive}
-    # the batch ids hash the settings that change a result (not batch_size, nor symprec: only the reported spacegroup)
-    salt = {"surrogate_sha256": sha, "stage": "relaxed", "code_version": scr.CODE_VERSION,
-            **{k: v for k, v in kw.items() if k not in ("batch_size", "symprec")}}
+    kw, salt = relax_settings(config, sha)
     batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
                                salt=salt)
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
@@ -645,6 +659,45 @@ def _known_phases(context: dg.AssetExecutionContext, store, config: ShortlistCon
                    "known_structures_by_source": dg.MetadataValue.json(counts)}
 
 
+def _rediscovery_metadata(store, chemsys: str, config: ShortlistConfig, known: pl.DataFrame, rel: pl.DataFrame,
+                          out: pl.DataFrame) -> dict[str, Any]:
+    """lib.rediscovery on the system's known MP phases (the ``mp`` rows of ``known``): representable
+    by the training table's largest ASU or not, matched by candidates_dedup before relaxation, and
+    matched by shortlist rows after it, with their best ranks. Empty when no MP phase is known."""
+    from lib.rediscovery import (
+        max_training_asu_sites,
+        rediscovery_markdown,
+        rediscovery_summary,
+        rediscovery_table,
+        system_phases,
+    )
+
+    elements = chemsys.split("-")
+    mp = known.filter(pl.col("source") == "mp")
+    if mp.is_empty():
+        return {"rediscovery": "(no known MP phases of the system: no rediscovery counts)"}
+    sym = (store.read("mp_symmetry", columns=["material_id", "spacegroup_number", "n_asu_sites"])
+           if not config.mp_csv_path and store.exists("mp_symmetry") else None)
+    tt = store.read("training_templates", columns=["n_asu_sites"]) if store.exists("training_templates") else None
+    dedup = (store.read("candidates_dedup", partition=chemsys, columns=["candidate_id", "is_known_in_mp",
+                                                                       "mp_material_id"])
+             if store.exists("candidates_dedup", chemsys) else None)
+    max_asu = max_training_asu_sites(tt)
+    table = rediscovery_table(system_phases(mp, elements=elements, symmetry=sym), elements=elements,
+                              max_asu_sites=max_asu, candidates=dedup, relaxed_ids=rel["candidate_id"].to_list(),
+                              shortlist=out)
+    summary = rediscovery_summary(table)
+    return {"rediscovery_max_asu_sites": max_asu,
+            **{f"rediscovery_{k}": (dg.MetadataValue.json(v) if isinstance(v, list | dict) else v)
+               for k, v in summary.items()},
+            "rediscovery": dg.MetadataValue.md(
+                f"Known MP phases of {chemsys} and its subsystems: {summary['n_known_phases']}; representable "
+                f"(<= {max_asu} ASU sites, the training table's largest): {summary['n_representable']}; can appear "
+                f"(also all of {'/'.join(sorted(elements))}, the infill's default): {summary['n_can_appear']}; among "
+                f"the candidates before relaxation: {summary['n_before_relaxation']}; among the relaxed rows: "
+                f"{summary['n_after_relaxation']}.\n\n" + rediscovery_markdown(table))}
+
+
 @dg.asset(group_name=GROUP, kinds={"parquet", "duckdb"}, partitions_def=screening_partitions,
           deps=["relaxed", scr.REFERENCES_TABLE, "phonons"],
           check_specs=[dg.AssetCheckSpec("ranked_and_unique", asset="shortlist")],
@@ -685,6 +738,7 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
             title = (f"#{r['rank']} {r['formula']} {r['candidate_id']}  min {prow['min_frequency_thz']:.2f} THz")
             plots.append(figure_markdown(band_structure_figure(prow, title=title), alt=r["candidate_id"]))
     novelty = novelty_metadata(out, **tol)
+    redisc = _rediscovery_metadata(store, chemsys, config, known, rel, out)
     rediscovered = (out.filter(pl.col("is_novel").eq(False)).group_by("known_material_id", "known_source")
                     .agg(pl.len().alias("n_rows"), pl.col("rank").min().alias("best_rank"),
                          pl.col("unique_rank").min().alias("best_unique_rank"), pl.col("formula").first())
@@ -703,6 +757,7 @@ def shortlist(context: dg.AssetExecutionContext, config: ShortlistConfig, cgwgan
                   **known_meta,
                   "n_rediscovered_phases": rediscovered.height,
                   "rediscovered_phases": _md_table(rediscovered, 30),
+                  **redisc,
                   "n_charge_balanced": int(out["charge_balanced"].fill_null(False).sum()),
                   "n_rare_oxidation_state": int(out["uses_rare_oxidation_state"].fill_null(False).sum()),
                   "only_charge_balanced": config.only_charge_balanced,

@@ -30,6 +30,10 @@ the project's lib functions in one process (one torch thread), reusing
 Every MP phase's ASU site count comes from ``lib.symmetry.analyse_symmetry`` (symprec 0.1, the
 training table's): a phase with more than 4 ASU sites cannot be encoded by the 4-site GAN, and a
 phase without all of Ba, Ru and O cannot come out of a ternary infill, so neither can appear.
+Those verdicts and the per-phase counts (candidates matching it before relaxation, selected,
+relaxed rows matching it after, best ranks) are ``lib.rediscovery``'s, the same code the
+``shortlist`` asset's ``rediscovery*`` metadata comes from; this script adds the pre-screen
+sample, static orders and the probe.
 
 Writes ``benchmarks/results/rediscovery.json`` and ``rediscovery.md``.
 """
@@ -97,27 +101,19 @@ def stage_mp_held_out(args, shared: Path, rec: dict) -> pl.DataFrame:
 
 
 def mp_phases(shared: Path) -> pl.DataFrame:
-    """Per MP phase of the system: formula, MP source, sites, MP energy above hull, and the space
-    group and ASU site count of the project's symmetry code (whether the 4-site GAN can reach it)."""
+    """Per MP phase of the system: formula, MP source, sites, MP energy above hull, and
+    ``lib.rediscovery``'s space group, ASU site count and whether the 4-site GAN can reach it
+    (``reachable``: at most 4 ASU sites and all of Ba, Ru, O; ``unreachable_reason``)."""
     from lib.mp_sources import load_mp_source
-    from lib.symmetry import analyse_symmetry
+    from lib.rediscovery import rediscovery_table, system_phases
 
     path = shared / MP_SYSTEM_FILE
     mp = load_mp_source(str(path)).structures
-    sym = analyse_symmetry(mp)
+    known = rediscovery_table(system_phases(mp, elements=ELEMENTS), elements=ELEMENTS, max_asu_sites=MAX_ASU_SITES)
     info = pl.read_csv(path, columns=["material_id", "source", "pretty_formula", "e_above_hull", "nsites"])
-    phases = (info.join(sym.select("material_id", "spacegroup_number", "n_asu_sites", "wyckoff_sequence",
-                                   "is_round_trip_ok"), on="material_id", how="left")
-              .with_columns(pl.col("pretty_formula").str.extract_all(r"[A-Z][a-z]?").list.unique().list.len()
-                            .alias("n_elements"))
-              .with_columns(((pl.col("n_elements") == len(ELEMENTS)) & (pl.col("n_asu_sites") <= MAX_ASU_SITES))
-                            .alias("reachable"))
-              .with_columns(pl.when(pl.col("n_elements") < len(ELEMENTS))
-                            .then(pl.lit(f"not ternary: infill places all of {'/'.join(ELEMENTS)}"))
-                            .when(pl.col("n_asu_sites") > MAX_ASU_SITES)
-                            .then(pl.format(f"{{}} ASU sites > {MAX_ASU_SITES}", pl.col("n_asu_sites")))
-                            .otherwise(None).alias("unreachable_reason")))
-    return phases
+    return info.join(known.select("material_id", "spacegroup_number", "n_asu_sites", "n_elements",
+                                  pl.col("can_appear").alias("reachable"), "unreachable_reason"),
+                     on="material_id", how="left")
 
 
 def stage_references(args, sur, shared: Path, rec: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -293,23 +289,28 @@ def _reduced(formula: str) -> str:
 def phase_table(phases: pl.DataFrame, unique: pl.DataFrame, static: pl.DataFrame, top: pl.DataFrame,
                 short: pl.DataFrame, refs: pl.DataFrame) -> list[dict[str, Any]]:
     """One row per MP phase: reachable or why not, candidates matching it before relaxation (dedup),
-    in the pre-screen sample, selected, and relaxed rows matching it after relaxation with ranks."""
-    before = dict(unique.filter(pl.col("is_known_in_mp")).group_by("mp_material_id").len().iter_rows())
+    in the pre-screen sample, selected, and relaxed rows matching it after relaxation with ranks
+    (the counts the ``shortlist`` asset reports: ``lib.rediscovery.rediscovery_table``)."""
+    from lib.rediscovery import rediscovery_table
+
+    lib_rows = {r["material_id"]: r for r in rediscovery_table(
+        phases.select("material_id", pl.col("pretty_formula").alias("reduced_formula"), "n_elements",
+                      "spacegroup_number", "n_asu_sites"),
+        elements=ELEMENTS, max_asu_sites=MAX_ASU_SITES, candidates=unique,
+        relaxed_ids=top["candidate_id"].to_list(), shortlist=short).iter_rows(named=True)}
     sample = static.join(unique.select("candidate_id", "is_known_in_mp", "mp_material_id"), on="candidate_id",
                          how="left")
     in_sample = dict(sample.filter(pl.col("is_known_in_mp")).group_by("mp_material_id").len().iter_rows())
     best_order = dict(sample.filter(pl.col("is_known_in_mp")).group_by("mp_material_id")
                       .agg(pl.col("static_order").min()).iter_rows())
-    sel = top.join(sample.select("candidate_id", "mp_material_id"), on="candidate_id", how="left")
-    in_sel = dict(sel.filter(pl.col("mp_material_id").is_not_null()).group_by("mp_material_id").len().iter_rows())
     same_f = dict(unique.group_by("reduced_formula").len().iter_rows())
     same_fsg = {(f, sg): n for f, sg, n in unique.group_by("reduced_formula", "spacegroup_number").len().iter_rows()}
     ref_hull = dict(refs.filter(pl.col("status") == "ok").select("phase_id", "e_above_hull_ev_per_atom").iter_rows())
     rows = []
     for p in phases.sort("n_elements", "pretty_formula", "material_id", descending=[True, False, False]).iter_rows(
             named=True):
-        mid = p["material_id"]
-        after = short.filter(pl.col("known_material_id") == mid)
+        mid, lib = p["material_id"], lib_rows[p["material_id"]]
+        after = short.filter(pl.col("known_material_id") == mid).sort("rank")
         uniq = after.filter(pl.col("duplicate_of").is_null())
         rows.append({
             "material_id": mid, "formula": p["pretty_formula"], "mp_source": p["source"],
@@ -321,10 +322,13 @@ def phase_table(phases: pl.DataFrame, unique: pl.DataFrame, static: pl.DataFrame
             "n_unique_candidates_same_formula": same_f.get(_reduced(p["pretty_formula"]), 0),
             "n_unique_candidates_same_formula_and_spacegroup": same_fsg.get(
                 (_reduced(p["pretty_formula"]), p["spacegroup_number"]), 0),
-            "n_candidates_before_relaxation": before.get(mid, 0), "n_in_prescreen_sample": in_sample.get(mid, 0),
-            "n_selected_matching_before": in_sel.get(mid, 0),
+            "n_elements": p["n_elements"],
+            "n_candidates_before_relaxation": lib["n_candidates_before_relaxation"],
+            "n_in_prescreen_sample": in_sample.get(mid, 0),
+            "n_selected_matching_before": lib["n_selected_matching_before"],
             "best_static_order_matching_before": best_order.get(mid),
-            "n_relaxed_rows_matching": after.height,
+            "n_relaxed_rows_matching": lib["n_relaxed_rows_matching"],
+            "best_rank": lib["best_rank"], "best_unique_rank": lib["best_unique_rank"],
             "known_sources": sorted(set(after["known_source"].to_list())),
             "ranks": after["rank"].to_list(), "unique_ranks": uniq["unique_rank"].to_list(),
             "candidate_ids": after["candidate_id"].to_list(),
@@ -409,7 +413,8 @@ def write_markdown(run: dict[str, Any], path: Path) -> None:
             f" / {r['n_selected_matching_before']}"
             f" | {r['n_relaxed_rows_matching']} | {', '.join(map(str, r['ranks'])) or '-'} | "
             f"{', '.join(map(str, r['unique_ranks'])) or '-'} |")
-    tern = [r for r in rows if r["unreachable_reason"] is None or "ASU" in str(r["unreachable_reason"])]
+    tern = [r for r in rows if r.get("n_elements", len(ELEMENTS) if (  # older JSON: no n_elements
+        r["unreachable_reason"] is None or "ASU" in str(r["unreachable_reason"])) else 0) == len(ELEMENTS)]
     reach = [r for r in tern if r["reachable"]]
     found_before = [r["material_id"] for r in rows if r["n_candidates_before_relaxation"]]
     found_after = [r["material_id"] for r in rows if r["n_relaxed_rows_matching"]]

@@ -390,20 +390,24 @@ class Surrogate:
         steps: int = 300,
         relax_cell: bool = True,
         optimizer: Optimizer = "FIRE",
+        fix_symmetry: bool = False,
+        symprec: float = _relax.DEFAULT_FIX_SYMPREC,
     ) -> RelaxResult:
         """Relax positions (and the cell, through ``FrechetCellFilter``) with an ASE optimiser.
 
         One structure through the model library's own ASE calculator (the paper's way);
         :meth:`relax_many` relaxes many structures with batched forward passes.
         ``is_converged`` is ASE's verdict (max force, including the cell's generalised forces,
-        below ``fmax`` eV/Å within ``steps`` steps).
+        below ``fmax`` eV/Å within ``steps`` steps). ``fix_symmetry`` keeps the space group
+        spglib finds at ``symprec`` Å (ASE's ``FixSymmetry``, :func:`lib.surrogates.relax.symmetry_constraint`).
         """
         t0 = time.perf_counter()
         reason = self.check_structure(structure)
         if reason is not None:
             raise StructureInputError(0, reason)
         result = _relax.relax_one(self.calculator(), structure, fmax=fmax, steps=steps,
-                                  relax_cell=relax_cell, optimizer=optimizer)
+                                  relax_cell=relax_cell, optimizer=optimizer,
+                                  fix_symmetry=fix_symmetry, symprec=symprec)
         return replace(result, seconds=time.perf_counter() - t0)
 
     def relax_many(
@@ -415,6 +419,8 @@ class Surrogate:
         relax_cell: bool | Sequence[bool] = True,
         optimizer: Optimizer = "FIRE",
         batch_size: int = 32,
+        fix_symmetry: bool | Sequence[bool] = False,
+        symprec: float = _relax.DEFAULT_FIX_SYMPREC,
     ) -> list[RelaxResult]:
         """Relax many structures in lockstep, one batched forward pass per optimiser step.
 
@@ -428,7 +434,8 @@ class Surrogate:
         cover (e.g. BFGS line searches, FIRE's optional downhill check) is computed on demand,
         one structure.
 
-        ``relax_cell``: one flag for all, or one per structure. A structure the model cannot
+        ``relax_cell`` and ``fix_symmetry`` (keep the space group spglib finds at ``symprec``
+        Å, ASE's ``FixSymmetry``): one flag for all, or one per structure. A structure the model cannot
         take, or one that fails mid-way (model error, non-finite energy), gets a
         :class:`RelaxResult` with ``error`` set; the others finish. Results are in input order
         and equal :meth:`relax` up to the float32 difference between batched and single-structure
@@ -437,6 +444,7 @@ class Surrogate:
         """
         results, stats = _relax.relax_many(self, structures, fmax=fmax, steps=steps,
                                            relax_cell=relax_cell, optimizer=optimizer,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, fix_symmetry=fix_symmetry,
+                                           symprec=symprec)
         self.last_relax_stats = stats
         return results

@@ -5,7 +5,9 @@ paper's way); :func:`relax_many` relaxes many in lockstep, each optimiser step's
 forces and stresses of all running structures from one batched forward pass of a
 :class:`BatchPredictor` (a :class:`lib.surrogates.base.Surrogate`). Both run ASE's FIRE or BFGS,
 the cell through :func:`cell_filter` (ASE's ``FrechetCellFilter``, the same numbers for less
-work), with BLAS held to one thread (tiny matrices).
+work), with BLAS held to one thread (tiny matrices). With ``fix_symmetry`` the structure keeps
+its space group (ASE's ``FixSymmetry`` constraint at ``symprec``: forces, stress and every step
+symmetrised, as MP-style workflows relax), :func:`symmetry_constraint`.
 
 This module imports nothing from the rest of the package: the surrogate is duck-typed
 (:class:`BatchPredictor`), so any model family relaxes through the same code.
@@ -91,6 +93,29 @@ def _optimizer_class(optimizer: str) -> type:
     if optimizer not in classes:
         raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
     return classes[optimizer]
+
+
+#: Å, spglib tolerance of the ``FixSymmetry`` constraint: the symmetry a structure keeps. Generated
+#: candidates are exactly symmetric in their template's space group, so a tight tolerance finds it
+#: and nothing higher that a loose one would impose (ASE's own default is 0.01).
+DEFAULT_FIX_SYMPREC = 1e-3
+
+
+def symmetry_constraint(atoms: Any, *, symprec: float = DEFAULT_FIX_SYMPREC) -> Any:
+    """ASE's ``FixSymmetry`` for ``atoms`` at ``symprec`` (Å), set on the atoms and returned.
+
+    Its constructor first refines ``atoms`` to the exact symmetry spglib finds at ``symprec``
+    (moves of at most ~``symprec``; none for an exactly symmetric candidate); from then on the
+    forces, the stress and each optimiser step (positions, and the cell through the cell
+    filter's ``set_cell``) are symmetrised over that space group's operations, so the relaxed
+    structure keeps it. A distortion that lowers the symmetry is out of reach (the price)."""
+    from ase.constraints import FixSymmetry
+
+    if not symprec > 0:
+        raise ValueError(f"symprec must be > 0 Å, got {symprec!r}")
+    constraint = FixSymmetry(atoms, symprec=symprec)
+    atoms.set_constraint(constraint)
+    return constraint
 
 
 def _max_force(forces: np.ndarray) -> float:
@@ -271,9 +296,12 @@ def relax_one(
     steps: int = 300,
     relax_cell: bool = True,
     optimizer: Optimizer = "FIRE",
+    fix_symmetry: bool = False,
+    symprec: float = DEFAULT_FIX_SYMPREC,
 ) -> RelaxResult:
     """Relax one structure through an ASE calculator (positions, and the cell through
-    :func:`cell_filter` when ``relax_cell``). ``is_converged`` is ASE's verdict (max force,
+    :func:`cell_filter` when ``relax_cell``; the space group kept when ``fix_symmetry``,
+    :func:`symmetry_constraint` at ``symprec`` Å). ``is_converged`` is ASE's verdict (max force,
     including the cell's generalised forces, below ``fmax`` eV/Å within ``steps`` steps);
     ``seconds`` is the wall time."""
     from pymatgen.io.ase import AseAtomsAdaptor
@@ -283,6 +311,8 @@ def relax_one(
     atoms = AseAtomsAdaptor.get_atoms(structure)
     atoms.calc = calculator
     with blas_one_thread():
+        if fix_symmetry:
+            symmetry_constraint(atoms, symprec=symprec)
         initial = float(atoms.get_potential_energy())
         target = cell_filter(atoms) if relax_cell else atoms
         opt = opt_cls(target, logfile=None)
@@ -290,7 +320,7 @@ def relax_one(
         opt.attach(lambda: energies.append(float(atoms.get_potential_energy())))
         converged = bool(opt.run(fmax=fmax, steps=steps))
         forces = target.get_forces()
-    relaxed = AseAtomsAdaptor.get_structure(atoms)
+    relaxed = atoms_to_structure(atoms)  # not AseAtomsAdaptor: it warns on a FixSymmetry constraint
     final = type(structure)(relaxed.lattice, relaxed.species, relaxed.frac_coords)
     return RelaxResult(
         structure=final,
@@ -309,13 +339,16 @@ class _Run:
     """One structure's relaxation in :func:`relax_many`: its atoms, calculator and optimiser."""
 
     def __init__(self, i: int, structure: Structure, surrogate: BatchPredictor, *, relax_cell: bool,
-                 opt_cls: type, optimizer: str, fmax: float, steps: int) -> None:
+                 opt_cls: type, optimizer: str, fmax: float, steps: int, fix_symmetry: bool = False,
+                 symprec: float = DEFAULT_FIX_SYMPREC) -> None:
         from pymatgen.io.ase import AseAtomsAdaptor
 
         self.i = i
         self.input = structure
         self.optimizer = optimizer
         self.atoms = AseAtomsAdaptor.get_atoms(structure)
+        if fix_symmetry:
+            symmetry_constraint(self.atoms, symprec=symprec)
         self.calc = stored_results_calculator()(surrogate)
         self.atoms.calc = self.calc
         self.target = cell_filter(self.atoms) if relax_cell else self.atoms
@@ -352,9 +385,7 @@ class _Run:
         return False
 
     def current_structure(self) -> Structure:
-        from pymatgen.io.ase import AseAtomsAdaptor
-
-        relaxed = AseAtomsAdaptor.get_structure(self.atoms)
+        relaxed = atoms_to_structure(self.atoms)  # not AseAtomsAdaptor: it warns on a FixSymmetry constraint
         return type(self.input)(relaxed.lattice, relaxed.species, relaxed.frac_coords)
 
     def result(self) -> RelaxResult:
@@ -390,12 +421,16 @@ def relax_many(
     relax_cell: bool | Sequence[bool] = True,
     optimizer: Optimizer = "FIRE",
     batch_size: int = 32,
+    fix_symmetry: bool | Sequence[bool] = False,
+    symprec: float = DEFAULT_FIX_SYMPREC,
 ) -> tuple[list[RelaxResult], dict[str, Any]]:
     """Relax many structures in lockstep; (results in input order, counts of the run).
 
     The driver of :meth:`Surrogate.relax_many` (see there): each structure gets its own ASE
     optimiser, driven step by step as ``Optimizer.irun`` does, its energies, forces and stresses
     from one ``surrogate.predict_unchecked`` pass over all running structures per step.
+    ``fix_symmetry`` (one flag for all, or one per structure) keeps a structure's space group
+    (:func:`symmetry_constraint` at ``symprec`` Å).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -406,6 +441,12 @@ def relax_many(
                   else [bool(c) for c in relax_cell])
     if len(cell_flags) != n:
         raise ValueError(f"relax_cell has {len(cell_flags)} flags for {n} structures")
+    sym_flags = ([bool(fix_symmetry)] * n if isinstance(fix_symmetry, bool | np.bool_)
+                 else [bool(f) for f in fix_symmetry])
+    if len(sym_flags) != n:
+        raise ValueError(f"fix_symmetry has {len(sym_flags)} flags for {n} structures")
+    if any(sym_flags) and not symprec > 0:
+        raise ValueError(f"symprec must be > 0 Å, got {symprec!r}")
     opt_cls = _optimizer_class(optimizer)
     results: list[RelaxResult | None] = [None] * n
     queue: deque[int] = deque()
@@ -418,7 +459,7 @@ def relax_many(
 
     def start(i: int) -> _Run:
         return _Run(i, structures[i], surrogate, relax_cell=cell_flags[i], opt_cls=opt_cls,
-                    optimizer=optimizer, fmax=fmax, steps=steps)
+                    optimizer=optimizer, fmax=fmax, steps=steps, fix_symmetry=sym_flags[i], symprec=symprec)
 
     stats: dict[str, Any] = {"forward_passes": 0, "structure_evaluations": 0, "on_demand_evaluations": 0,
                              "max_structures_per_pass": 0, "seconds": 0.0}

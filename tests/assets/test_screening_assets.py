@@ -148,6 +148,19 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, m3gnet_di
         assert smeta["n_known_structures"].value == 23 + 4  # the MP file as stored + the 4 relaxed references
         assert smeta["n_rediscovered_phases"].value == 1 and "| mp-1342 | mp | 1 | 3 | 3 |" in smeta[
             "rediscovered_phases"].value
+        # rediscovery counts over the 23 known phases (lib.rediscovery): no training table here, so
+        # the 4-site default; 6 need more ASU sites (the 4 larger ternaries, two BaO2); only
+        # mp-1025237 Ba2RuO4 is a representable ternary; none matched before relaxation (the dedup
+        # frame says so), BaO mp-1342 matched after it, at unique rank 3
+        assert smeta["rediscovery_max_asu_sites"].value == 4
+        assert (smeta["rediscovery_n_known_phases"].value, smeta["rediscovery_n_representable"].value,
+                smeta["rediscovery_n_can_appear"].value) == (23, 17, 1)
+        assert len(smeta["rediscovery_not_representable"].value) == 6
+        assert smeta["rediscovery_n_before_relaxation"].value == 0
+        assert smeta["rediscovery_after_relaxation_best_unique_rank"].value == {"mp-1342 BaO": 3}
+        assert "| mp-1342 | BaO | 225 | 2 | no: not 3-element" in smeta["rediscovery"].value
+        assert "| mp-3597 | BaRuO3 | 194 | 5 | no: 5 ASU sites > 4 | 0 / 0 | 0 (0) | - | - |" in smeta[
+            "rediscovery"].value
         # charge balance: columns, not a filter
         assert by_id["cand-bruo3-cubic"]["oxidation_states"] == "Ba:+2,Ru:+4,O:-2"
         assert sl["charge_balanced"].to_list() == [True, True, True]
