@@ -142,7 +142,7 @@ def xrd_patterns_complete(cgwgan_home: CgwganHome) -> dg.AssetCheckResult:
         passed=bool(n_failed == 0 and bad_scale == 0 and per.height > 0),
         metadata={"patterns": per.height, "rows_not_rebuilt": n_failed,
                   "patterns_not_scaled_to_100": bad_scale,
-                  "min_peaks_per_pattern": int(per["n"].min()) if per.height else 0})
+                  "min_peaks_per_pattern": int(per.select(pl.col("n").min()).item()) if per.height else 0})
 
 
 contract_checks = build_contract_checks(["xrd_patterns", "xrd_similarity"])
@@ -180,6 +180,7 @@ def discovery_report(context: dg.AssetExecutionContext, config: DiscoveryReportC
         "surrogates": ", ".join(res.surrogates),
         "n_candidates_shown": res.top.height,
         "plots": ", ".join(dict.fromkeys(res.plots)),
+        "n_plots": len(res.plots),
         "funnel": dg.MetadataValue.md(funnel_md),
         "seconds": round(time.perf_counter() - t0, 2),
     })

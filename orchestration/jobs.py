@@ -36,6 +36,11 @@ dft_handoff_job = dg.define_asset_job(
     "dft_handoff_job", selection=dg.AssetSelection.assets("dft_inputs", "xrd_patterns", "xrd_similarity"),
     description="VASP + phonopy input folders for the shortlists, and their simulated XRD patterns.",
 )
+report_job = dg.define_asset_job(
+    "report_job", selection=dg.AssetSelection.assets("discovery_report"),
+    partitions_def=chemical_system_partitions,
+    description="The discovery report of one chemical system: one self-contained HTML file (lib.report).",
+)
 
 #: The screening stages, in order (asset keys of ``assets/screening.py``).
 SCREENING_STAGES: tuple[str, ...] = ("prescreen", "references", "reference_energies", "relaxed", "phonons", "shortlist")
@@ -63,7 +68,7 @@ DFT_VERIFY_JOB = dg.define_asset_job(
 )
 
 #: The stage jobs of the main job, in order.
-STAGE_JOBS = [mp_job, generator_job, infill_job, screening_job, dft_handoff_job]
+STAGE_JOBS = [mp_job, generator_job, infill_job, screening_job, dft_handoff_job, report_job]
 JOBS = [*STAGE_JOBS, RESCREEN_JOB, CHURN_JOB, DFT_INGEST_JOB, DFT_VERIFY_JOB]
 
 # ----------------------------------------------------------------------------- the main job's sizes
@@ -117,6 +122,7 @@ def main_run_config(s: MainSettings) -> dict[str, dict[str, Any]]:
             }
         },
         "dft_handoff_job": {},
+        "report_job": {"ops": {"discovery_report": {"config": {"surrogate": s.surrogate}}}},
     }
 
 

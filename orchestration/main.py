@@ -3,8 +3,10 @@
 Stages have different partitions (the MP and generator groups are unpartitioned, infill is per
 chemical system, screening per chemical system x surrogate), and a Dagster run holds one
 partition set, so the main job is a sequence of stage runs on one Dagster instance: each shows
-in the UI's run list with its logs and metadata. The instance and the resources are passed to
-each run explicitly; nothing is written to the environment.
+in the UI's run list with its logs and metadata. The last stage, ``report_job``, materialises the
+``discovery_report`` asset of the system, so the report is in the UI's asset catalog with its path,
+funnel and plots as metadata. The instance and the resources are passed to each run explicitly;
+nothing is written to the environment.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     unknown = sorted(set(run_config or {}) - set(configs))
     if unknown:
         raise ValueError(f"run config for unknown job(s) {unknown}; the main job runs {list(configs)}")
-    configs = merge_run_config(configs, run_config or {})
     res = dict(resources or resources_from_env())
     if home:
         res["cgwgan_home"] = CgwganHome(home=str(Path(home).expanduser().resolve()))
@@ -67,6 +68,10 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     registry = res["surrogate_registry"].process_config_and_initialize()
     assert isinstance(registry, SurrogateRegistryResource)
     surrogate = s.surrogate or default_surrogate(registry.models_dir)
+    # the report ranks by this run's shortlist; the caller's run config still has the last word
+    configs = merge_run_config(
+        merge_run_config(configs, {"report_job": {"ops": {"discovery_report": {"config": {"surrogate": surrogate}}}}}),
+        run_config or {})
     instance_dir = None
     if instance is None:
         instance_dir = dagster_home(home_path)
@@ -85,8 +90,10 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         ("infill_job", s.chemical_system),
         ("screening_job", screening_key),
         ("dft_handoff_job", None),
+        ("report_job", s.chemical_system),
     ]
     timings: dict[str, float] = {}
+    report: Path | None = None
     t_all = time.perf_counter()
     log_file = home_path / "logs" / time.strftime("main-%Y%m%dT%H%M%S.log")
     job_log = main_job_logger(log_file, emit=log)
@@ -104,11 +111,19 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
             # loggers named in the run config replace Dagster's default console logger
             job_config = {**configs.get(job_name, {}), "loggers": {
                 name: {"config": {"log_level": "DEBUG"}} if name == "console" else {} for name in loggers}}
+            # a failed report is said (its stage line names the reason), not raised: the tables are written
             result = job.execute_in_process(
-                instance=instance, partition_key=partition_key, run_config=job_config, raise_on_error=True,
+                instance=instance, partition_key=partition_key, run_config=job_config,
+                raise_on_error=job_name != "report_job",
             )
             timings[job_name] = round(time.perf_counter() - t0, 1)
-            log(f"[cgwgan] {job_name} done in {timings[job_name]} s (run {result.run_id[:8]})")
+            if job_name == "report_job":
+                report = _report_path(result)
+            if result.success:
+                log(f"[cgwgan] {job_name} done in {timings[job_name]} s (run {result.run_id[:8]})")
+            else:
+                log(f"[cgwgan] {job_name} FAILED after {timings[job_name]} s (run {result.run_id[:8]}): "
+                    f"no discovery report; the events are in {log_file}")
     finally:
         enable_bars(None)
         if bar_stream is not None:
@@ -117,7 +132,6 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         if instance_dir is not None:  # the instance this call opened
             instance.dispose()
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    report = _discovery_report(home_res.store, home_path, s.chemical_system, surrogate, log)
 
     log("")
     log(f"Results are in {home_path}")
@@ -138,17 +152,13 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
             "stage_lines": list(job_log.stages.lines), "report": str(report) if report else None}
 
 
-def _discovery_report(store, home_path: Path, chemical_system: str, surrogate: str, log) -> Path | None:
-    """The run's discovery report (:mod:`lib.report`), one HTML file; a failure is said, not raised."""
-    from lib.report import write_report
-
-    out = home_path / "reports" / f"discovery-{chemical_system}.html"
-    try:
-        write_report(store, out, chemical_system=chemical_system, surrogate=surrogate)
-    except (ValueError, OSError) as exc:
-        log(f"[cgwgan] no discovery report: {exc}")
+def _report_path(result: dg.ExecuteInProcessResult) -> Path | None:
+    """The HTML file of the ``discovery_report`` materialisation of ``report_job``'s run, if any."""
+    if not result.success:
         return None
-    return out
+    mats = result.asset_materializations_for_node("discovery_report")
+    path = mats[0].metadata.get("path") if mats else None
+    return Path(str(path.value)) if path is not None else None
 
 
 EXAMPLE_QUERIES = (

@@ -43,7 +43,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 #: What a profile costs, from the measured rates above (one line each, for --help and the README).
 PROFILE_COSTS: dict[str, str] = {
-    "demo": "embedded prototypes + known phases; 4 min 18 s on 2 quiet cores (measured before the known phases)",
+    "demo": "embedded prototypes + known phases; 3 min 17 s on 2 quiet cores (set-up not counted)",
     "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 1.7 h with M3GNet (MP group 25 min, "
                 "training 31 min, dedup 1 min, pre-screen of ~43,000 unique candidates 14 min, "
                 "500 relaxations 19 min, 20 phonon screens 10 min), about 2.5 h with CHGNet",

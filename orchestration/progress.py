@@ -50,6 +50,7 @@ STAGE_KEYS: dict[str, list[tuple[str, str]]] = {
                   ("n_known", "known phases"), ("n_dynamically_stable", "stable"), ("n_below_0_1_ev", "< 0.1 eV/atom")],
     "dft_inputs": [("n_written", "folders written"), ("n_failed", "failed")],
     "xrd_patterns": [("n_patterns", "patterns")],
+    "discovery_report": [("n_candidates_shown", "candidates shown"), ("n_plots", "plots")],
 }
 
 #: Metadata keys shown for an asset without an entry in :data:`STAGE_KEYS`.

@@ -8,6 +8,14 @@ API (the same call the UI's Materialize button makes, plus run config: the in-pr
 the XRD selection); waits for both runs to succeed; checks the run page says so; and checks that
 the XRD plot of the materialisation's metadata renders as an image in the asset's page.
 
+Dagster's onboarding pop-up ("Join the Dagster community", shown one second after the first page
+of a fresh instance loads on localhost) cannot block it: every page sets the UI's own dismissal
+flag (local storage ``communityNux``) before it loads, a locator handler dismisses the dialog
+should it appear anyway (a renamed flag), and the asset graph is checked to be visible and on top
+(nothing covering it) a while after the pop-up would have opened. A last page without the flag
+checks the handler's path: the pop-up opens, is dismissed with its Skip button, and the graph is
+on top again.
+
 ``CGWGAN_BROWSER_WORKSPACE`` may point at another workspace file (debugging only).
 
 Needs ``/usr/bin/chromium`` (``make browser-deps``) and the ``playwright`` package (dev extra;
@@ -240,12 +248,50 @@ def browser(dagster_dev: Dagster) -> Iterator:
             b.close()
 
 
-def _page(browser):
+#: Dagster's onboarding pop-up (dagster-webserver's CommunityNux) and its dismissal flag: the UI stores
+#: JSON "1" under this local-storage key when the pop-up's Skip button is pressed, and then never shows it.
+NUX_TITLE = "Join the Dagster community"
+NUX_STORAGE_KEY = "communityNux"
+NUX_DELAY_S = 1.0  # the pop-up opens this long after the page has loaded
+NUX_QUERY = "query { shouldShowNux }"
+
+
+def _page(browser, *, nux_flag: bool = True, nux_handler: bool = True):
+    """A page with the pop-up's dismissal flag set before any of the UI's scripts run
+    (``nux_flag``) and a handler that dismisses the pop-up whenever it would block an action
+    (``nux_handler``)."""
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.set_default_timeout(UI_TIMEOUT_MS)
-    # A fresh instance greets the first visitor with a "Join the Dagster community" dialog.
-    page.add_locator_handler(page.get_by_role("button", name="Skip", exact=True), lambda b: b.click())
+    if nux_flag:
+        page.add_init_script(f"window.localStorage.setItem({json.dumps(NUX_STORAGE_KEY)}, {json.dumps(json.dumps('1'))});")
+    if nux_handler:
+        page.add_locator_handler(page.get_by_text(NUX_TITLE, exact=True), lambda _: _dismiss_nux(page))
     return page
+
+
+def _dismiss_nux(page) -> None:
+    page.get_by_role("button", name="Skip", exact=True).click()
+
+
+def _on_top(page, text: str, what: str) -> None:
+    """``text`` is visible and nothing covers it: the topmost element at its centre is it (or part
+    of it), not a dialog's backdrop."""
+    _visible(page, text, what)
+    el = page.get_by_text(text, exact=True).first
+    hit = el.evaluate("""e => { const r = e.getBoundingClientRect();
+        const t = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+        return t === null ? 'nothing' : (e.contains(t) || t.contains(e)) ? 'ok' :
+               (t.outerHTML || '').slice(0, 200); }""")
+    assert hit == "ok", f"{what}: {text!r} at {page.url} is covered by {hit}"
+
+
+def _nux_pending(server: Dagster) -> bool | None:
+    """Whether the webserver would show the pop-up to a browser without the flag (None: this
+    Dagster has no such query)."""
+    try:
+        return bool(server.graphql(NUX_QUERY)["shouldShowNux"])
+    except AssertionError:
+        return None
 
 
 def _visible(page, text: str, what: str) -> None:
@@ -260,10 +306,18 @@ def test_asset_graph_materialise_and_plot(dagster_dev: Dagster, browser) -> None
     url = dagster_dev.url
     page = _page(browser)
 
-    # 1. The global asset graph shows the stage groups; the group graphs show their assets.
+    # 1. The global asset graph shows the stage groups; the group graphs show their assets. A fresh
+    #    instance would greet this first visit with the onboarding pop-up (the server says so): it
+    #    does not open, and after its delay the graph is still on top.
+    nux_pending = _nux_pending(dagster_dev)
+    assert nux_pending is not False, "a fresh instance should still owe its first visitor the pop-up"
     page.goto(f"{url}/asset-groups", wait_until="domcontentloaded")
     for group in ("mp", "reports"):
         _visible(page, group, "global asset graph")
+    page.wait_for_timeout(int((NUX_DELAY_S + 1.5) * 1000))
+    assert not page.get_by_text(NUX_TITLE, exact=True).is_visible(), "the onboarding pop-up opened"
+    for group in ("mp", "reports"):
+        _on_top(page, group, "global asset graph after the pop-up's delay")
     for group, asset in (("mp", "mp_structures"), ("reports", "xrd_patterns")):
         page.goto(f"{url}/locations/{dagster_dev.repository}@{dagster_dev.location}/asset-groups/{group}",
                   wait_until="domcontentloaded")
@@ -299,6 +353,21 @@ def test_asset_graph_materialise_and_plot(dagster_dev: Dagster, browser) -> None
     width, height, complete = img.evaluate("el => [el.naturalWidth, el.naturalHeight, el.complete]")
     assert complete and width > 300 and height > 200, f"XRD plot did not render: {width}x{height}"
     page.close()
+
+    # 5. Without the flag (a renamed key, another browser): the pop-up opens on a fresh instance, is
+    #    detected and dismissed with its Skip button, and the asset graph is on top again.
+    if nux_pending:
+        bare = _page(browser, nux_flag=False, nux_handler=False)  # detected and dismissed here
+        bare.goto(f"{url}/asset-groups", wait_until="domcontentloaded")
+        _visible(bare, NUX_TITLE, "onboarding pop-up of a fresh instance")
+        _dismiss_nux(bare)
+        bare.get_by_text(NUX_TITLE, exact=True).wait_for(state="hidden")
+        for group in ("mp", "reports"):
+            _on_top(bare, group, "global asset graph after dismissing the pop-up")
+        assert bare.evaluate(f"window.localStorage.getItem({json.dumps(NUX_STORAGE_KEY)})") == json.dumps("1")
+        assert _nux_pending(dagster_dev) is False  # Skip also told the server
+        bare.close()
+        print("onboarding pop-up: opened without the flag, dismissed, graph on top")
 
 
 def _find_plot(page):

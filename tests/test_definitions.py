@@ -44,6 +44,7 @@ EXPECTED_JOBS = {
     "screening_job": {"surrogate_models", "prescreen", "relaxed", "references", "reference_energies", "phonons",
                       "shortlist"},
     "dft_handoff_job": {"dft_inputs", "xrd_patterns", "xrd_similarity"},
+    "report_job": {"discovery_report"},
     "rescreen_surrogate": {"prescreen", "relaxed", "references", "reference_energies", "phonons", "shortlist"},
     "surrogate_churn_job": {"surrogate_churn"},
     "dft_ingest": {"dft_results", "discoveries"},

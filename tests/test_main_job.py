@@ -21,11 +21,11 @@ from orchestration.resources import CgwganHome, DftResource, MPSource, RayResour
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-STAGES = ["mp_job", "generator_job", "infill_job", "screening_job", "dft_handoff_job"]
+STAGES = ["mp_job", "generator_job", "infill_job", "screening_job", "dft_handoff_job", "report_job"]
 #: One output line each (a step materialising several assets says it once, by its main asset).
 ASSET_STAGES = ["mp_structures", "mp_symmetry", "training_templates", "wgan_checkpoint", "templates", "candidates",
                 "candidates_dedup", "prescreen", "surrogate_models", "relaxed", "references", "phonons",
-                "shortlist", "dft_inputs", "xrd_patterns"]
+                "shortlist", "dft_inputs", "xrd_patterns", "discovery_report"]
 MAX_LINES = 60  # issue 17: a short readable summary
 TINY = MainSettings(surrogate=OFFLINE_SURROGATE, gan_epochs=30, n_templates=150, min_density_overlap=0.0,
                     max_asu_sites=3, prescreen_limit=12, relax_top_k=2, phonon_top_n=1, use_ray=False)
@@ -102,6 +102,8 @@ def test_run_main_with_explicit_instance_and_resources(tmp_path: Path, monkeypat
         assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
         assert instance.get_dynamic_partitions("surrogate") == [OFFLINE_SURROGATE]
         assert instance.get_dynamic_partitions("chemical_system") == ["Ba-O-Ru"]
+        mat = instance.get_latest_materialization_event(dg.AssetKey("discovery_report"))
+        mat = mat.asset_materialization if mat is not None else None
     assert _our_env() == env_before  # nothing written to the environment
     assert out["home"] == str(home.resolve()) and out["surrogate"] == OFFLINE_SURROGATE
     assert list(out["timings_s"]) == [*STAGES, "total"]
@@ -112,6 +114,12 @@ def test_run_main_with_explicit_instance_and_resources(tmp_path: Path, monkeypat
     _assert_tables(home)
     report = Path(out["report"])  # the discovery report of the run, with its hull plot
     assert report.parent == home.resolve() / "reports" and 'data-plot="hull"' in report.read_text()
+    # materialised as the asset (report_job), so the UI's catalog shows it with its metadata
+    assert mat is not None and mat.partition == "Ba-O-Ru" and Path(mat.metadata["path"].value) == report
+    assert mat.metadata["surrogates"].value == OFFLINE_SURROGATE and "| relaxed | 2 |" in mat.metadata["funnel"].value
+    assert f"  Report         : {report} (cgwgan report --system Ba-O-Ru)" in lines
+    report_line = next(ln for ln in lines if ln.startswith("  discovery_report "))
+    assert "candidates shown" in report_line and "plots" in report_line
     log_file = Path(out["log_file"])
     assert log_file.parent == home.resolve() / "logs" and lines[0].endswith(f"{log_file} (--verbose to see it here)")
     _assert_quiet(lines, log_file)
@@ -232,3 +240,32 @@ def test_cgwgan_main_cli_says_which_step_failed(tmp_path: Path, monkeypatch: pyt
     assert rc == 1
     assert "RUN_START" in cap.err and "STEP_FAILURE" in cap.err and " - DEBUG - " in cap.err
     assert len(list((tmp_path / "h" / "logs").glob("main-*.log"))) == 2  # the file too, in either mode
+
+
+def test_report_stage_failure_is_said_not_raised(tmp_path: Path) -> None:
+    """``report_job`` on a home without a shortlist: the run fails with the reason in its stage
+    line, and the main job's summary gets no report path (``_report_path``) instead of an error."""
+    from orchestration.definitions import build_definitions
+    from orchestration.main import _report_path
+    from orchestration.progress import main_job_logger
+
+    home = tmp_path / "home"
+    defs = build_definitions({"cgwgan_home": CgwganHome(home=str(home)), "mp_source": MPSource(source="embedded"),
+                              "ray_runtime": RayResource(num_cpus=1, object_store_mb=256),
+                              "surrogate_registry": SurrogateRegistryResource(torch_threads=1),
+                              "dft": DftResource()})
+    lines: list[str] = []
+    job_log = main_job_logger(tmp_path / "main.log", emit=lines.append)
+    try:
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("chemical_system", ["Ba-O-Ru"])
+            job = defs.resolve_job_def("report_job").with_logger_defs({"cgwgan": job_log.logger_def})
+            result = job.execute_in_process(instance=instance, partition_key="Ba-O-Ru", raise_on_error=False,
+                                            run_config={"loggers": {"cgwgan": {}}})
+            assert not result.success and _report_path(result) is None
+            assert instance.get_latest_materialization_event(dg.AssetKey("discovery_report")) is None
+    finally:
+        job_log.close()
+    (failed,) = [ln for ln in lines if "FAILED" in ln]
+    assert failed.split()[0] == "discovery_report" and "no shortlist of Ba-O-Ru" in failed
+    assert not (home / "reports" / "discovery-Ba-O-Ru.html").exists()
