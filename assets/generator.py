@@ -49,8 +49,10 @@ class WganCheckpointConfig(dg.Config):
     ema_decay: float = -1.0  # generator weight average; -1 = auto (gan.auto_ema_decay: off below 1,000 steps)
     eval_every: int = -1  # epochs between density-overlap evaluations; -1 = auto (about 24 of them)
     eval_samples: int = 5_000  # templates sampled per evaluation
-    # which weights the checkpoint keeps: "quality" = best density overlap minus ASU-site-count TV
-    select_by: Literal["last", "density_overlap", "quality"] = "quality"
+    # which weights the checkpoint keeps (lib.gan.GanConfig.select_by): "covered_density" = best
+    # density overlap among evaluations whose templates cover training's ASU-site counts ("quality",
+    # overlap minus site-count TV, when none does)
+    select_by: Literal["last", "density_overlap", "quality", "covered_density"] = "covered_density"
 
 
 class TemplatesConfig(dg.Config):

@@ -53,9 +53,12 @@ for _name, _cfg in (("paper", {}),
                     ("robust", {"ema_decay": 0.995, "eval_every": 5, "select_by": "density_overlap",
                                 "eval_raw_weights": True}),
                     ("ema", {"ema_decay": 0.995, "eval_every": 5, "eval_raw_weights": True}),
-                    # the Dagster default: auto EMA (0.995 here), 5,000 evaluation samples, "quality" selection
-                    ("default", {"ema_decay": 0.995, "eval_every": 5, "eval_samples": 5_000, "select_by": "quality",
+                    # the earlier Dagster default: auto EMA (0.995 here), 5,000 evaluation samples, "quality"
+                    ("quality", {"ema_decay": 0.995, "eval_every": 5, "eval_samples": 5_000, "select_by": "quality",
                                  "eval_raw_weights": True}),
+                    # the Dagster default: as "quality" but selecting by "covered_density"
+                    ("default", {"ema_decay": 0.995, "eval_every": 5, "eval_samples": 5_000,
+                                 "select_by": "covered_density", "eval_raw_weights": True}),
                     ("select", {"eval_every": 5, "select_by": "density_overlap"})):
     VARIANTS[_name] = (_cfg, 4, ())
     VARIANTS[f"{_name}-heldout"] = (_cfg, 4, (HELD_OUT,))

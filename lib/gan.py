@@ -90,8 +90,10 @@ class GanConfig:
     #: "last": the weights after the last epoch; "density_overlap": the evaluated weights with the
     #: highest density overlap; "quality": the highest density overlap minus the total variation of
     #: the ASU-site counts against training (so weights whose densities fit but whose templates
-    #: lost sites are not kept). Both need ``eval_every``.
-    select_by: Literal["last", "density_overlap", "quality"] = "last"
+    #: lost sites are not kept); "covered_density": the highest density overlap among the
+    #: evaluations whose templates cover the training's ASU-site counts (:func:`covers_site_counts`),
+    #: "quality" when none does. All but "last" need ``eval_every``.
+    select_by: Literal["last", "density_overlap", "quality", "covered_density"] = "last"
     #: with EMA: evaluate the raw (not averaged) weights too (history ``eval_*_raw``), the plain
     #: recipe's trajectory on the same run; doubles the evaluation cost.
     eval_raw_weights: bool = False
@@ -116,10 +118,49 @@ class GanConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.select_by not in ("last", "density_overlap", "quality"):
-            raise ValueError(f"select_by must be 'last', 'density_overlap' or 'quality', got {self.select_by!r}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {', '.join(map(repr, SELECT_BY))}, got {self.select_by!r}")
         if self.select_by != "last" and self.eval_every <= 0:
             raise ValueError(f"select_by={self.select_by!r} needs eval_every > 0")
+
+
+#: The ways :func:`train_wgan` chooses the weights a checkpoint keeps (``GanConfig.select_by``).
+SELECT_BY = ("last", "density_overlap", "quality", "covered_density")
+#: A site count with at least this share of the training rows is "covered" when the evaluated
+#: templates hold at least :data:`SITE_COVERAGE_RATIO` of that share.
+SITE_COVERAGE_MIN_SHARE = 0.02
+SITE_COVERAGE_RATIO = 0.25
+
+
+def covers_site_counts(generated: np.ndarray, reference: np.ndarray, *, min_share: float = SITE_COVERAGE_MIN_SHARE,
+                       ratio: float = SITE_COVERAGE_RATIO) -> bool:
+    """Whether the ASU-site counts of ``generated`` templates cover those of the ``reference``
+    (training) rows: every count that holds at least ``min_share`` of the reference holds at least
+    ``ratio`` times its reference share among the generated ones. A generator that lost, say, its
+    3-site templates cannot fill a ternary formula into any template; density overlap alone does
+    not see that."""
+    generated, reference = np.asarray(generated), np.asarray(reference)
+    if reference.size == 0:
+        return True
+    if generated.size == 0:
+        return False
+    counts, n_ref = np.unique(reference, return_counts=True)
+    for k, c in zip(counts, n_ref, strict=True):
+        share = c / reference.size
+        if share >= min_share and np.count_nonzero(generated == k) / generated.size < ratio * share:
+            return False
+    return True
+
+
+def selection_score(select_by: str, q: dict[str, float]) -> tuple[float, float]:
+    """Sort key of one evaluation ``q`` under ``select_by`` (higher is better): for
+    "covered_density", covered evaluations by density overlap first, then the rest by quality."""
+    quality = q["density_overlap"] - q["n_sites_tv"]
+    if select_by == "quality":
+        return (0.0, quality)
+    if select_by == "covered_density":
+        return (1.0, q["density_overlap"]) if q.get("sites_covered", 0.0) else (0.0, quality)
+    return (0.0, q["density_overlap"])
 
 
 #: GanConfig fields added after checkpoints existed, with the values that reproduce the old training.
@@ -379,12 +420,12 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
                                        ("critic_loss", "generator_loss", "gradient_penalty", "wasserstein")}
     ema = _Ema(gen_net, config.ema_decay) if config.ema_decay > 0 else None
     evals: dict[str, list[float]] = {"eval_epoch": [], "eval_density_overlap": [], "eval_validity": [],
-                                     "eval_n_sites_tv": []}
+                                     "eval_n_sites_tv": [], "eval_sites_covered": []}
     reference_sites = _present_sites(x, schema)
     eval_raw = ema is not None and config.eval_raw_weights
     if eval_raw:  # the raw (not averaged) weights too: the trajectory of the plain training
         evals.update(eval_density_overlap_raw=[], eval_validity_raw=[])
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
     t0 = time.perf_counter()
     step = 0
     for epoch in range(config.epochs):
@@ -431,7 +472,7 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
             q = _evaluate(model, weights, reference_density, reference_sites, n=config.eval_samples,
                           seed=seed + 1_000_003)
             evals["eval_epoch"].append(epoch + 1)
-            for k in ("density_overlap", "validity", "n_sites_tv"):
+            for k in ("density_overlap", "validity", "n_sites_tv", "sites_covered"):
                 evals[f"eval_{k}"].append(q[k])
             evaluated = (f" overlap={q['density_overlap']:.3f} validity={q['validity']:.3f} "
                          f"sites_tv={q['n_sites_tv']:.3f}")
@@ -441,7 +482,7 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
                 evals["eval_density_overlap_raw"].append(raw["density_overlap"])
                 evals["eval_validity_raw"].append(raw["validity"])
                 evaluated += f" (raw weights {raw['density_overlap']:.3f})"
-            score = q["density_overlap"] - (q["n_sites_tv"] if config.select_by == "quality" else 0.0)
+            score = selection_score(config.select_by, q)
             if best is None or score > best[0]:
                 best = (score, epoch + 1, weights)
         if log is not None and log_every and (epoch + 1) % log_every == 0:
@@ -513,7 +554,8 @@ def _present_sites(x: np.ndarray, schema: EncodingSchema) -> np.ndarray:
 
 def _evaluate(model: WganModel, weights: dict[str, torch.Tensor], reference_density: np.ndarray | None,
               reference_sites: np.ndarray | None = None, *, n: int, seed: int) -> dict[str, float]:
-    """Density overlap, validity and ASU-site-count total variation of ``n`` templates sampled with
+    """Density overlap, validity, ASU-site-count total variation and site-count coverage
+    (:func:`covers_site_counts`, 1.0 / 0.0) of ``n`` templates sampled with
     generator ``weights`` (the live generator's weights are restored afterwards)."""
     from lib.templates import decode_templates, density_overlap, total_variation
 
@@ -530,7 +572,9 @@ def _evaluate(model: WganModel, weights: dict[str, torch.Tensor], reference_dens
     overlap = density_overlap(dens, reference_density) if len(dens) and reference_density is not None else 0.0
     sites = res.templates["wyckoff_letters"].list.len().to_numpy()
     sites_tv = total_variation(sites, reference_sites) if len(sites) and reference_sites is not None else 1.0
-    return {"density_overlap": float(overlap), "validity": float(res.validity), "n_sites_tv": float(sites_tv)}
+    covered = covers_site_counts(sites, reference_sites) if reference_sites is not None else bool(len(sites))
+    return {"density_overlap": float(overlap), "validity": float(res.validity), "n_sites_tv": float(sites_tv),
+            "sites_covered": float(covered)}
 
 
 # ------------------------------------------------------------------------------- sampling

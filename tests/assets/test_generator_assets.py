@@ -140,8 +140,8 @@ def test_templates_quality_gate_fails_and_blocks_the_infill(home: Path, mp_file:
 
 
 def test_formula_conditioned_repaired_templates(home: Path, mp_file: Path) -> None:
-    """The defaults of the robust recipe (checkpoint chosen by evaluated density overlap minus
-    site-count TV; EMA is off for so short a run; repairs before a min-distance reject) and
+    """The defaults of the robust recipe (checkpoint chosen by evaluated density overlap among the
+    evaluations that cover training's ASU-site counts; EMA is off for so short a run; repairs before a min-distance reject) and
     stoichiometry conditioning, through Dagster: every
     template can host BaRuO3, is exactly symmetric and keeps the 1 Å minimum distance; the
     checkpoint records its evaluation curve and the epoch it kept."""
@@ -166,10 +166,11 @@ def test_formula_conditioned_repaired_templates(home: Path, mp_file: Path) -> No
     model = load_checkpoint(store.read("wgan_checkpoints")["path"][0], device="cpu")
     h = model.history
     assert h["eval_epoch"] == [float(e) for e in range(1, 13)]  # auto: every max(1, 12 // 24) epochs
-    assert model.config.select_by == "quality"
+    assert model.config.select_by == "covered_density"
     assert model.config.ema_decay == auto_ema_decay(train.height, epochs=12, batch_size=32, n_critic=5) == 0.0
     kept = int(ckpt_meta["selected_epoch"].value)
-    score = [d - t for d, t in zip(h["eval_density_overlap"], h["eval_n_sites_tv"], strict=True)]
+    score = [(1.0, d) if c else (0.0, d - t) for d, t, c in
+             zip(h["eval_density_overlap"], h["eval_n_sites_tv"], h["eval_sites_covered"], strict=True)]
     assert score[kept - 1] == max(score)
     out = store.read("templates")
     assert out.height > 0

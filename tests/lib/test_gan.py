@@ -136,17 +136,23 @@ def test_selection_keeps_the_evaluated_weights_with_the_best_density_overlap() -
     x = _toy_vectors(256)
     ref = decode_templates(x, checkpoint_id="toy").templates["number_density_per_a3"].to_numpy()
     assert ref.size > 100
-    for select_by in ("density_overlap", "quality"):
+    for select_by in ("density_overlap", "quality", "covered_density"):
         cfg = gan.GanConfig(**{**TINY.to_dict(), "adam_betas": TINY.adam_betas, "epochs": 4, "eval_every": 1,
                                "eval_samples": 400, "select_by": select_by, "ema_decay": 0.5})
         res = gan.train_wgan(x, config=cfg, seed=3, device="cpu", reference_density=ref)
         h = res.history
         assert h["eval_epoch"] == [1.0, 2.0, 3.0, 4.0]
         assert len(h["eval_density_overlap"]) == len(h["eval_validity"]) == len(h["eval_n_sites_tv"]) == 4
-        score = np.array(h["eval_density_overlap"])
-        if select_by == "quality":
-            score = score - np.array(h["eval_n_sites_tv"])
-        best = int(np.argmax(score))  # first maximum
+        assert set(h["eval_sites_covered"]) <= {0.0, 1.0}
+        overlap, quality = np.array(h["eval_density_overlap"]), np.array(h["eval_density_overlap"]) - np.array(
+            h["eval_n_sites_tv"])
+        if select_by == "density_overlap":
+            best = int(np.argmax(overlap))  # first maximum
+        elif select_by == "quality":
+            best = int(np.argmax(quality))
+        else:
+            covered = np.array(h["eval_sites_covered"]) == 1.0
+            best = int(np.argmax(np.where(covered, overlap, -np.inf))) if covered.any() else int(np.argmax(quality))
         assert res.model.extra["selected_epoch"] == best + 1
         # the kept weights reproduce the recorded evaluation exactly (same samples, same decoding)
         again = gan._evaluate(res.model, gan._state_copy(res.model.generator), ref, gan._present_sites(x, DEFAULT_SCHEMA),
@@ -154,6 +160,23 @@ def test_selection_keeps_the_evaluated_weights_with_the_best_density_overlap() -
         assert again["density_overlap"] == h["eval_density_overlap"][best]
         assert again["validity"] == h["eval_validity"][best]
         assert again["n_sites_tv"] == h["eval_n_sites_tv"][best]
+        assert again["sites_covered"] == h["eval_sites_covered"][best]
+
+
+def test_site_count_coverage() -> None:
+    ref = np.array([1] * 30 + [2] * 40 + [3] * 29 + [4] * 1)  # 4 sites: 1 % of training, below min_share
+    assert gan.covers_site_counts(np.array([1] * 30 + [2] * 40 + [3] * 30), ref)
+    assert gan.covers_site_counts(np.array([1] * 40 + [2] * 52 + [3] * 8), ref)  # 8 % >= 0.25 x 29 %
+    assert not gan.covers_site_counts(np.array([1] * 40 + [2] * 54 + [3] * 6), ref)  # 6 % < 7.25 %
+    assert not gan.covers_site_counts(np.array([1] * 50 + [2] * 50), ref)  # lost every 3-site template
+    assert not gan.covers_site_counts(np.array([], dtype=int), ref)
+    assert gan.covers_site_counts(np.array([2]), np.array([], dtype=int))
+    key = gan.selection_score
+    covered = {"density_overlap": 0.80, "n_sites_tv": 0.05, "sites_covered": 1.0}
+    lost = {"density_overlap": 0.95, "n_sites_tv": 0.30, "sites_covered": 0.0}
+    assert key("covered_density", covered) > key("covered_density", lost)
+    assert key("density_overlap", lost) > key("density_overlap", covered)
+    assert key("quality", covered) > key("quality", lost)  # 0.75 > 0.65
 
 
 def test_robustness_options_are_validated() -> None:
