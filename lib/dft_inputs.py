@@ -147,7 +147,10 @@ def write_run_folder(
             vis.write_input(str(tmp), potcar_spec=not write_potcar)
             symbols = list(vis.potcar_symbols)
             functional = str(vis.potcar_functional)
-        out = _write_phonopy_set(structure, tmp / "phonopy", settings)
+            ordered = vis.structure  # sorted by element as in its POSCAR and POTCAR
+        # the phonopy set in the POSCAR's atom order: phonopy's supercells then group each element
+        # once, like the POTCAR (an unsorted cell made phonopy warn and repeat element names)
+        out = _write_phonopy_set(ordered, tmp / "phonopy", settings)
         full = {**record, "run_name": run_name, "input_set": settings.input_set,
                 "settings": json.loads(settings.as_json()), "has_potcar": bool(write_potcar),
                 "potcar_symbols": symbols, "potcar_functional": functional, **out,

@@ -266,3 +266,27 @@ def test_bad_reference_file_is_named(tmp_path: Path) -> None:
     bad.write_text('{"O": {"energy": 1}}')
     with pytest.raises(ValueError, match=r"refs\.json"):
         load_elemental_references(bad)
+
+
+def test_phonopy_set_follows_the_poscar_order_without_warnings(tmp_path: Path) -> None:
+    """A cell whose atoms are not grouped by element (as infill writes them): the phonopy set is
+    written in the POSCAR's element order, each element once, and phonopy has nothing to warn of."""
+    import warnings
+
+    from pymatgen.core import Lattice, Structure
+
+    s = Structure(Lattice.cubic(4.0), ["O", "Ba", "O", "Ru", "O"],
+                  [[0.5, 0.5, 0], [0, 0, 0], [0.5, 0, 0.5], [0.5, 0.5, 0.5], [0, 0.5, 0.5]])
+    shortlist = pl.DataFrame({"candidate_id": ["cand-bro"], "template_id": ["tpl-1"], "checkpoint_id": ["ckpt-1"],
+                              "surrogate_name": ["S-a"], "surrogate_sha256": ["a" * 64], "rank": [1],
+                              "lattice_matrix": [s.lattice.matrix.ravel().tolist()],
+                              "species": [[x.symbol for x in s.species]], "frac_coords": [s.frac_coords.tolist()]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = write_dft_inputs(shortlist, tmp_path / "inputs", settings=DftInputSettings(supercell_min_length_a=6.0))
+    assert m["status"].to_list() == ["written"], m["reason"].to_list()
+    assert not [w for w in caught if "grouped by element" in str(w.message)]
+    d = tmp_path / "inputs" / "cand-bro"
+    poscar_elements = (d / "POSCAR").read_text().splitlines()[5].split()
+    for f in ("SPOSCAR", "POSCAR-001"):
+        assert (d / "phonopy" / f).read_text().splitlines()[5].split() == poscar_elements == ["Ba", "Ru", "O"]
