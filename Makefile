@@ -28,6 +28,12 @@ browser-deps:
 dft-deps:
 	@/usr/bin/python3 -c "import gpaw" >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gpaw gpaw-data >/dev/null)
 
+# PostgreSQL for the Dagster-instance test (tests/test_postgres_instance.py, orchestration/dagster_postgres.yaml):
+# Debian's server binaries; the test runs its own throwaway server (initdb + postgres) as an unprivileged user.
+.PHONY: pg-deps
+pg-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
+
 # The paper's surrogate (original TensorFlow M3GNet, pip m3gnet 0.2.4) in its own venv: it needs
 # TensorFlow 2.15 (Python <= 3.11), numpy 1.x and an older pymatgen (lib/workers/). Measured here
 # (2 cores): 3-6 min, 1.8 GB on disk. m3gnet goes in --no-deps: it declares `tensorflow`, whose
@@ -55,7 +61,7 @@ lint: setup
 	$(BIN)/ruff check lib assets orchestration tests benchmarks
 	$(BIN)/mypy
 
-test: setup browser-deps tf-m3gnet dft-deps
+test: setup browser-deps tf-m3gnet dft-deps pg-deps
 	$(BIN)/ruff check lib assets orchestration tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
