@@ -68,6 +68,10 @@ class PrescreenConfig(RayStageConfig):
     batch_size: int = 32  # structures per forward pass
     max_candidates: int = 0  # 0 = all; else a seeded random sample of N stratified by reduced formula (reduced runs)
     sample_seed: int = 0  # seed of that sample (lib.selection.stratified_sample)
+    # linear scale factors of a static-energy volume scan (e.g. [0.9, 1.0, 1.1]: 4 evaluations per candidate,
+    # the parabola's vertex included); the row keeps the lowest and relaxed starts from it. [] = off (one
+    # evaluation at the template's volume, the paper's). benchmarks/results/rediscovery*.md
+    volume_scan: list[float] = []
 
 
 class RelaxConfig(RayStageConfig):
@@ -342,11 +346,19 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
 
         cands = stratified_sample(cands, config.max_candidates, seed=config.sample_seed, by="reduced_formula")
     name, sha = _surrogate_identity(surrogate, surrogate_registry)
+    try:
+        scan = scr.check_volume_scan(config.volume_scan)
+    except ValueError as exc:
+        raise dg.Failure(f"prescreen {part}: {exc}") from exc
+    salt: dict[str, Any] = {"surrogate_sha256": sha, "stage": "prescreen"}
+    scan_kw: dict[str, Any] = {}
+    if scan:  # (without a scan the batch ids stay those of earlier runs)
+        salt["volume_scan"] = scan_kw["volume_scan"] = list(scan)
     batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
-                               salt={"surrogate_sha256": sha, "stage": "prescreen"})
+                               salt=salt)
     n_batches = batches["batch_id"].n_unique()
     with _compute(config, "prescreen", surrogate, surrogate_registry, ray_runtime, n_batches,
-                  batch_size=config.batch_size) as (compute, how):
+                  batch_size=config.batch_size, **scan_kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "prescreen", part),
                                         on_batch_written=_progress(context, "prescreen", batches))
     if not res.height:  # no candidates: an empty table in the contract's shape, not a missing column
@@ -357,7 +369,7 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     # the sample's size and seed: a re-screen (orchestration.schedules.rescreen_run_config) draws the same candidates
     store.write("prescreen", out, partition=part, metadata={
         "surrogate_sha256": sha, "max_candidates": config.max_candidates, "sample_seed": config.sample_seed,
-        "n_candidates_input": n_input, **how})
+        "volume_scan": list(scan), "n_candidates_input": n_input, **how})
     cgwgan_home.refresh_catalog()
     n_ok = int((out["status"] == "ok").sum())
     missing = cands.height - out.join(cands.select("candidate_id"), on="candidate_id", how="semi").height
@@ -367,6 +379,8 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
                   "n_candidates_input": n_input, "n_compositions_input": n_input_formulas,
                   "n_compositions_sampled": cands["reduced_formula"].n_unique(),
                   "max_candidates": config.max_candidates, "sample_seed": config.sample_seed,
+                  "volume_scan": dg.MetadataValue.json(list(scan)),
+                  **_volume_scale_metadata(out),
                   "batches_skipped_resumed": stats.n_skipped, "batches_run": stats.n_run,
                   "batches_retried": stats.n_retries, "seconds": round(stats.seconds, 2),
                   "structures_per_s": round(stats.n_run and out.height / max(stats.seconds, 1e-9), 2),
@@ -380,6 +394,16 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
                                 metadata={"candidates": cands.height, "rows": out.height, "missing": missing,
                                           "errors_quarantined": errors.height}),
         ])
+
+
+def _volume_scale_metadata(out: pl.DataFrame) -> dict[str, Any]:
+    """How far the volume scan moved the cells (all 1.0 without a scan)."""
+    f = out["volume_scale"].drop_nulls() if "volume_scale" in out.columns else pl.Series([], dtype=pl.Float64)
+    if not f.len():
+        return {"n_volume_rescaled": 0}
+    q = [round(float(x), 3) for x in np.quantile(f.to_numpy(), [0.05, 0.5, 0.95])]
+    return {"n_volume_rescaled": int((f != 1.0).sum()),
+            "volume_scale_p5_median_p95": dg.MetadataValue.json(q)}
 
 
 def _selection_metadata(static: pl.DataFrame, top: pl.DataFrame, config: RelaxConfig) -> dict[str, Any]:
@@ -435,8 +459,11 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
         top.select("candidate_id").lazy(), on="candidate_id", how="semi").collect()
     sha = pre["surrogate_sha256"][0] if pre.height else ""
     kw, salt = relax_settings(config, sha)
-    batches = scr.plan_batches(cands.select("candidate_id", *ASU_COLUMNS), rows_per_batch=config.batch_rows,
-                               salt=salt)
+    todo = cands.select("candidate_id", *ASU_COLUMNS)
+    if "volume_scale" in top.columns and top.filter(pl.col("volume_scale") != 1.0).height:
+        # the pre-screen's volume scan: each relaxation starts from the cell it scored (in the batch ids)
+        todo = todo.join(top.select("candidate_id", "volume_scale"), on="candidate_id", how="left")
+    batches = scr.plan_batches(todo, rows_per_batch=config.batch_rows, salt=salt)
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime,
                   batches["batch_id"].n_unique(), **kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "relaxed", part),

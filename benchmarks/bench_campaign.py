@@ -220,9 +220,10 @@ def stage_prescreen(args, sur, unique: pl.DataFrame, rec: dict) -> tuple[pl.Data
     n = min(args.prescreen, unique.height)
     sample = unique.sample(n, seed=args.seed, shuffle=True).sort("candidate_id")
     frame = sample.select("candidate_id", *ASU_COLUMNS)
+    scan = list(getattr(args, "volume_scan", None) or [])  # bench_rediscovery's --volume-scan
     scr.prescreen_frame(sur, frame.head(8), batch_size=8)  # warm-up (first graph build, allocations)
     t = time.perf_counter()
-    out = scr.prescreen_frame(sur, frame, batch_size=args.batch_size)
+    out = scr.prescreen_frame(sur, frame, batch_size=args.batch_size, volume_scan=scan)
     wall = time.perf_counter() - t
     ok = out.filter(pl.col("status") == "ok")
     atoms = ok["n_atoms"].to_numpy()
@@ -239,6 +240,8 @@ def stage_relax(args, sur, sample: pl.DataFrame, pre: pl.DataFrame, rec: dict) -
 
     top = scr.select_top(pre, args.relax)
     frame = sample.join(top.select("candidate_id"), on="candidate_id", how="semi").select("candidate_id", *ASU_COLUMNS)
+    if "volume_scale" in top.columns and top.filter(pl.col("volume_scale") != 1.0).height:  # a volume scan
+        frame = frame.join(top.select("candidate_id", "volume_scale"), on="candidate_id", how="left")
     t = time.perf_counter()
     rel = scr.relax_frame(sur, frame, batch_size=args.relax_batch_size)
     wall = time.perf_counter() - t

@@ -217,8 +217,9 @@ def stage_probe(args, sur, unique: pl.DataFrame, static: pl.DataFrame, top: pl.D
     if probe.is_empty():
         return []
     frame = probe.select("candidate_id", *ASU_COLUMNS)
-    pre = scr.prescreen_frame(sur, frame, batch_size=args.batch_size)
-    rel = scr.relax_frame(sur, frame, batch_size=args.relax_batch_size)
+    pre = scr.prescreen_frame(sur, frame, batch_size=args.batch_size, volume_scan=args.volume_scan)
+    rel = scr.relax_frame(sur, frame.join(pre.select("candidate_id", "volume_scale"), on="candidate_id",
+                                          how="left"), batch_size=args.relax_batch_size)
     rel = _relaxed_table(rel, pre.join(probe.select("candidate_id", "formula", "reduced_formula",
                                                     "spacegroup_number"), on="candidate_id"), probe, refs, sur)
     known = known_structures(mp_structures=mp_cells, references=refs, elements=ELEMENTS)
@@ -375,7 +376,9 @@ def write_markdown(run: dict[str, Any], path: Path) -> None:
         "",
         f"`python benchmarks/bench_rediscovery.py --mp-rows {a['mp_rows']} --epochs {a['epochs']} "
         f"--templates {a['templates']} --prescreen {a['prescreen']} --relax {a['relax']} --seed {a['seed']}"
-        f"{' --exclude-subsystems' if a['exclude_subsystems'] else ''}` on {run['machine']}; "
+        f"{' --exclude-subsystems' if a['exclude_subsystems'] else ''}"
+        f"{' --volume-scan ' + ' '.join(map(str, a['volume_scan'])) if a.get('volume_scan') else ''}"
+        f"{' --quota ' + str(a['quota']) if a.get('quota') else ''}` on {run['machine']}; "
         f"{run['torch_threads']} torch thread; surrogate {run.get('surrogate')}; started {run['started_at']}, "
         f"total {run.get('total_s', 0):.0f} s wall, {run.get('total_cpu_s', 0):.0f} s CPU; load average "
         f"{run['load_start']} at the start, {run.get('load_end')} at the end.",
@@ -492,6 +495,8 @@ def main() -> None:
     ap.add_argument("--models-dir", default="")
     ap.add_argument("--probe-same-formula-sg", action=argparse.BooleanOptionalAction, default=True,
                     help="also probe unrelaxed candidates with a reachable MP phase's formula and space group")
+    ap.add_argument("--volume-scan", type=float, nargs="*", default=[],
+                    help="pre-screen volume scan: linear scale factors, e.g. 0.9 1.0 1.1 (default: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "rediscovery")

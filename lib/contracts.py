@@ -584,7 +584,11 @@ _ALL: tuple[Contract, ...] = (
         primary_key=("surrogate_name",)),
     Contract(
         "prescreen", "screening", "Static surrogate energy of every deduplicated candidate.",
-        _cols(*LINEAGE, "n_atoms", "energy_ev", "energy_per_atom_ev", "status", "error", "batch_id",
+        _cols(*LINEAGE, "n_atoms", "energy_ev", "energy_per_atom_ev",
+              Column("volume_scale", _F64, None, "linear factor the cell was scaled by (isotropically) for its "
+                     "static energy: the volume scan's lowest (1.0: no scan; null: error); the relaxation "
+                     "starts from that cell"),
+              "status", "error", "batch_id",
               "formula", "reduced_formula", "spacegroup_number",
               Column("is_known_in_mp", _B, None, "the candidate matches an MP structure")),
         primary_key=("candidate_id",), partition_key=_SCREENING),

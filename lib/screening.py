@@ -50,7 +50,7 @@ import importlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -106,7 +106,7 @@ def store_partition(chemical_system: str, surrogate: str) -> str:
 # --------------------------------------------------------------------------- prescreen
 #: One pre-screen result (the first ``prescreen`` columns the compute gives).
 PRESCREEN_SCHEMA = contracts.schema(
-    "prescreen", only=("candidate_id", "n_atoms", "energy_ev", "energy_per_atom_ev", "status", "error"))
+    "prescreen", only=("candidate_id", "n_atoms", "energy_ev", "energy_per_atom_ev", "volume_scale", "status", "error"))
 
 
 def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) -> list[float | str]:
@@ -145,19 +145,100 @@ def load_configured_surrogate(name: str, *, registry_path: str | None = None, mo
                           threads=threads, cache=cache, worker_python=worker_python or None)
 
 
-def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32) -> pl.DataFrame:
-    """Static energy of every candidate (ASU or cell form): :data:`PRESCREEN_SCHEMA` columns."""
+def scaled_structure(structure: Any, scale: float | None) -> Any:
+    """``structure`` with its cell scaled isotropically by the linear factor ``scale``
+    (fractional coordinates kept; the structure itself for 1.0 or None)."""
+    if scale is None or scale == 1.0:
+        return structure
+    out = structure.copy()
+    out.scale_lattice(structure.volume * float(scale) ** 3)
+    return out
+
+
+#: The pre-screen's volume scan (``volume_scan``) evaluates the vertex of the parabola through the
+#: scanned energies when it lies within the scanned range widened by this factor either side.
+VOLUME_SCAN_REACH = 1.1
+
+
+def check_volume_scan(volume_scan: Sequence[float]) -> tuple[float, ...]:
+    """The sorted linear scale factors of a volume scan; () = off. ValueError for fewer than three
+    distinct factors or a factor outside (0.5, 2)."""
+    scan = tuple(sorted({float(f) for f in volume_scan}))
+    if not scan:
+        return ()
+    if len(scan) < 3 or not all(0.5 < f < 2.0 for f in scan):
+        raise ValueError(f"volume_scan needs at least 3 distinct linear scale factors in (0.5, 2), got "
+                         f"{list(volume_scan)}")
+    return scan
+
+
+def _volume_scan_energies(surrogate, structures: list[Any], scan: tuple[float, ...], *,
+                          batch_size: int) -> tuple[list[float | str], list[float | None]]:
+    """(lowest energy, its scale) of every structure over the scan's scales plus the vertex of the
+    parabola E(scale) through them (when convex and within :data:`VOLUME_SCAN_REACH` of the scan):
+    ``len(scan) + 1`` batched static evaluations per structure. An error string when every scale fails."""
+    todo = [i for i, st in enumerate(structures) if not isinstance(st, str)]
+    flat = predict_energies(surrogate, [scaled_structure(structures[i], f) for i in todo for f in scan],
+                            batch_size=batch_size)
+    k = len(scan)
+    tried: dict[int, list[tuple[float, float | str]]] = {
+        i: list(zip(scan, flat[j * k:(j + 1) * k], strict=True)) for j, i in enumerate(todo)}
+    lo, hi = scan[0] / VOLUME_SCAN_REACH, scan[-1] * VOLUME_SCAN_REACH
+    vertices: dict[int, float] = {}
+    for i, pts in tried.items():
+        good = [(f, e) for f, e in pts if not isinstance(e, str)]
+        if len(good) >= 3:
+            a, b, _ = np.polyfit([f for f, _ in good], [e for _, e in good], 2)
+            if a > 0 and lo <= -b / (2 * a) <= hi:
+                vertices[i] = float(-b / (2 * a))
+    refined = predict_energies(surrogate, [scaled_structure(structures[i], f) for i, f in vertices.items()],
+                               batch_size=batch_size)
+    for (i, f), e in zip(vertices.items(), refined, strict=True):
+        tried[i].append((f, e))
+    energies: list[float | str] = []
+    scales: list[float | None] = []
+    for i, st in enumerate(structures):
+        if isinstance(st, str):
+            energies.append(st)
+            scales.append(None)
+            continue
+        good = [(e, f) for f, e in tried[i] if not isinstance(e, str)]
+        if not good:
+            energies.append(str(tried[i][0][1]))
+            scales.append(None)
+            continue
+        e, f = min(good)
+        energies.append(e)
+        scales.append(f)
+    return energies, scales
+
+
+def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32,
+                    volume_scan: Sequence[float] = ()) -> pl.DataFrame:
+    """Static energy of every candidate (ASU or cell form): :data:`PRESCREEN_SCHEMA` columns.
+
+    With ``volume_scan`` (linear scale factors, e.g. 0.9, 1.0, 1.1; :func:`check_volume_scan`)
+    each cell is evaluated at every factor, isotropically scaled, and at the vertex of the parabola
+    through those energies; the row keeps the lowest energy and its factor (``volume_scale``), which
+    the relaxation then starts from. A generated cell's volume is the template's, not the
+    elements': a known phase 15 % too small in its lattice reads ~2 eV/atom above the hull and is
+    never selected (benchmarks/results/rediscovery.md). Off: one evaluation, ``volume_scale`` 1.0."""
+    scan = check_volume_scan(volume_scan)
     keys, structures = prepared_structures(surrogate, candidates, "candidate_id")
-    energies = predict_energies(surrogate, structures, batch_size=batch_size)
+    if scan:
+        energies, scales = _volume_scan_energies(surrogate, structures, scan, batch_size=batch_size)
+    else:
+        energies = predict_energies(surrogate, structures, batch_size=batch_size)
+        scales = [None if isinstance(s, str) else 1.0 for s in structures]
     n_atoms = [None if isinstance(s, str) else len(s) for s in structures]
-    rows: list[tuple[str, int | None, float | None, float | None, str, str | None]] = []
-    for k, n, e in zip(keys, n_atoms, energies, strict=True):
+    rows: list[tuple[str, int | None, float | None, float | None, float | None, str, str | None]] = []
+    for k, n, e, f in zip(keys, n_atoms, energies, scales, strict=True):
         if isinstance(e, str):
             err = e if e.startswith("candidate_id=") else f"candidate_id={k}: {e}"
-            rows.append((k, n, None, None, "error", err))
+            rows.append((k, n, None, None, None, "error", err))
         else:
             assert n is not None, "a structure that cannot be built has an error string, not an energy"
-            rows.append((k, n, e, e / n, "ok", None))
+            rows.append((k, n, e, e / n, f, "ok", None))
     return pl.DataFrame(rows, schema=PRESCREEN_SCHEMA, orient="row")
 
 
@@ -242,12 +323,16 @@ def relax_frame(
     cell filter per row, stepped in lockstep, ``batch_size`` structures per batched forward
     pass); a row whose relaxation fails gets its error, the others finish. A boolean column
     ``is_cell_relaxed`` in ``frame``, when present, overrides ``relax_cell`` per row
-    (molecules in a box relax positions only). ``relax_seconds`` is the row's share of the
-    compute time.
+    (molecules in a box relax positions only); a float column ``volume_scale`` (the pre-screen's
+    volume scan, :func:`prescreen_frame`) scales each cell isotropically before it relaxes.
+    ``relax_seconds`` is the row's share of the compute time.
     """
     if optimizer not in ("FIRE", "BFGS"):
         raise ValueError(f"optimizer must be 'FIRE' or 'BFGS', not {optimizer!r}")
     keys, structures = prepared_structures(surrogate, frame, key)
+    if "volume_scale" in frame.columns:  # the pre-screen's volume scan: start from the cell it scored
+        structures = [s if isinstance(s, str) else scaled_structure(s, f)
+                      for s, f in zip(structures, frame["volume_scale"].to_list(), strict=True)]
     if primitive:
         structures = [s if isinstance(s, str) else primitive_cell(s) for s in structures]
     per_row_cell = frame["is_cell_relaxed"].to_list() if "is_cell_relaxed" in frame.columns else None

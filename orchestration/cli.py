@@ -216,6 +216,13 @@ def main_settings(args: argparse.Namespace):
     settings.chemical_system = check_chemical_system(settings.chemical_system)
     if settings.surrogate:
         check_surrogate(settings.surrogate)
+    try:
+        from lib.screening import check_volume_scan
+        from orchestration.jobs import volume_scan_factors
+
+        check_volume_scan(volume_scan_factors(settings.volume_scan))
+    except ValueError as exc:
+        raise CliError(f"--volume-scan: {exc}") from None
     for name in ("gan_epochs", "n_templates", "max_asu_sites", "prescreen_limit", "relax_top_k", "phonon_top_n"):
         value = getattr(settings, name)
         if value < 0 or (value == 0 and name not in ("prescreen_limit",)):
@@ -474,6 +481,9 @@ MAIN_OPTION_HELP = {
     "chemical_system": "elements joined by '-' in any order, e.g. Ba-Ru-O ",
     "surrogate": "a name of the surrogate registry (default: M3GNet when CGWGAN_M3GNET_DIR is set, else CHGNet) ",
     "prescreen_limit": "candidates pre-screened, 0 = all ",
+    "volume_scan": "linear scale factors of the pre-screen's volume scan, e.g. 0.9,1.0,1.1 (a candidate "
+                   "generated at the wrong volume is scored at its best one; ~2.7x the pre-screen's cost); "
+                   "'' = off ",
 }
 
 

@@ -90,6 +90,9 @@ class MainSettings:
     min_density_overlap: float = 0.3
     max_asu_sites: int = 4
     prescreen_limit: int = 400
+    # linear scale factors of the pre-screen's volume scan, comma-separated ("0.9,1.0,1.1": each
+    # candidate's static energy at the best of those volumes, ~2.7x the pre-screen's cost); "" = off
+    volume_scan: str = ""
     relax_top_k: int = 8
     phonon_top_n: int = 3
     use_ray: bool = True  # screening stages on Ray actors; False: in each run's own process
@@ -99,6 +102,15 @@ class MainSettings:
 def default_surrogate(models_dir: str) -> str:
     """M3GNet when the surrogate registry has a models folder, else CHGNet (offline)."""
     return M3GNET_SURROGATE if models_dir else OFFLINE_SURROGATE
+
+
+def volume_scan_factors(text: str) -> list[float]:
+    """``"0.9,1.0,1.1"`` -> ``[0.9, 1.0, 1.1]`` (``""`` -> ``[]``, off); ValueError naming the text."""
+    try:
+        return [float(f) for f in text.replace(" ", ",").split(",") if f]
+    except ValueError:
+        raise ValueError(f"volume scan {text!r}: give linear scale factors separated by commas, "
+                         f"e.g. 0.9,1.0,1.1") from None
 
 
 def main_run_config(s: MainSettings) -> dict[str, dict[str, Any]]:
@@ -115,7 +127,8 @@ def main_run_config(s: MainSettings) -> dict[str, dict[str, Any]]:
         "infill_job": {},
         "screening_job": {
             "ops": {
-                "prescreen": {"config": {"max_candidates": s.prescreen_limit, "use_ray": s.use_ray}},
+                "prescreen": {"config": {"max_candidates": s.prescreen_limit, "use_ray": s.use_ray,
+                                         "volume_scan": volume_scan_factors(s.volume_scan)}},
                 "relaxed": {"config": {"top_k": s.relax_top_k, "use_ray": s.use_ray}},
                 "references": {"config": {"use_ray": s.use_ray}},
                 "phonons": {"config": {"top_n": s.phonon_top_n, "use_ray": s.use_ray}},

@@ -32,9 +32,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The embedded prototypes, a few minutes on a laptop (MainSettings' own defaults).
     "demo": {},
     # MP data, full training, tens of thousands of candidates (5,000 templates -> ~56,000
-    # candidates, ~43,000 unique), all of them pre-screened.
+    # candidates, ~43,000 unique), all of them pre-screened with a volume scan (a known phase
+    # generated at the wrong volume is otherwise never relaxed: benchmarks/results/rediscovery*.md).
     "standard": {"gan_epochs": 500, "n_templates": 5000, "min_density_overlap": 0.93, "max_asu_sites": 4,
-                 "prescreen_limit": 0, "relax_top_k": 500, "phonon_top_n": 20},
+                 "prescreen_limit": 0, "volume_scan": "0.9,1.0,1.1", "relax_top_k": 500, "phonon_top_n": 20},
     # The paper's Ba-Ru-O campaign: 120,000 templates of at most four Wyckoff sites, every
     # candidate pre-screened, the best 5,000 relaxed and phonon-screened.
     "paper": {"gan_epochs": 500, "n_templates": 120_000, "min_density_overlap": 0.93, "max_asu_sites": 4,
@@ -44,9 +45,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: What a profile costs, from the measured rates above (one line each, for --help and the README).
 PROFILE_COSTS: dict[str, str] = {
     "demo": "embedded prototypes + known phases; 3 min 17 s on 2 quiet cores (set-up not counted)",
-    "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 1.7 h with M3GNet (MP group 25 min, "
-                "training 31 min, dedup 1 min, pre-screen of ~43,000 unique candidates 14 min, "
-                "500 relaxations 19 min, 20 phonon screens 10 min), about 2.5 h with CHGNet",
+    "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 2.2 h with M3GNet (MP group 25 min, "
+                "training 31 min, dedup 1 min, pre-screen of ~43,000 unique candidates with the volume "
+                "scan 45 min (14 min without it, --volume-scan ''), 500 relaxations 19 min, 20 phonon "
+                "screens 10 min), about 3.5 h with CHGNet",
     "paper": "MP data; 120,000 templates -> ~1.8 M candidates, all pre-screened, 5,000 relaxations and "
              "phonon screens (benchmarks/results/campaign.md): on a 2-core laptop about 11 h of compute "
              "(55 h at a busy 2-core VM's wall-clock rates); on one H200 machine about 2 h (pre-screen "

@@ -63,7 +63,9 @@ def rescreen_run_config(store: Any, chemical_system: str, *, exclude_surrogate: 
         n_pre = store.read("prescreen", partition=part).height
         n_cands = store.read("candidates_dedup", partition=chemical_system).height
         max_candidates = n_pre if n_pre < n_cands else 0
-    prescreen_cfg = {"max_candidates": max_candidates, "sample_seed": int(pre_md.get("sample_seed", 0))}
+    prescreen_cfg: dict[str, Any] = {"max_candidates": max_candidates, "sample_seed": int(pre_md.get("sample_seed", 0))}
+    if pre_md.get("volume_scan"):  # the same volume scan (recorded with the prescreen), so the energies compare
+        prescreen_cfg["volume_scan"] = [float(f) for f in pre_md["volume_scan"]]
     relaxed_md = (store.pointer("relaxed", part) or {}).get("metadata", {})
     relaxed_cfg: dict[str, Any] = {"top_k": store.read("relaxed", partition=part).height}
     for key in ("rank_by", "per_composition_quota"):

@@ -219,6 +219,7 @@ def test_example_queries_are_read_only():
 def test_main_options_profile_and_overrides():
     """--profile sets every size, an individual option overrides it, --system takes any order."""
     from orchestration.cli import build_parser, main_settings
+    from orchestration.jobs import main_run_config
     from orchestration.profiles import PROFILES
 
     args = build_parser().parse_args(["main", "--system", "Ru-Ba-O", "--profile", "standard", "--relax", "7",
@@ -228,8 +229,11 @@ def test_main_options_profile_and_overrides():
     assert s.relax_top_k == 7  # the option, not the profile's 500
     assert s.n_templates == PROFILES["standard"]["n_templates"] == 5000
     assert s.prescreen_limit == 0 and s.phonon_top_n == PROFILES["standard"]["phonon_top_n"]
+    assert s.volume_scan == "0.9,1.0,1.1"  # standard scans volumes; its run config carries the factors
+    assert main_run_config(s)["screening_job"]["ops"]["prescreen"]["config"]["volume_scan"] == [0.9, 1.0, 1.1]
     demo = main_settings(build_parser().parse_args(["main", "--templates", "10", "--epochs", "2"]))
     assert (demo.n_templates, demo.gan_epochs, demo.relax_top_k) == (10, 2, 8)  # demo: MainSettings' defaults
+    assert main_run_config(demo)["screening_job"]["ops"]["prescreen"]["config"]["volume_scan"] == []
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -239,6 +243,8 @@ def test_main_options_profile_and_overrides():
     (["--surrogate", "NoSuchNet-1.0"], "not in the surrogate registry"),
     (["--relax", "-1"], "--relax-top-k must be > 0"),
     (["--prescreen", "-5"], "--prescreen-limit must be >= 0"),
+    (["--volume-scan", "0.9,x"], "give linear scale factors separated by commas"),
+    (["--volume-scan", "0.9,1.1"], "at least 3 distinct linear scale factors"),
 ])
 def test_main_options_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
     rc, _, err = run(capsys, "main", "--home", str(tmp_path / "h"), *argv)

@@ -456,14 +456,14 @@ def test_rescreen_reuses_the_recorded_prescreen_sample_and_seed(home: Path, m3gn
         assert res.success
         return store.read("prescreen", partition=f"Ba-O-Ru|{surrogate}")["candidate_id"].sort().to_list()
 
-    screened = run_prescreen(first, {"max_candidates": 3, "sample_seed": 2})
+    screened = run_prescreen(first, {"max_candidates": 3, "sample_seed": 2, "volume_scan": [0.9, 1.0, 1.1]})
     md = store.pointer("prescreen", f"Ba-O-Ru|{first}")["metadata"]
-    assert (md["max_candidates"], md["sample_seed"]) == (3, 2)
+    assert (md["max_candidates"], md["sample_seed"], md["volume_scan"]) == (3, 2, [0.9, 1.0, 1.1])
     # the first screening's later stages: only that its relaxed partition exists matters here
     _fixture_store(home).write("relaxed", pl.DataFrame({"candidate_id": screened[:2]}), partition=f"Ba-O-Ru|{first}")
     config, source = schedules.rescreen_run_config(store, "Ba-O-Ru", exclude_surrogate=MP)
     assert source == f"first screening Ba-O-Ru|{first}"
-    assert config["ops"]["prescreen"]["config"] == {"max_candidates": 3, "sample_seed": 2}
+    assert config["ops"]["prescreen"]["config"] == {"max_candidates": 3, "sample_seed": 2, "volume_scan": [0.9, 1.0, 1.1]}
     assert run_prescreen(MP, config["ops"]["prescreen"]["config"]) == screened
     assert stratified_sample(dedup, 3, seed=0)["candidate_id"].sort().to_list() != screened
 

@@ -226,6 +226,31 @@ def test_screening_chain_on_a_tiny_partition(home, store, ba_ru_o_dir, m3gnet_di
         assert len(sample) == 3 and sample != dedup["candidate_id"].sort().head(3).to_list()
         meta3 = res3.asset_materializations_for_node("prescreen")[0].metadata
         assert meta3["n_candidates_input"].value == 5 and meta3["n_compositions_sampled"].value == 3
+
+        # the volume scan: every candidate's lowest energy over 0.9/1.0/1.1 and the parabola's vertex,
+        # never above its single evaluation; the relaxation starts from the scanned cell
+        scan = [0.9, 1.0, 1.1]
+        res4 = dg.materialize([prescreen, relaxed], partition_key=pk, instance=inst, resources=_resources(home),
+                              run_config={"ops": {"prescreen": {"config": {"use_ray": False, "volume_scan": scan}},
+                                                  "relaxed": {"config": {"use_ray": False, "top_k": 2, "steps": 3}}}})
+        assert res4.success
+        pre4 = store.read("prescreen", partition=PART).sort("candidate_id")
+        ok4 = pre4.filter(pl.col("status") == "ok")
+        assert ok4.height == 4 and ok4["volume_scale"].null_count() == 0 and (ok4["volume_scale"] != 1.0).any()
+        single = pre.sort("candidate_id").filter(pl.col("status") == "ok")["energy_per_atom_ev"].to_numpy()
+        assert (ok4["energy_per_atom_ev"].to_numpy() <= single + 1e-9).all()
+        assert pre4.filter(pl.col("status") == "error")["volume_scale"].to_list() == [None]
+        meta4 = res4.asset_materializations_for_node("prescreen")[0].metadata
+        assert meta4["volume_scan"].value == scan
+        assert meta4["n_volume_rescaled"].value == int((ok4["volume_scale"] != 1.0).sum())
+        assert store.pointer("prescreen", PART)["metadata"]["volume_scan"] == scan
+        rel4 = store.read("relaxed", partition=PART)
+        assert rel4.height == 2 and rel4["status"].to_list() == ["ok", "ok"]
+        bad = dg.materialize([prescreen], partition_key=pk, instance=inst, resources=_resources(home),
+                             raise_on_error=False,
+                             run_config={"ops": {"prescreen": {"config": {"use_ray": False, "volume_scan": [1.0, 1.1]}}}})
+        assert not bad.success
+        assert "at least 3 distinct" in str(bad.get_step_failure_events()[0].event_specific_data.error)
     finally:
         ray.shutdown()
 

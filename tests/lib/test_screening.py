@@ -426,3 +426,38 @@ def test_charge_balance_is_a_column_and_an_opt_in_filter():
     assert scr.ranked_and_unique_problems(kept) == []
     with pytest.raises(ValueError, match="no charge_balanced column"):
         scr.keep_charge_balanced(sl.drop("charge_balanced"))
+
+
+def test_volume_scan_finds_a_known_phase_generated_at_the_wrong_volume(surrogate, ba_ru_o_dir):
+    """MP's Ba2RuO4 (mp-1025237) with its lattice 15 % too short, as a template's volume can make
+    it: one static evaluation puts it eV/atom too high; the volume scan brings it back near MP's
+    volume and energy, and the relaxation starts from the scanned cell."""
+    cells = scr.mp_csv_cells(ba_ru_o_dir / "ba_ru_o_mp_structures.csv", elements=["Ba", "Ru", "O"])
+    row = cells.filter(pl.col("phase_id") == "mp-1025237").rename({"phase_id": "candidate_id"}).select(
+        "candidate_id", "lattice_matrix", "species", "frac_coords")
+    r = row.row(0, named=True)
+    right = cell_to_structure(r["lattice_matrix"], r["species"], r["frac_coords"])
+    squeezed = scr.scaled_structure(right, 0.85)
+    frame = pl.DataFrame([{"candidate_id": "cand-squeezed", **structure_to_cell(squeezed)},
+                          {"candidate_id": "cand-mp", **structure_to_cell(right)}])
+    plain = scr.prescreen_frame(surrogate, frame)
+    scan = scr.prescreen_frame(surrogate, frame, volume_scan=[1.1, 0.9, 1.0])
+    e_plain = dict(zip(plain["candidate_id"], plain["energy_per_atom_ev"], strict=True))
+    e_scan = dict(zip(scan["candidate_id"], scan["energy_per_atom_ev"], strict=True))
+    f = dict(zip(scan["candidate_id"], scan["volume_scale"], strict=True))
+    assert plain["volume_scale"].to_list() == [1.0, 1.0]
+    assert e_plain["cand-squeezed"] - e_plain["cand-mp"] > 1.0  # eV/atom: far from selectable
+    assert f["cand-squeezed"] > 1.1 and abs(f["cand-mp"] - 1.0) < 0.05
+    assert e_scan["cand-squeezed"] - e_scan["cand-mp"] < 0.1
+    assert e_scan["cand-mp"] <= e_plain["cand-mp"] + 1e-9  # the scan keeps its lowest: never worse
+    rel = scr.relax_frame(surrogate, frame.join(scan.select("candidate_id", "volume_scale"), on="candidate_id"),
+                          steps=5)
+    started = rel.filter(pl.col("key") == "cand-squeezed")["volume_a3"][0]
+    # five steps from the scanned cell stay near it (a cell filter moves the volume slowly)
+    assert abs(started / (squeezed.volume * f["cand-squeezed"] ** 3) - 1.0) < 0.1
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        scr.prescreen_frame(surrogate, frame, volume_scan=[0.9, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"\(0.5, 2\)"):
+        scr.check_volume_scan([0.4, 1.0, 1.1])
+    bad = scr.prescreen_frame(surrogate, ba_ru_o_candidates().tail(1), volume_scan=[0.9, 1.0, 1.1])
+    assert bad["status"].to_list() == ["error"] and bad["volume_scale"].to_list() == [None]
