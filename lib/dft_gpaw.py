@@ -163,6 +163,23 @@ def _cell_dict(structure, magmoms: list[float] | None = None) -> dict[str, Any]:
             "magmoms": magmoms}
 
 
+def gpaw_oriented(structure):
+    """``structure`` with every axis of an axis-aligned (diagonal) lattice pointing the positive way:
+    a_i -> -a_i with the fractional coordinate f_i -> -f_i, so every atom stays where it is (wrapped into the cell); any
+    other cell is returned as it is. GPAW 22.8 fails before its first SCF on a diagonal cell with a
+    negative entry ("negative dimensions are not allowed", from the text log's drawing of the
+    atoms): spglib's primitive cell of MP's Pa-3 RuO2, mp-8909, is diag(-a, -a, a)."""
+    from pymatgen.core import Lattice, Structure
+
+    m = np.asarray(structure.lattice.matrix, dtype=float)
+    sign = np.sign(np.diag(m))
+    if np.abs(m - np.diag(np.diag(m))).max() > 1e-10 or np.all(sign > 0):
+        return structure
+    frac = (np.asarray(structure.frac_coords, dtype=float) * sign) % 1.0
+    return Structure(Lattice(m * sign[:, None]), structure.species, frac,
+                     site_properties=structure.site_properties or None)
+
+
 def structure_from_cell(d: Mapping[str, Any]):
     """A pymatgen Structure from a ``{symbols, cell, scaled_positions}`` dict (the summary's cells)."""
     from pymatgen.core import Lattice, Structure
@@ -271,6 +288,7 @@ def write_gpaw_run(
     replaced, "folder", "settings"}``.
     """
     folder = Path(folder)
+    structure = gpaw_oriented(structure)
     settings = gpaw_settings(structure, preset=preset, run_kind=run_kind, overrides=overrides)
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a writer that was killed

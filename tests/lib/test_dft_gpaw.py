@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lib.dft_gpaw import (
@@ -22,6 +23,7 @@ from lib.dft_gpaw import (
     GpawMissingError,
     folder_state,
     folder_states,
+    gpaw_oriented,
     gpaw_settings,
     resolve_preset,
     run_gpaw,
@@ -71,9 +73,9 @@ def si_done(gpaw_version, tmp_path_factory) -> Path:
 
 def test_presets_are_data_and_standard_is_mp_like() -> None:
     std = resolve_preset("standard")
-    assert std["xc"] == "PBE" and std["mode"]["ecut_ev"] == 520 and std["kpts"]["reciprocal_density"] == 64
+    assert std["xc"] == "PBE" and std["mode"]["ecut_ev"] == 800 and std["kpts"]["reciprocal_density"] == 64
     fast = resolve_preset("fast", {"maxiter": 2})
-    assert fast["maxiter"] == 2 and fast["name"].startswith("fast+") and fast["mode"]["ecut_ev"] < 520
+    assert fast["maxiter"] == 2 and fast["name"].startswith("fast+") and fast["mode"]["ecut_ev"] < 800
     with pytest.raises(ValueError, match="unknown GPAW preset 'nope'"):
         resolve_preset("nope")
     with pytest.raises(ValueError, match=r"spin\.policy"):
@@ -143,6 +145,26 @@ def test_finished_run_is_never_recomputed_and_an_edit_changes_the_result_id(si_d
         assert rid2 != rid and digest2 != digest
     finally:
         note.unlink()
+
+
+def test_a_cell_with_negative_axes_runs(gpaw_version, tmp_path: Path) -> None:
+    """spglib's primitive cell of MP's Pa-3 RuO2 is diag(-a, -a, a): GPAW 22.8 failed on it before
+    its first SCF ("negative dimensions are not allowed"). The run folder flips such axes (atoms
+    unmoved); here on CsCl-type NaCl in a diag(-a, -a, a) cell, one SCF step."""
+    from pymatgen.core import Lattice, Structure
+
+    a = 3.3
+    flipped = Structure(Lattice([[-a, 0, 0], [0, -a, 0], [0, 0, a]]), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    oriented = gpaw_oriented(flipped)
+    assert np.allclose(oriented.lattice.matrix, np.diag([a, a, a]))
+    shift = oriented.lattice.get_fractional_coords(flipped.cart_coords) - oriented.frac_coords
+    assert np.allclose(shift, np.round(shift))  # every atom where it was, up to a lattice vector
+    assert gpaw_oriented(_si()) is not None and np.allclose(gpaw_oriented(_si()).lattice.matrix, _si().lattice.matrix)
+    write_gpaw_run(flipped, tmp_path / "nacl", preset="fast",
+                   overrides={"maxiter": 1, "relax": {"enabled": False}, **NO_PHONONS})
+    summary = run_gpaw(tmp_path / "nacl", timeout_s=120)
+    assert "negative dimensions" not in str(summary.get("reason")), summary["reason"]
+    assert summary["stage"] != "relax" and "SCF did not converge within maxiter=1" in str(summary["reason"])
 
 
 def test_scf_that_does_not_converge_is_a_failed_row(gpaw_version, tmp_path: Path) -> None:
