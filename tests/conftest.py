@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from lib.store import TableStore
+from lib.store import S3Options, TableStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,3 +106,40 @@ def ba_ru_o_mp(ba_ru_o_dir: Path) -> pl.DataFrame:
         "formation_energy_per_atom_ev": raw["formation_energy_per_atom"],
         "e_above_hull_ev_per_atom": raw["e_above_hull"],
     })
+
+
+# --------------------------------------------------------------------------- S3 (moto server)
+# A local S3-compatible server per test module (tests/lib/test_store_s3.py, tests/test_ray_cluster.py).
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:  # pragma: no cover - moto[server] is in the dev extra
+        skip_or_fail("moto[server] is not installed (pip install -e '.[dev]')")
+        raise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def s3(s3_endpoint: str) -> S3Options:
+    return S3Options(endpoint=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1")
+
+
+@pytest.fixture()
+def bucket(s3_endpoint: str) -> str:
+    """A fresh bucket per test."""
+    import pyarrow.fs as pafs
+
+    name = f"cgwgan-{uuid.uuid4().hex[:12]}"
+    host = s3_endpoint.removeprefix("http://")
+    pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", endpoint_override=host,
+                      scheme="http", allow_bucket_creation=True).create_dir(name)
+    return name

@@ -1,4 +1,8 @@
-"""The pre-screen asset, unchanged, on a two-node Ray cluster started on this machine.
+"""The pre-screen asset, unchanged, on a two-node Ray cluster started on this machine, with the
+table store on an S3 server the test starts (``moto`` in server mode, as tests/lib/test_store_s3.py):
+the input partition is read from and the result written to ``s3://``, so no worker needs the
+driver's disk (the actors get rows and return energies; only the driver's resumable batch files
+stay in its local folder, ``local_dir``).
 
 A head (``ray start --head --num-cpus 1``) and a second node (``ray start --address ...
 --num-cpus 1``) are started with ``--block`` in their own process groups and a private temp dir;
@@ -34,8 +38,10 @@ import polars as pl
 import pytest
 
 from assets.screening import prescreen
+from lib.store import S3Options, TableStore
 from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
 from tests.lib.test_screening import SURROGATE, ba_ru_o_dedup_frame
+from tests.lib.test_store_s3 import _objects
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -75,7 +81,7 @@ def _stop(proc: subprocess.Popen) -> None:
 CHILD_ENV = "CGWGAN_RAY_CLUSTER_CHILD"
 
 
-def test_prescreen_runs_on_a_two_node_cluster(home, store, monkeypatch):
+def test_prescreen_runs_on_a_two_node_cluster(home, s3, bucket, monkeypatch):
     if os.environ.get(CHILD_ENV) != "1":
         # the driver in a fresh process (see the module docstring)
         # RAY_AUTH_MODE: a local ray.init() in this process may have set it to "token" here
@@ -86,10 +92,10 @@ def test_prescreen_runs_on_a_two_node_cluster(home, store, monkeypatch):
         assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
         assert "1 passed" in res.stdout, res.stdout[-3000:]
         return
-    _run_on_a_two_node_cluster(home, store, monkeypatch)
+    _run_on_a_two_node_cluster(home, s3, bucket, monkeypatch)
 
 
-def _run_on_a_two_node_cluster(home, store, monkeypatch):
+def _run_on_a_two_node_cluster(home, s3: S3Options, bucket: str, monkeypatch):
     import ray
 
     port = _free_port()
@@ -118,14 +124,18 @@ def _run_on_a_two_node_cluster(home, store, monkeypatch):
             time.sleep(1)
         assert ray.cluster_resources().get("CPU") == 2
 
+        url = f"s3://{bucket}/campaign"
+        store = TableStore(url, s3=s3)
         store.write("candidates_dedup", ba_ru_o_dedup_frame(), partition="Ba-O-Ru")
+        cgwgan_home = CgwganHome(home=url, s3_endpoint=s3.endpoint, s3_access_key=s3.access_key,
+                                 s3_secret_key=s3.secret_key, s3_region=s3.region, local_dir=str(home))
         inst = dg.DagsterInstance.ephemeral()
         inst.add_dynamic_partitions("chemical_system", ["Ba-O-Ru"])
         inst.add_dynamic_partitions("surrogate", [SURROGATE])
         res = dg.materialize(
             [prescreen], instance=inst,
             partition_key=dg.MultiPartitionKey({"chemical_system": "Ba-O-Ru", "surrogate": SURROGATE}),
-            resources={"cgwgan_home": CgwganHome(home=str(home)), "ray_runtime": RayResource(address=address),
+            resources={"cgwgan_home": cgwgan_home, "ray_runtime": RayResource(address=address),
                        "surrogate_registry": SurrogateRegistryResource()},
             run_config={"ops": {"prescreen": {"config": {"num_actors": 2, "batch_rows": 2, "batch_size": 4}}}})
         assert res.success
@@ -135,6 +145,11 @@ def _run_on_a_two_node_cluster(home, store, monkeypatch):
         out = store.read("prescreen", partition=f"Ba-O-Ru|{SURROGATE}")
         assert out.height == 5 and out["candidate_id"].n_unique() == 5
         assert out.filter(pl.col("status") == "ok").height == 4
+        # the table is on S3 (pointer + a version's Parquet), nothing of it under the local folder
+        objects = _objects(store, "tables/prescreen")
+        assert any(o.endswith(".parquet") for o in objects), objects
+        assert not list(Path(home).rglob("*.parquet")) or all(
+            "work" in p.parts for p in Path(home).rglob("*.parquet"))  # only the driver's batch files
     finally:
         ray.shutdown()
         for p in reversed(procs):

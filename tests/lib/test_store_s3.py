@@ -9,9 +9,6 @@ extension (Arrow datasets registered in DuckDB, read through pyarrow's S3 filesy
 from __future__ import annotations
 
 import pickle
-import socket
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -20,40 +17,6 @@ import pytest
 
 from lib.contracts import ContractViolation
 from lib.store import POINTER, LocalOnlyError, S3Options, TableStore
-from tests.conftest import skip_or_fail
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:  # pragma: no cover - moto[server] is in the dev extra
-        skip_or_fail("moto[server] is not installed (pip install -e '.[dev]')")
-        raise
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def s3(s3_endpoint: str) -> S3Options:
-    return S3Options(endpoint=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1")
-
-
-@pytest.fixture()
-def bucket(s3_endpoint: str) -> str:
-    """A fresh bucket per test."""
-    name = f"cgwgan-{uuid.uuid4().hex[:12]}"
-    host = s3_endpoint.removeprefix("http://")
-    pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", endpoint_override=host,
-                      scheme="http", allow_bucket_creation=True).create_dir(name)
-    return name
 
 
 @pytest.fixture()
