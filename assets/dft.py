@@ -375,7 +375,9 @@ class DftResultsConfig(dg.Config):
     imaginary_tol_thz: float = 0.1
 
 
-@dg.asset(group_name=GROUP, deps=["dft_inputs"], kinds={"parquet", "vasp"})
+# dft_runs is a dependency for the order of dft_verify_job (GPAW folders first, then their ingest);
+# the sensor materialises dft_results alone, on whatever folders VASP or GPAW finished
+@dg.asset(group_name=GROUP, deps=["dft_inputs", "dft_runs"], kinds={"parquet", "vasp"})
 def dft_results(context: dg.AssetExecutionContext, config: DftResultsConfig,
                 cgwgan_home: CgwganHome, dft: DftResource) -> dg.MaterializeResult:
     """Finished VASP/phonopy run folders, each ingested once (one store partition per content hash)."""

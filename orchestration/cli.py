@@ -223,7 +223,8 @@ def main_settings(args: argparse.Namespace):
         check_volume_scan(volume_scan_factors(settings.volume_scan))
     except ValueError as exc:
         raise CliError(f"--volume-scan: {exc}") from None
-    for name in ("gan_epochs", "n_templates", "max_asu_sites", "prescreen_limit", "relax_top_k", "phonon_top_n"):
+    for name in ("gan_epochs", "n_templates", "max_asu_sites", "prescreen_limit", "relax_top_k", "phonon_top_n",
+                 "dft_top_k"):
         value = getattr(settings, name)
         if value < 0 or (value == 0 and name not in ("prescreen_limit",)):
             flag = "--" + name.replace("_", "-")
@@ -466,7 +467,7 @@ def _main_settings_arguments(sp: argparse.ArgumentParser) -> None:
             "; " + ", ".join(f"{p}: {v!r}" for p, v in by_profile.items()) if by_profile else "") + ")"
         if f.type in (bool, "bool"):
             sp.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                            help=default)
+                            help=MAIN_OPTION_HELP.get(f.name, "") + default)
         else:
             conv = {"int": int, "float": float}.get(str(getattr(f.type, "__name__", f.type)), str)
             sp.add_argument(*flags, dest=f.name, type=conv, default=None,
@@ -481,6 +482,9 @@ MAIN_OPTION_HELP = {
     "chemical_system": "elements joined by '-' in any order, e.g. Ba-Ru-O ",
     "surrogate": "a name of the surrogate registry (default: M3GNet when CGWGAN_M3GNET_DIR is set, else CHGNet) ",
     "prescreen_limit": "candidates pre-screened, 0 = all ",
+    "dft": "also verify the best --dft-top-k novel candidates with GPAW (preset fast, with their competing "
+           "phases; make dft-deps) before the report ",
+    "dft_top_k": "candidates the --dft verification runs ",
     "volume_scan": "linear scale factors of the pre-screen's volume scan, e.g. 0.9,1.0,1.1 (a candidate "
                    "generated at the wrong volume is scored at its best one; ~2.7x the pre-screen's cost); "
                    "'' = off ",

@@ -96,6 +96,10 @@ class MainSettings:
     relax_top_k: int = 8
     phonon_top_n: int = 3
     use_ray: bool = True  # screening stages on Ray actors; False: in each run's own process
+    # a GPAW `fast` verification (dft_verify_job: dft_runs -> dft_results -> discoveries ->
+    # surrogate_accuracy) of the best dft_top_k novel, unique shortlist rows with their competing phases
+    dft: bool = False
+    dft_top_k: int = 2
 
 
 
@@ -135,6 +139,8 @@ def main_run_config(s: MainSettings) -> dict[str, dict[str, Any]]:
             }
         },
         "dft_handoff_job": {},
+        "dft_verify_job": {"ops": {"dft_runs": {"config": {
+            "preset": "fast", "k": s.dft_top_k, "chemical_systems": [s.chemical_system], "use_ray": s.use_ray}}}},
         "report_job": {"ops": {"discovery_report": {"config": {"surrogate": s.surrogate}}}},
     }
 

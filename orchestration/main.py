@@ -90,6 +90,7 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
         ("infill_job", s.chemical_system),
         ("screening_job", screening_key),
         ("dft_handoff_job", None),
+        *([("dft_verify_job", None)] if s.dft else []),
         ("report_job", s.chemical_system),
     ]
     timings: dict[str, float] = {}
@@ -140,6 +141,9 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     log(f"  Parquet tables : {home_path / 'tables'}")
     log(f"  DuckDB catalog : {home_path / 'catalog.duckdb'}")
     log(f"  DFT inputs     : {home_path / 'dft' / 'inputs'}")
+    dft_lines = _dft_summary(home_res, s.chemical_system) if s.dft and "dft_verify_job" in timings else []
+    for line in dft_lines:
+        log(line)
     if instance_dir is not None:
         log(f"  Dagster runs   : DAGSTER_HOME={instance_dir} dagster dev -w workspace.yaml")
     log("Three SQL queries to try:")
@@ -150,6 +154,26 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     log(f"Dagster event log: {log_file}")
     return {"home": str(home_path), "surrogate": surrogate, "timings_s": timings, "log_file": str(log_file),
             "stage_lines": list(job_log.stages.lines), "report": str(report) if report else None}
+
+
+def _dft_summary(home: CgwganHome, chemical_system: str) -> list[str]:
+    """What the ``--dft`` verification kept: one line per verified candidate of the system, with its
+    DFT energy above the GPAW hull of the same preset and its verdict (``discoveries``)."""
+    import polars as pl
+
+    store = home.store
+    if not store.exists("discoveries"):
+        return ["  DFT verdicts   : none (discoveries was not written)"]
+    d = store.read("discoveries").filter((pl.col("chemical_system") == chemical_system)
+                                         & pl.col("candidate_id").is_not_null())
+    kept = d.filter(pl.col("verdict") == "discovery")
+    lines = [f"  DFT verdicts   : {d.height} candidate(s) verified with GPAW, {kept.height} kept as discoveries "
+             f"(cgwgan sql \"SELECT * FROM discoveries\")"]
+    for r in d.sort("e_above_hull_dft_ev_per_atom", nulls_last=True).iter_rows(named=True):
+        e = r.get("e_above_hull_dft_ev_per_atom")
+        lines.append(f"    {r['formula']:<12} {r['candidate_id']}  E_hull(DFT) "
+                     f"{'n/a' if e is None else f'{e:+.3f}'} eV/atom  {r['verdict']}: {r['verdict_reason']}")
+    return lines
 
 
 def _report_path(result: dg.ExecuteInProcessResult) -> Path | None:
