@@ -59,6 +59,9 @@ for _name, _cfg in (("paper", {}),
                     # the Dagster default: as "quality" but selecting by "covered_density"
                     ("default", {"ema_decay": 0.995, "eval_every": 5, "eval_samples": 5_000,
                                  "select_by": "covered_density", "eval_raw_weights": True}),
+                    # the Dagster default with the raw weights competing in the selection (select_raw_weights)
+                    ("rawsel", {"ema_decay": 0.995, "eval_every": 5, "eval_samples": 5_000,
+                                "select_by": "covered_density", "eval_raw_weights": True, "select_raw_weights": True}),
                     ("select", {"eval_every": 5, "select_by": "density_overlap"})):
     VARIANTS[_name] = (_cfg, 4, ())
     VARIANTS[f"{_name}-heldout"] = (_cfg, 4, (HELD_OUT,))
@@ -167,6 +170,7 @@ def run_one(variant: str, seed: int, args: dict) -> dict:
     model = res.model
     rec.update(n_training_rows=int(x.shape[0]), removed=report.removed, train_s=round(time.perf_counter() - t, 1),
                device=res.device, epochs=cfg.epochs, selected_epoch=model.extra.get("selected_epoch"),
+               selected_weights=model.extra.get("selected_weights"),
                checkpoint_id=model.checkpoint_id, final_wasserstein=round(res.history["wasserstein"][-1], 4),
                eval_curve={k: v for k, v in res.history.items() if k.startswith("eval_")})
     out = Path(args["out"]) / "runs"
@@ -191,7 +195,7 @@ def scored(runs: list[dict]) -> list[dict]:
         out.append(r)
         if r.get("last_raw_by_repair"):
             out.append({**r, "variant": f"{r['variant']}/last-raw", "by_repair": r["last_raw_by_repair"],
-                        "selected_epoch": r["epochs"]})
+                        "selected_epoch": r["epochs"], "selected_weights": None})
     return out
 
 
@@ -228,8 +232,8 @@ def markdown(result: dict) -> str:
     for r in sorted(result["runs"], key=lambda r: (r["variant"], r["seed"])):
         for mode, q in r["by_repair"].items():
             lines.append(
-                f"| {r['variant']}:{r['seed']} | {r['n_training_rows']} | {r['train_s']} | {r.get('selected_epoch')} "
-                f"| {mode} | {q.get('density_overlap', float('nan')):.3f} | {q['validity']:.3f} "
+                f"| {r['variant']}:{r['seed']} | {r['n_training_rows']} | {r['train_s']} | {r.get('selected_epoch')}"
+                f"{' (raw)' if r.get('selected_weights') == 'raw' else ''} | {mode} | {q.get('density_overlap', float('nan')):.3f} | {q['validity']:.3f} "
                 f"| {q.get('uniqueness', float('nan')):.3f} | {q.get('novelty', float('nan')):.3f} "
                 f"| {q.get('spacegroup_tv', float('nan')):.3f} | {q.get('n_sites_tv', float('nan')):.3f} "
                 f"| {q.get('symmetry_exactness')} |")

@@ -97,6 +97,11 @@ class GanConfig:
     #: with EMA: evaluate the raw (not averaged) weights too (history ``eval_*_raw``), the plain
     #: recipe's trajectory on the same run; doubles the evaluation cost.
     eval_raw_weights: bool = False
+    #: with ``eval_raw_weights``: the raw weights of every evaluation compete in the selection too,
+    #: so a checkpoint keeps whichever of the average and the raw weights scored best (history
+    #: ``selected_weights``). On a CPU run whose average plateaued below the raw weights' late
+    #: evaluations (benchmarks/results/bench_generator_*_cpu.md) it is the raw weights' turn.
+    select_raw_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The hyperparameters as JSON; robustness options at their defaults are left out, so the
@@ -122,6 +127,8 @@ class GanConfig:
             raise ValueError(f"select_by must be one of {', '.join(map(repr, SELECT_BY))}, got {self.select_by!r}")
         if self.select_by != "last" and self.eval_every <= 0:
             raise ValueError(f"select_by={self.select_by!r} needs eval_every > 0")
+        if self.select_raw_weights and not (self.eval_raw_weights and self.ema_decay > 0 and self.select_by != "last"):
+            raise ValueError("select_raw_weights needs ema_decay > 0, eval_raw_weights and a select_by other than 'last'")
 
 
 #: The ways :func:`train_wgan` chooses the weights a checkpoint keeps (``GanConfig.select_by``).
@@ -165,7 +172,7 @@ def selection_score(select_by: str, q: dict[str, float]) -> tuple[float, float]:
 
 #: GanConfig fields added after checkpoints existed, with the values that reproduce the old training.
 _OPTIONAL_DEFAULTS: dict[str, Any] = {"ema_decay": 0.0, "eval_every": 0, "eval_samples": 10_000, "select_by": "last",
-                                      "eval_raw_weights": False}
+                                      "eval_raw_weights": False, "select_raw_weights": False}
 
 
 # ------------------------------------------------------------------------------- modules
@@ -425,7 +432,7 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
     eval_raw = ema is not None and config.eval_raw_weights
     if eval_raw:  # the raw (not averaged) weights too: the trajectory of the plain training
         evals.update(eval_density_overlap_raw=[], eval_validity_raw=[])
-    best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
+    best: tuple[tuple[float, float], int, dict[str, torch.Tensor], str] | None = None
     t0 = time.perf_counter()
     step = 0
     for epoch in range(config.epochs):
@@ -484,15 +491,20 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
                 evaluated += f" (raw weights {raw['density_overlap']:.3f})"
             score = selection_score(config.select_by, q)
             if best is None or score > best[0]:
-                best = (score, epoch + 1, weights)
+                best = (score, epoch + 1, weights, "ema" if ema is not None else "raw")
+            if eval_raw and config.select_raw_weights:
+                raw_score = selection_score(config.select_by, raw)
+                if raw_score > best[0]:
+                    best = (raw_score, epoch + 1, _state_copy(gen_net), "raw")
         if log is not None and log_every and (epoch + 1) % log_every == 0:
             log(f"epoch {epoch + 1}/{config.epochs}: W={history['wasserstein'][-1]:.4f} "
                 f"gp={history['gradient_penalty'][-1]:.4f} t={time.perf_counter() - t0:.0f}s{evaluated}")
     last_raw = _state_copy(gen_net)
     selected_epoch = config.epochs
+    selected_weights = "ema" if ema is not None else "raw"
     if config.select_by != "last" and best is not None:
         gen_net.load_state_dict(best[2])
-        selected_epoch = best[1]
+        selected_epoch, selected_weights = best[1], best[3]
     elif ema is not None:
         gen_net.load_state_dict(ema.state())
     wall = time.perf_counter() - t0
@@ -500,7 +512,7 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
         history.update({k: [float(v) for v in vals] for k, vals in evals.items()})
     model.history = history
     model.extra = {"wall_time_s": round(wall, 3), "device": device, "n_train": n, "epochs_run": config.epochs,
-                   "selected_epoch": selected_epoch}
+                   "selected_epoch": selected_epoch, "selected_weights": selected_weights}
     model.checkpoint_id = model.compute_checkpoint_id()
     return TrainingResult(model=model, history=history, wall_time_s=wall, device=device, last_raw_state=last_raw)
 

@@ -168,6 +168,8 @@ def test_formula_conditioned_repaired_templates(home: Path, mp_file: Path) -> No
     assert h["eval_epoch"] == [float(e) for e in range(1, 13)]  # auto: every max(1, 12 // 24) epochs
     assert model.config.select_by == "covered_density"
     assert model.config.ema_decay == auto_ema_decay(train.height, epochs=12, batch_size=32, n_critic=5) == 0.0
+    # no average (too few generator steps), so nothing for the raw weights to compete with
+    assert not model.config.select_raw_weights and ckpt_meta["selected_weights"].value == "raw"
     kept = int(ckpt_meta["selected_epoch"].value)
     score = [(1.0, d) if c else (0.0, d - t) for d, t, c in
              zip(h["eval_density_overlap"], h["eval_n_sites_tv"], h["eval_sites_covered"], strict=True)]
@@ -183,3 +185,26 @@ def test_formula_conditioned_repaired_templates(home: Path, mp_file: Path) -> No
     assert q.metadata["symmetry_exactness"].value == 1.0
     assert q.metadata["overlap_of_training_itself_at_this_size"].value == pytest.approx(
         density_overlap_floor(training_density(train), out.height), abs=1e-4)
+
+
+def test_checkpoint_with_the_average_lets_raw_weights_compete(home: Path, mp_file: Path) -> None:
+    """With the weight average on (here forced: a tiny run's auto value is 0), the default selection
+    evaluates the raw weights too and keeps whichever scored best (select_raw_weights)."""
+    store = CgwganHome(home=str(home)).store
+    _write_training_templates(mp_file, store)
+    run_config = dg.RunConfig(ops={"wgan_checkpoint": gen_assets.WganCheckpointConfig(
+        epochs=4, batch_size=32, latent_dim=16, generator_hidden=32, critic_hidden=32, seed=1, eval_samples=300,
+        ema_decay=0.5)})
+    result = dg.materialize([dg.AssetSpec("training_templates", group_name="mp"), gen_assets.wgan_checkpoint],
+                            resources={"cgwgan_home": CgwganHome(home=str(home))}, run_config=run_config)
+    meta = result.asset_materializations_for_node("wgan_checkpoint")[-1].metadata
+    model = load_checkpoint(store.read("wgan_checkpoints")["path"][0], device="cpu")
+    assert model.config.select_raw_weights and model.config.eval_raw_weights and model.config.ema_decay == 0.5
+    h = model.history
+    scores = {("ema", e): (1.0, d) if c else (0.0, d - t) for e, d, t, c in zip(
+        h["eval_epoch"], h["eval_density_overlap"], h["eval_n_sites_tv"], h["eval_sites_covered"], strict=True)}
+    kept = (meta["selected_weights"].value, float(meta["selected_epoch"].value))
+    assert kept[0] in ("ema", "raw") and len(h["eval_density_overlap_raw"]) == len(h["eval_epoch"])
+    if kept[0] == "ema":
+        assert scores[kept] == max(scores.values())
+

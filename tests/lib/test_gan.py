@@ -163,6 +163,29 @@ def test_selection_keeps_the_evaluated_weights_with_the_best_density_overlap() -
         assert again["sites_covered"] == h["eval_sites_covered"][best]
 
 
+def test_raw_weights_compete_in_the_selection_when_asked() -> None:
+    """select_raw_weights: the kept weights are the best of every evaluation's average and raw
+    weights, and they reproduce the evaluation that chose them."""
+    x = _toy_vectors(256)
+    ref = decode_templates(x, checkpoint_id="toy").templates["number_density_per_a3"].to_numpy()
+    cfg = gan.GanConfig(**{**TINY.to_dict(), "adam_betas": TINY.adam_betas, "epochs": 4, "eval_every": 1,
+                           "eval_samples": 400, "select_by": "density_overlap", "ema_decay": 0.9,
+                           "eval_raw_weights": True, "select_raw_weights": True})
+    res = gan.train_wgan(x, config=cfg, seed=5, device="cpu", reference_density=ref)
+    h = res.history
+    ema, raw = np.array(h["eval_density_overlap"]), np.array(h["eval_density_overlap_raw"])
+    best_raw, best_ema = int(np.argmax(raw)), int(np.argmax(ema))
+    weights = "raw" if raw[best_raw] > ema[best_ema] else "ema"
+    best = best_raw if weights == "raw" else best_ema
+    assert res.model.extra["selected_weights"] == weights
+    assert res.model.extra["selected_epoch"] == best + 1
+    again = gan._evaluate(res.model, gan._state_copy(res.model.generator), ref, gan._present_sites(x, DEFAULT_SCHEMA),
+                          n=400, seed=5 + 1_000_003)
+    assert again["density_overlap"] == max(raw[best_raw], ema[best_ema])
+    with pytest.raises(ValueError, match="select_raw_weights needs"):
+        gan.GanConfig(eval_every=1, select_by="density_overlap", ema_decay=0.9, select_raw_weights=True)
+
+
 def test_site_count_coverage() -> None:
     ref = np.array([1] * 30 + [2] * 40 + [3] * 29 + [4] * 1)  # 4 sites: 1 % of training, below min_share
     assert gan.covers_site_counts(np.array([1] * 30 + [2] * 40 + [3] * 30), ref)
