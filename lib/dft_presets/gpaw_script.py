@@ -54,6 +54,7 @@ def _calc(settings, kpts, txt):
     from gpaw import GPAW, PW
 
     p = settings["preset"]
+    retry = p.get("scf_retry") if settings.get("_scf_retry") else None
     convergence = dict(p["convergence"])
     if settings["run_kind"] == "phonon":  # finite-difference forces need a tighter SCF
         convergence.update(p["phonon"].get("convergence") or {})
@@ -62,10 +63,30 @@ def _calc(settings, kpts, txt):
         raise ValueError(f"only plane-wave mode is supported, not {mode.get('name')!r}")
     pw = PW(mode["ecut_ev"], dedecut=mode["dedecut"]) if mode.get("dedecut") else PW(mode["ecut_ev"])
     occ = p["occupations"]
+    extra = {"mixer": dict(retry["mixer"])} if retry and retry.get("mixer") else {}
     return GPAW(mode=pw, xc=p["xc"], kpts={"size": kpts["size"], "gamma": kpts["gamma"]},
                 occupations={"name": occ["name"], "width": occ["width_ev"]},
-                convergence=convergence, maxiter=int(p["maxiter"]),
-                spinpol=bool(settings["spinpol"]), txt=txt)
+                convergence=convergence, maxiter=int((retry or p)["maxiter"]),
+                spinpol=bool(settings["spinpol"]), txt=txt, **extra)
+
+
+def _run_stages(settings, summary):
+    """The run kind's stages; an SCF that does not converge is run once more from the input cell
+    with the preset's ``scf_retry`` calculator (a gentler mixer, more iterations), when it has one."""
+    from gpaw import KohnShamConvergenceError
+
+    run = {"relax": _relax_static, "phonon": _phonon}.get(settings["run_kind"])
+    if run is None:
+        raise ValueError(f"unknown run_kind {settings['run_kind']!r}")
+    try:
+        run(settings, summary)
+    except KohnShamConvergenceError as exc:
+        if not settings["preset"].get("scf_retry"):
+            raise
+        summary["scf_retried"] = True
+        summary["first_failure"] = (f"SCF did not converge within maxiter={settings['preset']['maxiter']} "
+                                    f"iterations (stage {summary['stage']}): {exc}")
+        run({**settings, "_scf_retry": True}, summary)
 
 
 def _setups(calc):
@@ -198,17 +219,14 @@ def main():
 
         summary.update(gpaw_version=gpaw.__version__, ase_version=ase.__version__)
         try:
-            if settings["run_kind"] == "relax":
-                _relax_static(settings, summary)
-            elif settings["run_kind"] == "phonon":
-                _phonon(settings, summary)
-            else:
-                raise ValueError(f"unknown run_kind {settings['run_kind']!r}")
+            _run_stages(settings, summary)
             summary.update(status="ok", stage="finished")
         except KohnShamConvergenceError as exc:
+            retry = settings["preset"].get("scf_retry")
+            maxiter = (f"maxiter={settings['preset']['maxiter']} iterations, then {retry['maxiter']} with the "
+                       f"scf_retry mixer" if retry else f"maxiter={settings['preset']['maxiter']} iterations")
             summary.update(scf_converged=False, reason=(
-                f"SCF did not converge within maxiter={settings['preset']['maxiter']} iterations "
-                f"(stage {summary['stage']}): {exc}"))
+                f"SCF did not converge within {maxiter} (stage {summary['stage']}): {exc}"))
     except Exception as exc:  # noqa: BLE001 - recorded in the summary
         tb = traceback.format_exc().strip().splitlines()
         summary.update(reason=f"{type(exc).__name__} in stage {summary['stage']}: {exc}",

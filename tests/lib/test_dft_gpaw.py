@@ -161,18 +161,31 @@ def test_a_cell_with_negative_axes_runs(gpaw_version, tmp_path: Path) -> None:
     assert np.allclose(shift, np.round(shift))  # every atom where it was, up to a lattice vector
     assert gpaw_oriented(_si()) is not None and np.allclose(gpaw_oriented(_si()).lattice.matrix, _si().lattice.matrix)
     write_gpaw_run(flipped, tmp_path / "nacl", preset="fast",
-                   overrides={"maxiter": 1, "relax": {"enabled": False}, **NO_PHONONS})
+                   overrides={"maxiter": 1, "scf_retry": {"maxiter": 1}, "relax": {"enabled": False}, **NO_PHONONS})
     summary = run_gpaw(tmp_path / "nacl", timeout_s=120)
     assert "negative dimensions" not in str(summary.get("reason")), summary["reason"]
     assert summary["stage"] != "relax" and "SCF did not converge within maxiter=1" in str(summary["reason"])
+    assert summary["scf_retried"]  # the retry (maxiter 1 too) ran on the same cell without the error
+
+
+def test_scf_that_does_not_converge_is_retried_with_a_gentler_mixer(gpaw_version, tmp_path: Path) -> None:
+    """maxiter=2 fails; the preset's scf_retry (Pulay mixer, beta 0.02, 300 iterations) reruns the
+    stage from the input cell and converges; the summary says so."""
+    write_gpaw_run(_si(), tmp_path / "si-retry", preset="fast",
+                   overrides={"maxiter": 2, "relax": {"enabled": False}, **NO_PHONONS})
+    summary = run_gpaw(tmp_path / "si-retry", timeout_s=120)
+    assert summary["status"] == "ok", summary["reason"]
+    assert summary["scf_retried"] is True and "maxiter=2" in summary["first_failure"]
+    assert summary["n_scf_iterations"] > 2
 
 
 def test_scf_that_does_not_converge_is_a_failed_row(gpaw_version, tmp_path: Path) -> None:
-    write_gpaw_run(_si(), tmp_path / "si-maxiter2", preset="fast", overrides={"maxiter": 2, **NO_PHONONS},
+    write_gpaw_run(_si(), tmp_path / "si-maxiter2", preset="fast",
+                   overrides={"maxiter": 2, "scf_retry": {"maxiter": 2}, **NO_PHONONS},
                    record={"candidate_id": "cand-si"})
     summary = run_gpaw(tmp_path / "si-maxiter2", timeout_s=120)
-    assert summary["status"] == "failed" and summary["scf_converged"] is False
-    assert "SCF did not converge within maxiter=2" in summary["reason"]
+    assert summary["status"] == "failed" and summary["scf_converged"] is False and summary["scf_retried"]
+    assert "SCF did not converge within maxiter=2 iterations, then 2 with the scf_retry mixer" in summary["reason"]
     assert folder_state(tmp_path / "si-maxiter2") == "failed"
     assert [f.is_ready for f in scan_results_root(tmp_path, settle_seconds=0)] == [True]
     row = ingest_run_folder(tmp_path, "si-maxiter2", references=None)
