@@ -54,8 +54,8 @@ class WganCheckpointConfig(dg.Config):
     # overlap minus site-count TV, when none does)
     select_by: Literal["last", "density_overlap", "quality", "covered_density"] = "covered_density"
     # with the average on: the raw weights of every evaluation compete in the selection too (each
-    # evaluation samples both). On the MP table, CPU seed 1: 0.947 with repairs (raw weights of
-    # epoch 45) against 0.922 keeping the best average (benchmarks/results/bench_generator_*_cpu.md)
+    # evaluation samples both). On the MP table, two CPU seeds: 0.947 / 0.927 with repairs against
+    # 0.922 / 0.928 keeping the best average (docs/generator.md, benchmarks/results/bench_generator_*_cpu.md)
     select_raw_weights: bool = True
 
 

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-only", default="",
                    help="comma-separated material ids run as a static calculation at MP's relaxed cell (no "
                         "relaxation; for the BaRuO3 ordering when 20- and 30-atom relaxations do not fit)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the table from the run folders under --runs-root as they are (no folder is "
+                        "written or run: a preset edited since keeps the results computed with the old one)")
     p.add_argument("--python", default="/usr/bin/python3")
     p.add_argument("--out", default=str(OUT))
     return p.parse_args(argv)
@@ -74,6 +77,25 @@ def load_phases(csv: str, ids: list[str]) -> dict[str, dict]:
     return out
 
 
+def _running_relaxation(folder: Path) -> dict | None:
+    """A relaxation still running (or killed): its last written step from ``relax.traj``, reported
+    as such (status ``running``), with the optimizer's fmax of that step from ``relax.log``."""
+    from ase.io import read
+
+    try:
+        atoms = read(str(folder / "relax.traj"), index=-1)
+    except Exception:  # noqa: BLE001 - an empty or half-written trajectory: nothing to report yet
+        return None
+    steps = [ln.split() for ln in (folder / "relax.log").read_text().splitlines() if ln.startswith(("BFGS", "FIRE"))]
+    n = len(atoms)
+    return {"status": "ok", "partial": True, "n_steps": len(steps) - 1, "relax_converged": False,
+            "last_fmax": float(steps[-1][-1]) if steps else None,
+            "energy_per_atom_ev": float(atoms.get_potential_energy()) / n,
+            "final_structure": {"symbols": atoms.get_chemical_symbols(), "cell": atoms.cell.array.tolist(),
+                                "scaled_positions": atoms.get_scaled_positions(wrap=False).tolist()},
+            "wall_time_s": (folder / "relax.traj").stat().st_mtime - (folder / "settings.json").stat().st_mtime}
+
+
 def summarise(phases: dict[str, dict], results: dict[str, dict], args: argparse.Namespace) -> dict:
     rows = []
     for mid, ph in phases.items():
@@ -92,6 +114,8 @@ def summarise(phases: dict[str, dict], results: dict[str, dict], args: argparse.
 
             relaxed = structure_from_cell(res["final_structure"])
             dev = [b / a - 1 for a, b in zip(s.lattice.abc, relaxed.lattice.abc, strict=True)]
+            if res.get("partial"):
+                row["status"] = f"running: step {res['n_steps']}, fmax {res['last_fmax']} eV/Å (not converged)"
             row.update(gpaw_abc_a=[round(x, 4) for x in relaxed.lattice.abc], gpaw_volume_a3=round(relaxed.volume, 3),
                        abc_deviation_pct=[round(100 * d, 2) for d in dev],
                        max_abs_deviation_pct=round(100 * max(abs(d) for d in dev), 2),
@@ -142,7 +166,8 @@ def write_report(report: dict, out: Path) -> None:
                          f"{o['gpaw_lower']}); same ordering: {o['same_ordering']}.")
         else:
             lines.append("GPAW: not finished yet.")
-    failed = [r for r in report["phases"] if not r["status"].startswith("ok") and r["status"] != "not run"]
+    failed = [r for r in report["phases"]
+              if not r["status"].startswith(("ok", "running")) and r["status"] != "not run"]
     if failed:
         lines += ["", "## Not ok", ""] + [f"- {r['material_id']}: {r['status']}: {r['reason']}" for r in failed]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -157,6 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     phases = load_phases(args.csv, ids)
     out = Path(args.out)
     results: dict[str, dict] = {}
+    if args.report_only:
+        from lib.dft_gpaw import read_settings, read_summary
+
+        for mid in phases:
+            folder = Path(args.runs_root) / mid
+            res = read_summary(folder) if folder.is_dir() else None
+            if res is None and (folder / "relax.traj").is_file():
+                res = _running_relaxation(folder)
+            if res is not None:
+                settings = read_settings(folder)
+                res["spinpol"] = settings["spinpol"]
+                res["static_only"] = not settings["preset"]["relax"].get("enabled", True)
+                results[mid] = res
+        write_report(summarise(phases, results, args), out)
+        return 0
     write_report(summarise(phases, results, args), out)
     for mid, ph in phases.items():
         folder = Path(args.runs_root) / mid
