@@ -127,6 +127,49 @@ def test_run_main_with_explicit_instance_and_resources(tmp_path: Path, monkeypat
 
 
 @pytest.mark.slow
+def test_main_with_dft_verifies_the_best_candidate_with_gpaw(tmp_path: Path, gpaw_version: str) -> None:
+    """``--dft``: dft_verify_job after the hand-off, real GPAW (preset fast) on the best novel unique
+    candidate of at most 5 atoms and the competing phases of at most 2 (Ba, Ru, O2, BaO of the
+    embedded known phases); ingested in the same job, given a verdict, and one summary line each."""
+    import dataclasses
+
+    home = tmp_path / "home"
+    resources = {"cgwgan_home": CgwganHome(home=str(home)), "mp_source": MPSource(source="embedded"),
+                 "ray_runtime": RayResource(num_cpus=1, object_store_mb=256),
+                 "surrogate_registry": SurrogateRegistryResource(torch_threads=1), "dft": DftResource()}
+    settings = dataclasses.replace(TINY, dft=True, dft_top_k=1)
+    run_config = merge_run_config(TINY_RUN_CONFIG, {"dft_verify_job": {"ops": {"dft_runs": {"config": {
+        "phonons": False, "max_atoms": 5, "max_phase_atoms": 2}}}}})
+    lines: list[str] = []
+    with dg.instance_for_test() as instance:
+        out = run_main(settings=settings, instance=instance, resources=resources, run_config=run_config,
+                       log=lines.append)
+        runs = {r.job_name: r.status for r in instance.get_runs()}
+    assert runs == {job: dg.DagsterRunStatus.SUCCESS for job in [*STAGES, "dft_verify_job"]}
+    assert list(out["timings_s"]) == [*STAGES[:-1], "dft_verify_job", STAGES[-1], "total"]  # before the report
+    store = TableStore(home)
+    dft_runs = store.read("dft_runs")
+    cands = dft_runs.filter(pl.col("kind") == "candidate")
+    assert cands.height == 1 and cands["n_atoms"][0] <= 5
+    shortlist = store.read("shortlist").filter(pl.col("is_novel") & pl.col("duplicate_of").is_null()
+                                               & (pl.col("n_atoms") <= 5)).sort("rank")
+    assert cands["candidate_id"][0] == shortlist["candidate_id"][0]  # the best one that fits
+    phases = dft_runs.filter(pl.col("kind") == "competing_phase")
+    assert phases.height >= 3 and (phases["status"] == "ok").all(), phases.select("run_name", "status", "reason")
+    d = store.read("discoveries").filter(pl.col("candidate_id").is_not_null())
+    assert d["candidate_id"].to_list() == cands["candidate_id"].to_list()
+    verdict, reason = d["verdict"][0], d["verdict_reason"][0]
+    assert verdict and reason  # phonons were off: never 'discovery'
+    assert verdict != "discovery"
+    assert store.exists("surrogate_accuracy")
+    summary = next(i for i, ln in enumerate(lines) if ln.startswith("  DFT verdicts   : 1 candidate(s) verified"))
+    assert cands["candidate_id"][0] in lines[summary + 1] and verdict in lines[summary + 1]
+    stage_names = {ln.split()[0] for ln in lines if ln.startswith("  ") and " s  " in ln}
+    assert {"dft_runs", "dft_results", "discoveries", "surrogate_accuracy"} <= stage_names
+    assert len(lines) < MAX_LINES + 8, "\n".join(lines)
+
+
+@pytest.mark.slow
 def test_training_is_reused_for_the_same_rows_and_settings(tmp_path: Path) -> None:
     """The generator stage run twice on the same training table with the same settings trains
     once: the second materialisation reloads the checkpoint (its weights hash checked) and says so;

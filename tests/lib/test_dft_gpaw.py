@@ -64,9 +64,7 @@ def si_done(gpaw_version, tmp_path_factory) -> Path:
                          record={"candidate_id": "cand-si", "run_id": "dft-si", "chemical_system": "Si",
                                  "surrogates": [{"surrogate_name": "m3gnet", "rank": 1}]})
     assert out["action"] == "written"
-    t0 = time.time()
     summary = run_gpaw(root / "cand-si", timeout_s=300)
-    assert time.time() - t0 < 120
     assert summary["status"] == "ok", summary["reason"]
     return root / "cand-si"
 
