@@ -115,7 +115,7 @@ def summarise(phases: dict[str, dict], results: dict[str, dict], args: argparse.
             relaxed = structure_from_cell(res["final_structure"])
             dev = [b / a - 1 for a, b in zip(s.lattice.abc, relaxed.lattice.abc, strict=True)]
             if res.get("partial"):
-                row["status"] = f"running: step {res['n_steps']}, fmax {res['last_fmax']} eV/Å (not converged)"
+                row["status"] = f"relaxation unfinished (running or stopped): step {res['n_steps']}, fmax {res['last_fmax']} eV/Å"
             row.update(gpaw_abc_a=[round(x, 4) for x in relaxed.lattice.abc], gpaw_volume_a3=round(relaxed.volume, 3),
                        abc_deviation_pct=[round(100 * d, 2) for d in dev],
                        max_abs_deviation_pct=round(100 * max(abs(d) for d in dev), 2),
@@ -167,7 +167,7 @@ def write_report(report: dict, out: Path) -> None:
         else:
             lines.append("GPAW: not finished yet.")
     failed = [r for r in report["phases"]
-              if not r["status"].startswith(("ok", "running")) and r["status"] != "not run"]
+              if not r["status"].startswith(("ok", "relaxation unfinished")) and r["status"] != "not run"]
     if failed:
         lines += ["", "## Not ok", ""] + [f"- {r['material_id']}: {r['status']}: {r['reason']}" for r in failed]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
