@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the table from the run folders under --runs-root as they are (no folder is "
                         "written or run: a preset edited since keeps the results computed with the old one)")
+    p.add_argument("--note", default="", help="a paragraph for the Markdown table (how the run went)")
     p.add_argument("--python", default="/usr/bin/python3")
     p.add_argument("--out", default=str(OUT))
     return p.parse_args(argv)
@@ -137,7 +138,7 @@ def summarise(phases: dict[str, dict], results: dict[str, dict], args: argparse.
                          gpaw_delta_ev_per_atom=round(g, 5), gpaw_lower=a if g < 0 else b,
                          same_ordering=bool((g < 0) == (mp_diff < 0)))
         checks["baruo3_ordering"] = order
-    return {"preset": args.preset, "threads": args.threads, "runs_root": args.runs_root,
+    return {"preset": args.preset, "threads": args.threads, "runs_root": args.runs_root, "note": args.note,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "phases": rows, "checks": checks}
 
 
@@ -147,6 +148,7 @@ def write_report(report: dict, out: Path) -> None:
     lines = [f"# GPAW `{report['preset']}` preset on the Ba-Ru-O known phases vs MP", "",
              f"Updated {report['updated_at']}; {report['threads']} thread(s); run folders in `{report['runs_root']}`.",
              "Primitive cells; relaxed lattice lengths compared axis by axis with MP's (tolerance 2 %).", "",
+             *([report["note"], ""] if report.get("note") else []),
              "| material | formula | atoms | status | MP a, b, c (Å) | GPAW a, b, c (Å) | max dev. % | within 2 % | "
              "E/atom (eV, GPAW) | steps | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

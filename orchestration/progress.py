@@ -50,6 +50,12 @@ STAGE_KEYS: dict[str, list[tuple[str, str]]] = {
                   ("n_known", "known phases"), ("n_dynamically_stable", "stable"), ("n_below_0_1_ev", "< 0.1 eV/atom")],
     "dft_inputs": [("n_written", "folders written"), ("n_failed", "failed")],
     "xrd_patterns": [("n_patterns", "patterns")],
+    "dft_runs": [("n_candidates", "candidates"), ("n_competing_phases", "phases"), ("n_ok", "ok"),
+                 ("n_failed", "failed"), ("n_skipped", "skipped"), ("n_computed", "computed")],
+    "dft_results": [("n_new", "ingested"), ("n_ok", "linked ok"), ("n_unlinked", "phases"), ("n_failed", "failed"),
+                    ("n_already_ingested", "already ingested")],
+    "discoveries": [("rows", "verdicts"), ("n_discovery", "discoveries"), ("n_rediscovery", "rediscoveries")],
+    "surrogate_accuracy": [("n_pairs", "candidate x surrogate pairs"), ("rows", "rows")],
     "discovery_report": [("n_candidates_shown", "candidates shown"), ("n_plots", "plots")],
 }
 
