@@ -363,6 +363,7 @@ def _require_table(table: str, available: set[str], home: Path) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lib.export import SUFFIX, export_structures
+    from orchestration.paths import timestamped_path
 
     if args.ids and args.where:
         raise CliError("give either --ids or --where, not both")
@@ -374,9 +375,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         con.close()
     if df.height == 0:
         raise CliError(f"the selection ({what}) has no rows; nothing exported")
-    out = Path(args.out) if args.out else Path(
-        home, "exports", time.strftime("export-%Y%m%dT%H%M%S")
-        + ("" if args.format in ("poscar", "cif") else SUFFIX[args.format]))
+    out = Path(args.out) if args.out else timestamped_path(
+        Path(home, "exports"), "export", "" if args.format in ("poscar", "cif") else SUFFIX[args.format])
     try:
         res = export_structures(df, fmt=args.format, out=out, layout=args.layout,
                                 overwrite=args.overwrite, cif_symprec=args.cif_symprec)

@@ -26,6 +26,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     from orchestration.definitions import build_definitions
 from orchestration.jobs import MainSettings, default_surrogate, main_run_config, merge_run_config
+from orchestration.paths import timestamped_path
 from orchestration.progress import enable_bars, main_job_logger, terminal_stream
 from orchestration.resources import (
     DEFAULT_HOME,
@@ -96,7 +97,7 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     timings: dict[str, float] = {}
     report: Path | None = None
     t_all = time.perf_counter()
-    log_file = home_path / "logs" / time.strftime("main-%Y%m%dT%H%M%S.log")
+    log_file = timestamped_path(home_path / "logs", "main", ".log")
     job_log = main_job_logger(log_file, emit=log)
     loggers = {"cgwgan": job_log.logger_def}
     if verbose:

@@ -10,6 +10,7 @@ Dagster. ``CGWGAN_HOME`` is read here exactly as the ``cgwgan_home`` resource re
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,3 +39,15 @@ def home_path(home: str | None = None, environ: Mapping[str, str] | None = None)
         raise ValueError(f"{home}: the CLI's quick commands (cgwgan sql, tables, export, report) read a local "
                          "home; for an object-store home query it through TableStore.connect()")
     return Path(home or DEFAULT_HOME).expanduser().resolve()
+
+
+def timestamped_path(folder: Path, prefix: str, suffix: str = "") -> Path:
+    """``<folder>/<prefix>-<YYYYmmddTHHMMSS><suffix>``, or with ``-2``, ``-3``, ... before the
+    suffix when that name is taken: two runs started in the same second (a retry, a script) get
+    a file each instead of sharing one. Not created."""
+    stem = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}"
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.paths import home_path
+from orchestration.paths import home_path, timestamped_path
 from orchestration.resources import configured_home
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,3 +45,19 @@ def test_home_is_found_as_the_resource_finds_it(tmp_path: Path, monkeypatch: pyt
     assert home_path() == configured_home()
     monkeypatch.delenv("CGWGAN_HOME")
     assert home_path() == configured_home() == (REPO / ".cgwgan").resolve()
+
+
+def test_timestamped_paths_started_in_one_second_do_not_collide(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``cgwgan main`` runs (or exports) started within one second get a log file each."""
+    import orchestration.paths as paths
+
+    monkeypatch.setattr(paths.time, "strftime", lambda fmt: "20261205T104126")
+    first = timestamped_path(tmp_path, "main", ".log")
+    assert first.name == "main-20261205T104126.log" and not first.exists()
+    first.write_text("run 1")
+    second = timestamped_path(tmp_path, "main", ".log")
+    assert second.name == "main-20261205T104126-2.log"
+    second.write_text("run 2")
+    assert timestamped_path(tmp_path, "export").name == "export-20261205T104126"
+    assert timestamped_path(tmp_path, "main", ".log").name == "main-20261205T104126-3.log"
