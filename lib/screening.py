@@ -176,40 +176,40 @@ def _volume_scan_energies(surrogate, structures: list[Any], scan: tuple[float, .
                           batch_size: int) -> tuple[list[float | str], list[float | None]]:
     """(lowest energy, its scale) of every structure over the scan's scales plus the vertex of the
     parabola E(scale) through them (when convex and within :data:`VOLUME_SCAN_REACH` of the scan):
-    ``len(scan) + 1`` batched static evaluations per structure. An error string when every scale fails."""
+    ``len(scan) + 1`` batched static evaluations per structure. The parabolas of all rows come
+    from one least-squares solve (rows with a failed scale are fitted on the scales that worked,
+    when three or more did). An error string when every scale fails."""
     todo = [i for i, st in enumerate(structures) if not isinstance(st, str)]
+    k = len(scan)
     flat = predict_energies(surrogate, [scaled_structure(structures[i], f) for i in todo for f in scan],
                             batch_size=batch_size)
-    k = len(scan)
-    tried: dict[int, list[tuple[float, float | str]]] = {
-        i: list(zip(scan, flat[j * k:(j + 1) * k], strict=True)) for j, i in enumerate(todo)}
-    lo, hi = scan[0] / VOLUME_SCAN_REACH, scan[-1] * VOLUME_SCAN_REACH
-    vertices: dict[int, float] = {}
-    for i, pts in tried.items():
-        good = [(f, e) for f, e in pts if not isinstance(e, str)]
-        if len(good) >= 3:
-            a, b, _ = np.polyfit([f for f, _ in good], [e for _, e in good], 2)
-            if a > 0 and lo <= -b / (2 * a) <= hi:
-                vertices[i] = float(-b / (2 * a))
-    refined = predict_energies(surrogate, [scaled_structure(structures[i], f) for i, f in vertices.items()],
+    e = np.array([np.nan if isinstance(v, str) else v for v in flat], dtype=float).reshape(len(todo), k)
+    f = np.broadcast_to(np.asarray(scan, dtype=float), e.shape)
+    coef = np.full((len(todo), 3), np.nan)
+    whole = np.isfinite(e).all(axis=1)
+    if whole.any():  # every row with all scales evaluated: one solve
+        coef[whole] = np.linalg.lstsq(np.vander(np.asarray(scan), 3), e[whole].T, rcond=None)[0].T
+    for row in np.flatnonzero(~whole & (np.isfinite(e).sum(axis=1) >= 3)):  # rare: a scale failed
+        ok = np.isfinite(e[row])
+        coef[row] = np.polyfit(f[row][ok], e[row][ok], 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vertex = -coef[:, 1] / (2 * coef[:, 0])
+    fit = (coef[:, 0] > 0) & (vertex >= scan[0] / VOLUME_SCAN_REACH) & (vertex <= scan[-1] * VOLUME_SCAN_REACH)
+    rows = np.flatnonzero(fit)
+    refined = predict_energies(surrogate, [scaled_structure(structures[todo[j]], float(vertex[j])) for j in rows],
                                batch_size=batch_size)
-    for (i, f), e in zip(vertices.items(), refined, strict=True):
-        tried[i].append((f, e))
-    energies: list[float | str] = []
-    scales: list[float | None] = []
-    for i, st in enumerate(structures):
-        if isinstance(st, str):
-            energies.append(st)
-            scales.append(None)
-            continue
-        good = [(e, f) for f, e in tried[i] if not isinstance(e, str)]
-        if not good:
-            energies.append(str(tried[i][0][1]))
-            scales.append(None)
-            continue
-        e, f = min(good)
-        energies.append(e)
-        scales.append(f)
+    e = np.column_stack([e, np.full(len(todo), np.nan)])
+    f = np.column_stack([f, np.where(fit, vertex, np.nan)])
+    e[rows, k] = [np.nan if isinstance(v, str) else v for v in refined]
+    has = np.isfinite(e).any(axis=1)
+    best = np.argmin(np.where(np.isfinite(e), e, np.inf), axis=1)
+    energies: list[float | str] = list(structures)
+    scales: list[float | None] = [None] * len(structures)
+    for r, i in enumerate(todo):
+        if has[r]:
+            energies[i], scales[i] = float(e[r, best[r]]), float(f[r, best[r]])
+        else:
+            energies[i] = str(flat[r * k])  # every scale failed: the first one's error
     return energies, scales
 
 
