@@ -80,6 +80,9 @@ class RelaxConfig(RayStageConfig):
     # static formation energy, or the raw energy per atom (the old order: mostly measures composition)
     rank_by: RankBy = "e_above_hull"
     per_composition_quota: int = 0  # > 0: at most this many candidates of one reduced formula
+    # > 0: only candidates with at most this many atoms in the cell are selected (a DFT-verification budget:
+    # GPAW `fast` takes minutes on <= 6 atoms, an hour on 8-12 on 2 cores; docs/dft.md); 0 = any size
+    max_atoms: int = 0
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A  # eV/Å (paper: 0.05)
     steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
     relax_cell: bool = True
@@ -412,7 +415,7 @@ def _selection_metadata(static: pl.DataFrame, top: pl.DataFrame, config: RelaxCo
     from lib.selection import select_for_relaxation, selection_summary
 
     hull = top["static_e_above_hull_ev_per_atom"].drop_nulls()
-    raw = select_for_relaxation(static, config.top_k, rank_by="energy_per_atom")
+    raw = select_for_relaxation(static, config.top_k, rank_by="energy_per_atom", max_atoms=config.max_atoms or None)
     raw_hull = raw["static_e_above_hull_ev_per_atom"].drop_nulls()
     n_ok = static.filter(pl.col("static_e_above_hull_ev_per_atom").is_not_null())
 
@@ -423,7 +426,7 @@ def _selection_metadata(static: pl.DataFrame, top: pl.DataFrame, config: RelaxCo
         return {"min": round(min(vals), 4), "median": round(float(np.median(vals)), 4), "max": round(max(vals), 4)}
 
     return {"rank_by": config.rank_by, "per_composition_quota": config.per_composition_quota,
-            "n_prescreened_with_hull": n_ok.height,
+            "max_atoms": config.max_atoms, "n_prescreened_with_hull": n_ok.height,
             "n_prescreened_compositions": int(n_ok["reduced_formula"].n_unique()) if n_ok.height else 0,
             "n_selected": top.height, "n_selected_compositions": int(top["reduced_formula"].n_unique()),
             "selected_static_e_above_hull_ev_per_atom": dg.MetadataValue.json(stats(hull)),
@@ -452,7 +455,8 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     try:
         static = static_hull_distance(pre, refs, elements=elements)
         top = select_for_relaxation(static, config.top_k, rank_by=config.rank_by,
-                                    per_composition_quota=config.per_composition_quota or None)
+                                    per_composition_quota=config.per_composition_quota or None,
+                                    max_atoms=config.max_atoms or None)
     except ValueError as exc:
         raise dg.Failure(f"relaxed {part}: cannot select candidates by stability: {exc}") from exc
     cands = store.scan("candidates_dedup", partition=chemsys).join(
@@ -480,7 +484,8 @@ def relaxed(context: dg.AssetExecutionContext, config: RelaxConfig, cgwgan_home:
     out = scr.relaxed_hull_columns(out, refs, elements=elements).sort("selection_rank")
     selection = _selection_metadata(static, top, config)
     store.write("relaxed", out, partition=part, metadata={
-        **kw, **how, "rank_by": config.rank_by, "per_composition_quota": config.per_composition_quota})
+        **kw, **how, "rank_by": config.rank_by, "per_composition_quota": config.per_composition_quota,
+        "max_atoms": config.max_atoms})
     cgwgan_home.refresh_catalog()
     ok = out.filter(pl.col("status") == "ok")
     rate = float(np.mean(ok["is_converged"].to_numpy())) if ok.height else 0.0

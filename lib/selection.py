@@ -212,9 +212,12 @@ def static_hull_distance(prescreen: pl.DataFrame, references: pl.DataFrame, *,
 # --------------------------------------------------------------------------- selection
 def select_for_relaxation(frame: pl.DataFrame, k: int, *, rank_by: RankBy = "e_above_hull",
                           per_composition_quota: int | None = None,
-                          composition_col: str = "reduced_formula") -> pl.DataFrame:
+                          composition_col: str = "reduced_formula",
+                          max_atoms: int | None = None) -> pl.DataFrame:
     """The best ``k`` pre-screened rows by ``rank_by`` (:data:`RANK_COLUMNS`; ties by
-    ``candidate_id``), at most ``per_composition_quota`` of each ``composition_col`` when set.
+    ``candidate_id``), at most ``per_composition_quota`` of each ``composition_col`` when set,
+    only rows with at most ``max_atoms`` in the cell (``n_atoms``) when set: a budget for what
+    comes after (DFT verification of a few-atom shortlist on a laptop).
 
     Rows that are not ``ok`` or have no finite ranking value are never selected. Adds
     ``selection_rank`` (1..k) and keeps every column. Raises ``ValueError`` on an unknown
@@ -227,13 +230,18 @@ def select_for_relaxation(frame: pl.DataFrame, k: int, *, rank_by: RankBy = "e_a
         raise ValueError(f"k must be >= 0, not {k}")
     if per_composition_quota is not None and per_composition_quota < 1:
         raise ValueError(f"per_composition_quota must be >= 1 or None, not {per_composition_quota}")
+    if max_atoms is not None and max_atoms < 1:
+        raise ValueError(f"max_atoms must be >= 1 or None, not {max_atoms}")
     col = RANK_COLUMNS[rank_by]
-    need = ["candidate_id", "status", col, *([composition_col] if per_composition_quota else [])]
+    need = ["candidate_id", "status", col, *([composition_col] if per_composition_quota else []),
+            *(["n_atoms"] if max_atoms else [])]
     missing = [c for c in need if c not in frame.columns]
     if missing:
         hint = " (add them with lib.selection.static_hull_distance)" if col in missing and col.startswith("static_") else ""
         raise ValueError(f"select_for_relaxation: frame lacks column(s) {missing}{hint}")
     ok = frame.filter((pl.col("status") == "ok") & pl.col(col).is_not_null() & pl.col(col).is_finite())
+    if max_atoms:
+        ok = ok.filter(pl.col("n_atoms") <= max_atoms)
     ranked = ok.sort([col, "candidate_id"])
     if per_composition_quota is not None:
         ranked = ranked.filter(pl.int_range(pl.len()).over(composition_col) < per_composition_quota)

@@ -205,3 +205,25 @@ def test_per_composition_quota(ba_ru_o_dir: Path):
         select_for_relaxation(mp.drop("static_e_above_hull_ev_per_atom"), 3)
     with pytest.raises(ValueError, match="per_composition_quota must be >= 1"):
         select_for_relaxation(mp, 3, per_composition_quota=0)
+
+
+def test_max_atoms_keeps_the_best_small_cells(ba_ru_o_dir: Path):
+    """``max_atoms``: the best K among cells of at most N atoms (MP's own cells and hull
+    distances stand in for the static ones: the ranking logic only)."""
+    from pymatgen.core import Structure
+
+    raw = pl.read_csv(ba_ru_o_dir / "ba_ru_o_mp_structures.csv")
+    mp = raw.select(
+        pl.col("material_id").alias("candidate_id"), pl.col("pretty_formula").alias("reduced_formula"),
+        pl.lit("ok").alias("status"), pl.col("e_above_hull").alias("static_e_above_hull_ev_per_atom"),
+        pl.Series("n_atoms", [len(Structure.from_str(c, fmt="cif")) for c in raw["cif"]]))
+    small = select_for_relaxation(mp, 5, max_atoms=4)
+    assert small.height == 5 and small["n_atoms"].max() <= 4
+    assert small["static_e_above_hull_ev_per_atom"].is_sorted()
+    expected = mp.filter(pl.col("n_atoms") <= 4).sort("static_e_above_hull_ev_per_atom", "candidate_id").head(5)
+    assert small["candidate_id"].to_list() == expected["candidate_id"].to_list()
+    assert select_for_relaxation(mp, 5)["n_atoms"].max() > 4  # without the cap larger cells rank in the best 5
+    with pytest.raises(ValueError, match="max_atoms must be >= 1"):
+        select_for_relaxation(mp, 3, max_atoms=0)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['n_atoms'\]"):
+        select_for_relaxation(mp.drop("n_atoms"), 3, max_atoms=4)
