@@ -159,6 +159,10 @@ def covers_site_counts(generated: np.ndarray, reference: np.ndarray, *, min_shar
     return True
 
 
+#: What each evaluation records (history ``eval_<key>``, and ``eval_<key>_raw`` for the raw weights).
+_EVAL_KEYS = ("density_overlap", "validity", "n_sites_tv", "sites_covered")
+
+
 def selection_score(select_by: str, q: dict[str, float]) -> tuple[float, float]:
     """Sort key of one evaluation ``q`` under ``select_by`` (higher is better): for
     "covered_density", covered evaluations by density overlap first, then the rest by quality."""
@@ -426,12 +430,11 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
     history: dict[str, list[float]] = {k: [] for k in
                                        ("critic_loss", "generator_loss", "gradient_penalty", "wasserstein")}
     ema = _Ema(gen_net, config.ema_decay) if config.ema_decay > 0 else None
-    evals: dict[str, list[float]] = {"eval_epoch": [], "eval_density_overlap": [], "eval_validity": [],
-                                     "eval_n_sites_tv": [], "eval_sites_covered": []}
+    evals: dict[str, list[float]] = {"eval_epoch": [], **{f"eval_{k}": [] for k in _EVAL_KEYS}}
     reference_sites = _present_sites(x, schema)
     eval_raw = ema is not None and config.eval_raw_weights
     if eval_raw:  # the raw (not averaged) weights too: the trajectory of the plain training
-        evals.update(eval_density_overlap_raw=[], eval_validity_raw=[])
+        evals.update({f"eval_{k}_raw": [] for k in _EVAL_KEYS})
     best: tuple[tuple[float, float], int, dict[str, torch.Tensor], str] | None = None
     t0 = time.perf_counter()
     step = 0
@@ -479,15 +482,15 @@ def _train(x: np.ndarray, *, config: GanConfig, schema: EncodingSchema, seed: in
             q = _evaluate(model, weights, reference_density, reference_sites, n=config.eval_samples,
                           seed=seed + 1_000_003)
             evals["eval_epoch"].append(epoch + 1)
-            for k in ("density_overlap", "validity", "n_sites_tv", "sites_covered"):
+            for k in _EVAL_KEYS:
                 evals[f"eval_{k}"].append(q[k])
             evaluated = (f" overlap={q['density_overlap']:.3f} validity={q['validity']:.3f} "
                          f"sites_tv={q['n_sites_tv']:.3f}")
             if eval_raw:
                 raw = _evaluate(model, _state_copy(gen_net), reference_density, reference_sites,
                                 n=config.eval_samples, seed=seed + 1_000_003)
-                evals["eval_density_overlap_raw"].append(raw["density_overlap"])
-                evals["eval_validity_raw"].append(raw["validity"])
+                for k in _EVAL_KEYS:
+                    evals[f"eval_{k}_raw"].append(raw[k])
                 evaluated += f" (raw weights {raw['density_overlap']:.3f})"
             score = selection_score(config.select_by, q)
             if best is None or score > best[0]:

@@ -486,7 +486,8 @@ MAIN_OPTION_HELP = {
            "phases; make dft-deps) before the report ",
     "dft_top_k": "candidates the --dft verification runs ",
     "volume_scan": "linear scale factors of the pre-screen's volume scan, e.g. 0.9,1.0,1.1 (a candidate "
-                   "generated at the wrong volume is scored at its best one; ~2.7x the pre-screen's cost); "
+                   "generated at the wrong volume is scored at its best one; 4 evaluations per candidate "
+                   "instead of 1); "
                    "'' = off ",
 }
 

@@ -91,7 +91,7 @@ class MainSettings:
     max_asu_sites: int = 4
     prescreen_limit: int = 400
     # linear scale factors of the pre-screen's volume scan, comma-separated ("0.9,1.0,1.1": each
-    # candidate's static energy at the best of those volumes, ~2.7x the pre-screen's cost); "" = off
+    # candidate's static energy at the best of those volumes: 4 evaluations per candidate, not 1); "" = off
     volume_scan: str = ""
     relax_top_k: int = 8
     phonon_top_n: int = 3

@@ -142,7 +142,7 @@ def run_main(*, home: str | None = None, settings: MainSettings | None = None,
     log(f"  Parquet tables : {home_path / 'tables'}")
     log(f"  DuckDB catalog : {home_path / 'catalog.duckdb'}")
     log(f"  DFT inputs     : {home_path / 'dft' / 'inputs'}")
-    dft_lines = _dft_summary(home_res, s.chemical_system) if s.dft and "dft_verify_job" in timings else []
+    dft_lines = _dft_summary(home_res, s.chemical_system) if "dft_verify_job" in timings else []
     for line in dft_lines:
         log(line)
     if instance_dir is not None:

@@ -45,10 +45,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: What a profile costs, from the measured rates above (one line each, for --help and the README).
 PROFILE_COSTS: dict[str, str] = {
     "demo": "embedded prototypes + known phases; 3 min 17 s on 2 quiet cores (set-up not counted)",
-    "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 2.2 h with M3GNet (MP group 25 min, "
-                "training 31 min, dedup 1 min, pre-screen of ~43,000 unique candidates with the volume "
-                "scan 45 min (14 min without it, --volume-scan ''), 500 relaxations 19 min, 20 phonon "
-                "screens 10 min), about 3.5 h with CHGNet",
+    "standard": "MP data (CGWGAN_MP_SOURCE); on 2 CPU cores about 2.2 h with M3GNet, projected from "
+                "measured stage rates (MP group 25 min, training 31 min, dedup 1 min, pre-screen of "
+                "~43,000 unique candidates 14 min, ~45 min with the volume scan's 4 evaluations each "
+                "(--volume-scan '' turns it off), 500 relaxations 19 min, 20 phonon screens 10 min), "
+                "about 3.5 h with CHGNet",
     "paper": "MP data; 120,000 templates -> ~1.8 M candidates, all pre-screened, 5,000 relaxations and "
              "phonon screens (benchmarks/results/campaign.md): on a 2-core laptop about 11 h of compute "
              "(55 h at a busy 2-core VM's wall-clock rates); on one H200 machine about 2 h (pre-screen "

@@ -70,6 +70,14 @@ def _calc(settings, kpts, txt):
                 spinpol=bool(settings["spinpol"]), txt=txt, **extra)
 
 
+def _scf_failure(settings, summary, exc, *, retried=False):
+    """Why a stage's SCF failed: the iteration limit(s) it ran into, the stage, GPAW's message."""
+    limit = f"maxiter={settings['preset']['maxiter']} iterations"
+    if retried:
+        limit += f", then {settings['preset']['scf_retry']['maxiter']} with the scf_retry mixer"
+    return f"SCF did not converge within {limit} (stage {summary['stage']}): {exc}"
+
+
 def _run_stages(settings, summary):
     """The run kind's stages; an SCF that does not converge is run once more from the input cell
     with the preset's ``scf_retry`` calculator (a gentler mixer, more iterations), when it has one."""
@@ -84,8 +92,7 @@ def _run_stages(settings, summary):
         if not settings["preset"].get("scf_retry"):
             raise
         summary["scf_retried"] = True
-        summary["first_failure"] = (f"SCF did not converge within maxiter={settings['preset']['maxiter']} "
-                                    f"iterations (stage {summary['stage']}): {exc}")
+        summary["first_failure"] = _scf_failure(settings, summary, exc)
         run({**settings, "_scf_retry": True}, summary)
 
 
@@ -222,11 +229,8 @@ def main():
             _run_stages(settings, summary)
             summary.update(status="ok", stage="finished")
         except KohnShamConvergenceError as exc:
-            retry = settings["preset"].get("scf_retry")
-            maxiter = (f"maxiter={settings['preset']['maxiter']} iterations, then {retry['maxiter']} with the "
-                       f"scf_retry mixer" if retry else f"maxiter={settings['preset']['maxiter']} iterations")
-            summary.update(scf_converged=False, reason=(
-                f"SCF did not converge within {maxiter} (stage {summary['stage']}): {exc}"))
+            summary.update(scf_converged=False, reason=_scf_failure(
+                settings, summary, exc, retried=bool(settings["preset"].get("scf_retry"))))
     except Exception as exc:  # noqa: BLE001 - recorded in the summary
         tb = traceback.format_exc().strip().splitlines()
         summary.update(reason=f"{type(exc).__name__} in stage {summary['stage']}: {exc}",
