@@ -21,7 +21,8 @@ import polars as pl
 
 from assets._checks import build_contract_checks
 from assets.partitions import chemical_system_partitions
-from lib.export import attach_structures
+from lib.cells import CELL_COLUMNS
+from lib.export import attach_structures, has_structure_columns
 from lib.plots import figure_markdown
 from lib.report import write_report
 from lib.xrd import plot_patterns, xrd_report
@@ -52,6 +53,20 @@ class XrdConfig(dg.Config):
 
 def _selection(store, table: str, limit: int) -> pl.DataFrame:
     df = store.scan(table).head(limit).collect()
+    if "result_id" in df.columns and not has_structure_columns(df) and store.exists("dft_results"):
+        # a DFT result's pattern is of its DFT-relaxed cell (dft_results); rows without one fall back below
+        cells = store.scan("dft_results").filter(
+            pl.col("result_id").is_in(df["result_id"].unique().implode()) & pl.col("lattice_matrix").is_not_null()
+        ).select("result_id", *CELL_COLUMNS).unique("result_id", keep="last", maintain_order=True).collect()
+        df = df.with_row_index("_order")
+        with_dft = df.join(cells, on="result_id", how="inner")
+        rest = df.join(cells.select("result_id"), on="result_id", how="anti")
+        return pl.concat([with_dft, _selection_frame(store, table, rest)], how="diagonal_relaxed").sort(
+            "_order").drop("_order")
+    return _selection_frame(store, table, df)
+
+
+def _selection_frame(store, table: str, df: pl.DataFrame) -> pl.DataFrame:
     if "candidate_id" in df.columns:
         ids = df["candidate_id"].unique().implode()
         sources = [store.scan(t).filter(pl.col("candidate_id").is_in(ids)).collect()

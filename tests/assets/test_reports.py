@@ -95,3 +95,39 @@ def test_any_structure_table_can_be_selected(ba_ru_o_store):
     assert res.success
     peaks = ba_ru_o_store.read("xrd_patterns")
     assert peaks["material_id"].n_unique() == 5 and peaks["source_table"].unique().to_list() == ["mp_structures"]
+
+
+def test_xrd_of_a_dft_result_is_of_its_dft_relaxed_cell(ba_ru_o_store):
+    """A discovery row gets its pattern from the DFT-relaxed cell in ``dft_results`` (by result_id),
+    also when its candidate is in no relaxed table; rows without a DFT cell fall back to ``relaxed``."""
+    store = ba_ru_o_store
+    mp = store.read("mp_structures")
+    bao = mp.filter(pl.col("material_id") == "mp-1342")
+    bao2 = mp.filter(pl.col("reduced_formula") == "BaO2").sort("material_id").head(1)
+    assert bao.height == 1 and bao2.height == 1
+    bao2_id = "cand-" + bao2["material_id"][0]
+    disc = pl.DataFrame({"result_id": ["dftres-gone", "dftres-moved", "dftres-nocell"],
+                         "candidate_id": ["cand-not-relaxed-anywhere", bao2_id, bao2_id],
+                         "run_name": ["a", "b", "c"], "status": ["ok", "ok", "failed"],
+                         "is_linked": [True, True, True]})
+    store.write("discoveries", conform("discoveries", disc))
+    cell = bao.select(*("lattice_matrix", "species", "frac_coords"))
+    dft = pl.concat([cell, cell]).with_columns(result_id=pl.Series(["dftres-gone", "dftres-moved"]),
+                                               candidate_id=pl.Series(["cand-not-relaxed-anywhere", bao2_id]),
+                                               status=pl.lit("ok"), is_linked=pl.lit(True))
+    store.write("dft_results", conform("dft_results", dft))
+    res = _materialize(store.home)
+    assert res.success
+    meta = next(m.metadata for m in res.asset_materializations_for_node("xrd_patterns")
+                if m.asset_key == dg.AssetKey("xrd_patterns"))
+    assert meta["n_rows_not_rebuilt"].value == 0
+    peaks = store.read("xrd_patterns").filter(pl.col("source_table") == "discoveries")
+
+    def pattern(i: int) -> list[tuple[float, float]]:
+        rows = peaks.filter(pl.col("pattern_id") == peaks["pattern_id"].unique(maintain_order=True)[i])
+        return sorted(zip(rows["two_theta_deg"].round(3).to_list(), rows["intensity"].round(2).to_list(),
+                          strict=True))
+
+    assert peaks["pattern_id"].n_unique() == 3
+    # rows 0 and 1 are BaO rocksalt (their DFT cells), row 2 the relaxed BaO2 of its candidate
+    assert pattern(0) == pattern(1) and pattern(2) != pattern(1)
