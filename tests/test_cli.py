@@ -292,3 +292,24 @@ def test_quick_commands_refuse_an_object_store_home() -> None:
         home_path("s3://bucket/prefix")
     with pytest.raises(ValueError, match="local home"):
         home_path(None, environ={"CGWGAN_HOME": "s3://bucket/prefix"})
+
+
+def test_the_example_dft_run_config_is_valid_for_the_main_job() -> None:
+    """docs/examples/dft_verify_small_cells.yaml (the README's small-cell verification) names real
+    jobs, ops and config fields with valid values."""
+    import yaml
+
+    from assets.dft import DftRunsConfig
+    from assets.screening import PrescreenConfig, RelaxConfig
+    from orchestration.jobs import MainSettings, main_run_config
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "dft_verify_small_cells.yaml"
+    rc = yaml.safe_load(path.read_text())
+    assert set(rc) <= set(main_run_config(MainSettings(dft=True)))
+    classes = {"prescreen": PrescreenConfig, "relaxed": RelaxConfig, "dft_runs": DftRunsConfig}
+    for job in rc.values():
+        for op, op_config in job["ops"].items():
+            fields = op_config["config"]
+            assert set(fields) <= set(classes[op].model_fields), (op, fields)
+            assert classes[op](**fields).model_dump()["max_atoms" if op != "prescreen" else "max_candidates"] \
+                == fields["max_atoms" if op != "prescreen" else "max_candidates"]
