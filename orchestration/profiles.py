@@ -51,10 +51,10 @@ PROFILE_COSTS: dict[str, str] = {
                 "(--volume-scan '' turns it off), 500 relaxations 19 min, 20 phonon screens 10 min), "
                 "about 3.5 h with CHGNet",
     "paper": "MP data; 120,000 templates -> ~1.8 M candidates, all pre-screened, 5,000 relaxations and "
-             "phonon screens (benchmarks/results/campaign.md): on a 2-core laptop about 11 h of compute "
-             "(55 h at a busy 2-core VM's wall-clock rates); on one H200 machine about 2 h (pre-screen "
+             "phonon screens (benchmarks/results/campaign.md): on a 2-core laptop about 22 h (phonon "
+             "screens 19 h of it; rates of a 10 % run here); on one H200 machine about 2 h (pre-screen "
              "28 min with one actor, 7 min with eight sharing the GPU via gpus_per_actor, relaxations "
-             "36 min, phonons 63 min); on 8 such nodes about 26 min",
+             "36 min, phonons 63 min); on 8 such nodes about 25 min",
 }
 
 
