@@ -523,7 +523,7 @@ def cost_rows(run: dict, gpu: dict) -> list[dict]:
     mp = st["mp"]
     row("MP tables", "structures parsed, symmetry + ASU + round trip", PAPER["mp_structures"], mp["n_input"],
         mp["cpu_s"], mp["wall_s"], parallel=True,
-        note="Ray tasks (`map_row_chunks`); whole file measured: bench_mp.md, 1,524 s at load 14.5")
+        note="Ray tasks (`map_row_chunks`); whole file measured on 2 quiet cores: bench_mp_quiet.md, 27,248 in 49.5 s (parse 8.3 s + symmetry 41.2 s)")
     tr = st["training"]
     if tr.get("trained"):
         # n = epochs at the full table's size; one "item" here = one epoch over n_rows rows

@@ -130,8 +130,9 @@ def main() -> None:
                                          "rows": one_rows},
         "top_formulas": [[f, n] for f, n in top],
         "machine": f"{platform.node()} {os.cpu_count()} cores, load average at end {load[0]:.1f}",
-        "note": "shared 2-core machine (several engineers' jobs running): wall times are pessimistic; "
-                "CPU seconds are closer to an idle machine's wall time",
+        "note": ("quiet machine" if load[0] < 1.0 else
+                 "2-core machine shared with other jobs: wall times are pessimistic; CPU seconds are "
+                 "closer to an idle machine's wall time"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_infill.json").write_text(json.dumps(out, indent=1))

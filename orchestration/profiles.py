@@ -5,12 +5,14 @@
 The costs in :data:`PROFILE_COSTS` are estimates from measured rates, not guesses; the sources:
 
 * ``benchmarks/results/bench_mp.md``: the whole ``mp`` group on the full MP CSV (27,248 rows),
-  1,524 s on 2 shared cores.
+  1,524 s on 2 cores at load 14.5; the computation alone (parse + ``mp_symmetry``, 2 processes)
+  49.5 s on 2 quiet cores (``bench_mp_quiet.md``).
 * training: the WGAN at the asset's default size (batch 128, hidden 256, 5 critic steps) on
   14,111 rows, measured at :data:`TRAINING_S_PER_EPOCH_14K` s per epoch (below).
 * ``benchmarks/results/bench_templates.md``: 2,441 valid templates per second.
 * ``benchmarks/results/bench_infill.md`` / ``bench_dedup.md``: 120,000 templates -> 1,348,713
-  candidates (11.2 per template) in 14 s; their dedup 1,722 s, 1,025,037 unique (76 %).
+  candidates (11.2 per template) in 7 s; their dedup 155 s on 2 quiet cores (1,722 s at load 6),
+  1,025,037 unique (76 %).
 * ``benchmarks/results/bench_surrogates.md`` (2 CPU cores) and ``bench_surrogates_gpu.md``
   (H200): M3GNet batched energies 50.0 / 1,451 structures/s, ``relax_many`` 27.0 / 546
   relaxations/min, phonon screens 119 / 10,956 per hour; CHGNet (CPU) 20.7 structures/s,
