@@ -65,7 +65,10 @@ class RayStageConfig(dg.Config):
 
 class PrescreenConfig(RayStageConfig):
     batch_rows: int = 256  # candidates per resumable batch (one Ray task)
-    batch_size: int = 32  # structures per forward pass
+    batch_size: int = 32  # at most this many structures per forward pass
+    # and at most this many atoms (0 = no atom budget); -1 = by device: 256 on CPU (+22 % over 32 structures
+    # at 1 torch thread, +6 % at 2: benchmarks/results/bench_prescreen.md), none on a GPU
+    batch_atoms: int = -1
     max_candidates: int = 0  # 0 = all; else a seeded random sample of N stratified by reduced formula (reduced runs)
     sample_seed: int = 0  # seed of that sample (lib.selection.stratified_sample)
     # linear scale factors of a static-energy volume scan (e.g. [0.9, 1.0, 1.1]: 4 evaluations per candidate,
@@ -149,14 +152,16 @@ def _keys(context: dg.AssetExecutionContext) -> tuple[str, str, str]:
 def _load_kwargs(reg: SurrogateRegistryResource) -> dict[str, Any]:
     return {"registry_path": reg.resolved_registry_path or None,
             "models_dir": reg.resolved_models_dir or None, "device": reg.device,
-            "threads": reg.torch_threads or None, "worker_python": reg.resolved_m3gnet_tf_python}
+            "threads": reg.torch_threads or None, "worker_python": reg.resolved_m3gnet_tf_python,
+            "compile_energy": reg.compile_energy}
 
 
 def _local_surrogate(name: str, registry_path: str | None, models_dir: str | None, device: str,
-                     threads: int | None = None, worker_python: str | None = None):
+                     threads: int | None = None, worker_python: str | None = None, compile_energy: bool = False):
     """The surrogate loaded in this process, cached by its weights' sha256 (changed weights reload)."""
     return scr.load_configured_surrogate(name, registry_path=registry_path, models_dir=models_dir, device=device,
-                                         threads=threads, cache=True, worker_python=worker_python)
+                                         threads=threads, cache=True, worker_python=worker_python,
+                                         compile_energy=compile_energy)
 
 
 def _available_memory_gb(ray: Any, local: bool) -> float:
@@ -267,7 +272,7 @@ def _surrogate_identity(surrogate: str, reg: SurrogateRegistryResource) -> tuple
 
     spec = load_registry(reg.resolved_registry_path or None, models_dir=reg.resolved_models_dir or None).get(surrogate)
     if spec is None or not spec.sha256:
-        sur = _local_surrogate(surrogate, *_load_kwargs(reg).values())
+        sur = _local_surrogate(surrogate, **_load_kwargs(reg))
         return sur.name, sur.weights_sha256
     return spec.name, spec.sha256
 
@@ -351,6 +356,7 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     name, sha = _surrogate_identity(surrogate, surrogate_registry)
     try:
         scan = scr.check_volume_scan(config.volume_scan)
+        batch_atoms = scr.default_batch_atoms(config.batch_atoms, device=surrogate_registry.device)
     except ValueError as exc:
         raise dg.Failure(f"prescreen {part}: {exc}") from exc
     salt: dict[str, Any] = {"surrogate_sha256": sha, "stage": "prescreen"}
@@ -361,7 +367,7 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
                                salt=salt)
     n_batches = batches["batch_id"].n_unique()
     with _compute(config, "prescreen", surrogate, surrogate_registry, ray_runtime, n_batches,
-                  batch_size=config.batch_size, **scan_kw) as (compute, how):
+                  batch_size=config.batch_size, batch_atoms=batch_atoms, **scan_kw) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "prescreen", part),
                                         on_batch_written=_progress(context, "prescreen", batches))
     if not res.height:  # no candidates: an empty table in the contract's shape, not a missing column
@@ -372,7 +378,8 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
     # the sample's size and seed: a re-screen (orchestration.schedules.rescreen_run_config) draws the same candidates
     store.write("prescreen", out, partition=part, metadata={
         "surrogate_sha256": sha, "max_candidates": config.max_candidates, "sample_seed": config.sample_seed,
-        "volume_scan": list(scan), "n_candidates_input": n_input, **how})
+        "volume_scan": list(scan), "n_candidates_input": n_input, "batch_size": config.batch_size,
+        "batch_atoms": batch_atoms, **how})
     cgwgan_home.refresh_catalog()
     n_ok = int((out["status"] == "ok").sum())
     missing = cands.height - out.join(cands.select("candidate_id"), on="candidate_id", how="semi").height
@@ -382,6 +389,7 @@ def prescreen(context: dg.AssetExecutionContext, config: PrescreenConfig, cgwgan
                   "n_candidates_input": n_input, "n_compositions_input": n_input_formulas,
                   "n_compositions_sampled": cands["reduced_formula"].n_unique(),
                   "max_candidates": config.max_candidates, "sample_seed": config.sample_seed,
+                  "batch_size": config.batch_size, "batch_atoms": batch_atoms,
                   "volume_scan": dg.MetadataValue.json(list(scan)),
                   **_volume_scale_metadata(out),
                   "batches_skipped_resumed": stats.n_skipped, "batches_run": stats.n_run,

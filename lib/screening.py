@@ -109,8 +109,10 @@ PRESCREEN_SCHEMA = contracts.schema(
     "prescreen", only=("candidate_id", "n_atoms", "energy_ev", "energy_per_atom_ev", "volume_scale", "status", "error"))
 
 
-def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) -> list[float | str]:
-    """Energy (eV/cell) of each structure, batched (``Surrogate.predict_safe``, energies only).
+def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32,
+                     batch_atoms: int = 0) -> list[float | str]:
+    """Energy (eV/cell) of each structure, batched (``Surrogate.predict_safe``, energies only:
+    at most ``batch_size`` structures and, when > 0, ``batch_atoms`` atoms per forward pass).
 
     Entries that are error strings on input stay as they are; a structure the model fails on
     gets an error string, the others their energies.
@@ -119,7 +121,8 @@ def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) 
     out: list[float | str] = list(structures)
     if not idx:
         return out
-    preds = surrogate.predict_safe([structures[i] for i in idx], batch_size=batch_size, energy_only=True)
+    preds = surrogate.predict_safe([structures[i] for i in idx], batch_size=batch_size, energy_only=True,
+                                   batch_atoms=batch_atoms)
     for i, p in zip(idx, preds, strict=True):
         if p.error is not None:
             out[i] = f"model error: {p.error}"
@@ -130,19 +133,36 @@ def predict_energies(surrogate, structures: list[Any], *, batch_size: int = 32) 
     return out
 
 
+#: The pre-screen's atom budget per forward pass on CPU (``batch_atoms``; measured best of 128 / 256 /
+#: 512 atoms and 4-32 structures: benchmarks/results/bench_prescreen.md).
+CPU_BATCH_ATOMS = 256
+
+
+def default_batch_atoms(batch_atoms: int, *, device: str) -> int:
+    """``batch_atoms`` as configured; -1 (by device) is :data:`CPU_BATCH_ATOMS` on CPU and 0 (no
+    atom budget: ``batch_size`` alone) on an accelerator, where larger batches pay."""
+    if batch_atoms >= 0:
+        return batch_atoms
+    if batch_atoms != -1:
+        raise ValueError(f"batch_atoms must be -1 (by device), 0 (no budget) or a number of atoms, got {batch_atoms}")
+    return CPU_BATCH_ATOMS if str(device).lower().startswith("cpu") else 0
+
+
 def load_configured_surrogate(name: str, *, registry_path: str | None = None, models_dir: str | None = None,
                               device: str = "cpu", threads: int | None = None, cache: bool = False,
-                              worker_python: str | None = None):
+                              worker_python: str | None = None, compile_energy: bool = False):
     """``lib.surrogates.load_surrogate`` with the registry read from ``registry_path`` (the
     default loader of :class:`SurrogatePool`; its arguments are plain strings, so they travel to
     Ray actors). ``threads``: torch CPU threads (``None``: torch's setting stays); ``cache``: reuse
     a surrogate this process loaded from the same weights (sha256); ``worker_python``: the python
-    of a surrogate that runs in its own environment (the TensorFlow M3GNet's venv)."""
+    of a surrogate that runs in its own environment (the TensorFlow M3GNet's venv);
+    ``compile_energy``: ``torch.compile`` the energy-only pass (``Surrogate.compile_energy_pass``)."""
     from lib.surrogates import load_registry, load_surrogate
 
     registry = load_registry(registry_path or None, models_dir=models_dir or None)
     return load_surrogate(name, registry=registry, models_dir=models_dir or None, device=device,
-                          threads=threads, cache=cache, worker_python=worker_python or None)
+                          threads=threads, cache=cache, worker_python=worker_python or None,
+                          compile_energy=compile_energy)
 
 
 def scaled_structure(structure: Any, scale: float | None) -> Any:
@@ -173,7 +193,7 @@ def check_volume_scan(volume_scan: Sequence[float]) -> tuple[float, ...]:
 
 
 def _volume_scan_energies(surrogate, structures: list[Any], scan: tuple[float, ...], *,
-                          batch_size: int) -> tuple[list[float | str], list[float | None]]:
+                          batch_size: int, batch_atoms: int = 0) -> tuple[list[float | str], list[float | None]]:
     """(lowest energy, its scale) of every structure over the scan's scales plus the vertex of the
     parabola E(scale) through them (when convex and within :data:`VOLUME_SCAN_REACH` of the scan):
     ``len(scan) + 1`` batched static evaluations per structure. The parabolas of all rows come
@@ -182,7 +202,7 @@ def _volume_scan_energies(surrogate, structures: list[Any], scan: tuple[float, .
     todo = [i for i, st in enumerate(structures) if not isinstance(st, str)]
     k = len(scan)
     flat = predict_energies(surrogate, [scaled_structure(structures[i], f) for i in todo for f in scan],
-                            batch_size=batch_size)
+                            batch_size=batch_size, batch_atoms=batch_atoms)
     e = np.array([np.nan if isinstance(v, str) else v for v in flat], dtype=float).reshape(len(todo), k)
     f = np.broadcast_to(np.asarray(scan, dtype=float), e.shape)
     coef = np.full((len(todo), 3), np.nan)
@@ -197,7 +217,7 @@ def _volume_scan_energies(surrogate, structures: list[Any], scan: tuple[float, .
     fit = (coef[:, 0] > 0) & (vertex >= scan[0] / VOLUME_SCAN_REACH) & (vertex <= scan[-1] * VOLUME_SCAN_REACH)
     rows = np.flatnonzero(fit)
     refined = predict_energies(surrogate, [scaled_structure(structures[todo[j]], float(vertex[j])) for j in rows],
-                               batch_size=batch_size)
+                               batch_size=batch_size, batch_atoms=batch_atoms)
     e = np.column_stack([e, np.full(len(todo), np.nan)])
     f = np.column_stack([f, np.where(fit, vertex, np.nan)])
     e[rows, k] = [np.nan if isinstance(v, str) else v for v in refined]
@@ -213,7 +233,7 @@ def _volume_scan_energies(surrogate, structures: list[Any], scan: tuple[float, .
     return energies, scales
 
 
-def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32,
+def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32, batch_atoms: int = 0,
                     volume_scan: Sequence[float] = ()) -> pl.DataFrame:
     """Static energy of every candidate (ASU or cell form): :data:`PRESCREEN_SCHEMA` columns.
 
@@ -222,13 +242,16 @@ def prescreen_frame(surrogate, candidates: pl.DataFrame, *, batch_size: int = 32
     through those energies; the row keeps the lowest energy and its factor (``volume_scale``), which
     the relaxation then starts from. A generated cell's volume is the template's, not the
     elements': a known phase 15 % too small in its lattice reads ~2 eV/atom above the hull and is
-    never selected (benchmarks/results/rediscovery.md). Off: one evaluation, ``volume_scale`` 1.0."""
+    never selected (benchmarks/results/rediscovery.md). Off: one evaluation, ``volume_scale`` 1.0.
+    Forward passes take at most ``batch_size`` structures and, when ``batch_atoms`` > 0, at most
+    that many atoms (``lib.surrogates.base.batch_bounds``)."""
     scan = check_volume_scan(volume_scan)
     keys, structures = prepared_structures(surrogate, candidates, "candidate_id")
     if scan:
-        energies, scales = _volume_scan_energies(surrogate, structures, scan, batch_size=batch_size)
+        energies, scales = _volume_scan_energies(surrogate, structures, scan, batch_size=batch_size,
+                                                 batch_atoms=batch_atoms)
     else:
-        energies = predict_energies(surrogate, structures, batch_size=batch_size)
+        energies = predict_energies(surrogate, structures, batch_size=batch_size, batch_atoms=batch_atoms)
         scales = [None if isinstance(s, str) else 1.0 for s in structures]
     n_atoms = [None if isinstance(s, str) else len(s) for s in structures]
     rows: list[tuple[str, int | None, float | None, float | None, float | None, str, str | None]] = []

@@ -142,6 +142,10 @@ class RayResource(dg.ConfigurableResource):
                      _system_config={"worker_niceness": self.worker_niceness})
 
 
+#: Values of ``SurrogateRegistryResource.torch_compile``.
+TORCH_COMPILE_MODES = ("off", "energy")
+
+
 class SurrogateRegistryResource(dg.ConfigurableResource):
     """The surrogate registry (``CGWGAN_SURROGATES``: a JSON/YAML file; default: built-in entries).
 
@@ -151,7 +155,9 @@ class SurrogateRegistryResource(dg.ConfigurableResource):
     0 = torch's default in-process, one per actor CPU on Ray. ``m3gnet_tf_python``
     (``CGWGAN_M3GNET_TF_PYTHON``): the python of the TensorFlow venv the paper's M3GNet
     (``M3GNet-TF-MP-2021.2.8-EFS``) runs under; "" = ``<repo>/.venv-m3gnet-tf/bin/python``
-    (``make tf-m3gnet``).
+    (``make tf-m3gnet``). ``torch_compile`` (``CGWGAN_TORCH_COMPILE``): ``off`` (default) or
+    ``energy``: ``torch.compile`` the energy-only pass of the matgl models (the pre-screen: 1.21x
+    as fast on CPU after ~36 s of compiling per process; ``benchmarks/results/bench_prescreen.md``).
     """
 
     registry_path: str = ""
@@ -159,6 +165,16 @@ class SurrogateRegistryResource(dg.ConfigurableResource):
     device: str = "cpu"
     torch_threads: int = 0
     m3gnet_tf_python: str = ""
+    torch_compile: str = "off"  # "off" | "energy" (a str: Dagster's EnvVar cannot feed a Literal)
+
+    @property
+    def compile_energy(self) -> bool:
+        """Whether ``torch_compile`` asks for the compiled energy pass; a clear error for other values."""
+        mode = self.torch_compile.strip().lower()
+        if mode not in TORCH_COMPILE_MODES:
+            raise ValueError(f"CGWGAN_TORCH_COMPILE / torch_compile must be one of {', '.join(TORCH_COMPILE_MODES)}, "
+                             f"got {self.torch_compile!r}")
+        return mode == "energy"
 
     @property
     def resolved_m3gnet_tf_python(self) -> str:
@@ -207,7 +223,7 @@ ENV_VARS: dict[str, dict[str, str]] = {
     "ray_runtime": {"address": "RAY_ADDRESS", "auth_mode": "RAY_AUTH_MODE"},
     "surrogate_registry": {"registry_path": "CGWGAN_SURROGATES", "models_dir": "CGWGAN_M3GNET_DIR",
                            "torch_threads": "CGWGAN_TORCH_THREADS",
-                           "m3gnet_tf_python": "CGWGAN_M3GNET_TF_PYTHON"},
+                           "m3gnet_tf_python": "CGWGAN_M3GNET_TF_PYTHON", "torch_compile": "CGWGAN_TORCH_COMPILE"},
     "dft": {"results_dir": "CGWGAN_DFT_RESULTS", "elemental_refs": "CGWGAN_ELEMENTAL_REFS",
             "gpaw_python": "CGWGAN_GPAW_PYTHON"},
 }

@@ -76,6 +76,12 @@ def test_resources_use_env_vars_only_for_the_variables_that_are_set(monkeypatch:
     assert isinstance(res["mp_source"].api_key, dg.EnvVar) and "s3cret" not in repr(res["mp_source"])
     assert configured("mp_source").api_key == "s3cret-api-key"
     assert configured("surrogate_registry").torch_threads == 3
+    assert configured("surrogate_registry").compile_energy is False
+    monkeypatch.setenv("CGWGAN_TORCH_COMPILE", "energy")
+    assert configured("surrogate_registry").compile_energy is True
+    monkeypatch.setenv("CGWGAN_TORCH_COMPILE", "yes")
+    with pytest.raises(ValueError, match="CGWGAN_TORCH_COMPILE"):
+        configured("surrogate_registry").compile_energy  # noqa: B018 -- the property validates
     assert configured("dft").results_dir == "/data/dft"
     assert resources_from_env({"MP_API_KEY": "", "CGWGAN_HOME": "  "})["mp_source"].api_key == ""
 

@@ -44,6 +44,26 @@ GPA_TO_EV_PER_A3 = 1.0 / 160.21766208
 MIN_SITE_DISTANCE_A = 0.1
 
 
+
+def batch_bounds(n_atoms: Sequence[int], *, batch_size: int, batch_atoms: int = 0) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive batches, in input order: at most ``batch_size`` structures
+    and, when ``batch_atoms`` > 0, at most ``batch_atoms`` atoms each (a larger structure is a
+    batch of its own). On CPU a batch of a fixed atom budget is faster than one of a fixed
+    count: the pre-screen ran 176 / 244 structures/s with 256 atoms against 145 / 231 with 32
+    structures, with 1 / 2 torch threads (M3GNet-MP, 600 Ba-Ru-O candidates,
+    ``benchmarks/results/bench_prescreen.md``)."""
+    bounds: list[tuple[int, int]] = []
+    start, atoms = 0, 0
+    for i, n in enumerate(n_atoms):
+        full = i - start >= batch_size or (batch_atoms > 0 and i > start and atoms + n > batch_atoms)
+        if full:
+            bounds.append((start, i))
+            start, atoms = i, 0
+        atoms += n
+    if start < len(n_atoms):
+        bounds.append((start, len(n_atoms)))
+    return bounds
+
 class SurrogateError(ValueError):
     """A surrogate cannot be resolved or loaded (bad registry entry, missing weights, sha mismatch)."""
 
@@ -295,6 +315,11 @@ class Surrogate:
         return None
 
     # prediction -----------------------------------------------------------------------------
+    def compile_energy_pass(self) -> bool:
+        """Compile the model's energy-only forward pass (``torch.compile``) where the family
+        supports it; ``True`` when it did. Forces, stresses and relaxations stay eager."""
+        return False
+
     def _predict_batch(self, structures: list[Structure], *, energy_only: bool) -> list[Prediction]:
         """One forward pass of the model for ``structures`` (the family's part)."""
         raise NotImplementedError
@@ -305,15 +330,19 @@ class Surrogate:
         *,
         batch_size: int = 32,
         energy_only: bool = False,
+        batch_atoms: int = 0,
     ) -> list[Prediction]:
         """Predictions in input order; a structure that cannot be evaluated gets ``error`` set.
 
         Structures are checked first (elements covered, sites, cell); valid ones go through the
-        model ``batch_size`` at a time. When a whole batch fails, its structures are retried one
-        by one so that only the offending structure carries the error.
+        model in batches of at most ``batch_size`` structures and, with ``batch_atoms`` > 0, at
+        most that many atoms (:func:`batch_bounds`). When a whole batch fails, its structures are
+        retried one by one so that only the offending structure carries the error.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if batch_atoms < 0:
+            raise ValueError("batch_atoms must be >= 0 (0 = no atom budget)")
         out: list[Prediction | None] = [None] * len(structures)
         valid: list[int] = []
         for i, s in enumerate(structures):
@@ -324,21 +353,22 @@ class Surrogate:
                 out[i] = failed_prediction(len(s) if hasattr(s, "__len__") else 0, reason,
                                            energy_only=energy_only)
         preds = self.predict_unchecked([structures[i] for i in valid], batch_size=batch_size,
-                                       energy_only=energy_only)
+                                       energy_only=energy_only, batch_atoms=batch_atoms)
         for i, p in zip(valid, preds, strict=True):
             out[i] = p
         return [p for p in out if p is not None]
 
     def predict_unchecked(self, structures: Sequence[Structure], *, batch_size: int,
-                          energy_only: bool) -> list[Prediction]:
-        """:meth:`_predict_batch` ``batch_size`` structures at a time, without input checks.
+                          energy_only: bool, batch_atoms: int = 0) -> list[Prediction]:
+        """:meth:`_predict_batch` over the batches of :func:`batch_bounds`, without input checks.
 
         When a whole batch fails, its structures are retried one by one so that only the
         offending structure carries the error; a non-finite energy is an error too.
         """
         out: list[Prediction] = []
-        for start in range(0, len(structures), batch_size):
-            batch = list(structures[start:start + batch_size])
+        for start, stop in batch_bounds([len(s) for s in structures], batch_size=batch_size,
+                                        batch_atoms=batch_atoms):
+            batch = list(structures[start:stop])
             try:
                 preds = self._predict_batch(batch, energy_only=energy_only)
             except Exception as exc:  # noqa: BLE001 -- isolate the structure that fails

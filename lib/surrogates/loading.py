@@ -15,7 +15,7 @@ from lib.surrogates.registry import family, resolve_spec
 
 #: Loaded surrogates kept by :func:`load_surrogate` (``cache=True``), at most this many.
 CACHE_SIZE = 4
-_CACHE: dict[tuple[str, str, str, str, str, str], Surrogate] = {}
+_CACHE: dict[tuple[str, str, str, str, str, str, bool], Surrogate] = {}
 
 
 def set_torch_threads(threads: int | None = None) -> int:
@@ -51,6 +51,7 @@ def load_surrogate(
     threads: int | None = None,
     cache: bool = False,
     worker_python: str | None = None,
+    compile_energy: bool = False,
 ) -> Surrogate:
     """Load a surrogate by registry name or weights folder/file.
 
@@ -62,7 +63,8 @@ def load_surrogate(
     this process already loaded with the same weights (sha256), name, convention and device.
     ``worker_python``: the python of a family that runs in its own environment in a worker
     process (``m3gnet_tf``: ``.venv-m3gnet-tf/bin/python``, built by ``make tf-m3gnet``); the
-    worker gets ``threads`` as its CPU threads. Other families ignore it.
+    worker gets ``threads`` as its CPU threads. Other families ignore it. ``compile_energy``:
+    :meth:`~lib.surrogates.base.Surrogate.compile_energy_pass` (families without it run eager).
     """
     set_torch_threads(threads)
     spec = resolve_spec(name_or_folder, registry, models_dir)
@@ -79,13 +81,15 @@ def load_surrogate(
         )
     spec = replace(spec, sha256=actual)
     key = (actual, spec.kind, spec.name, spec.convention, device,
-           str(worker_python or "") if fam.runs_in_worker else "")
+           str(worker_python or "") if fam.runs_in_worker else "", bool(compile_energy))
     if cache and key in _CACHE:
         return _CACHE[key]
     if fam.runs_in_worker:
         surrogate = fam.load(spec, wfile, device, python=worker_python, threads=threads)
     else:
         surrogate = fam.load(spec, wfile, device)
+    if compile_energy:
+        surrogate.compile_energy_pass()
     if cache:
         while len(_CACHE) >= CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]

@@ -461,3 +461,13 @@ def test_volume_scan_finds_a_known_phase_generated_at_the_wrong_volume(surrogate
         scr.check_volume_scan([0.4, 1.0, 1.1])
     bad = scr.prescreen_frame(surrogate, ba_ru_o_candidates().tail(1), volume_scan=[0.9, 1.0, 1.1])
     assert bad["status"].to_list() == ["error"] and bad["volume_scale"].to_list() == [None]
+
+
+def test_default_batch_atoms_by_device() -> None:
+    from lib.screening import CPU_BATCH_ATOMS, default_batch_atoms
+
+    assert default_batch_atoms(-1, device="cpu") == CPU_BATCH_ATOMS == 256
+    assert default_batch_atoms(-1, device="cuda") == 0 and default_batch_atoms(-1, device="cuda:1") == 0
+    assert default_batch_atoms(0, device="cpu") == 0 and default_batch_atoms(512, device="cuda") == 512
+    with pytest.raises(ValueError, match="batch_atoms must be -1"):
+        default_batch_atoms(-5, device="cpu")

@@ -244,6 +244,56 @@ def test_batching_equals_single(m3gnet, mp_file: Path) -> None:
                                atol=1e-4)
 
 
+def test_batch_bounds_keep_order_and_budgets() -> None:
+    from lib.surrogates.base import batch_bounds
+
+    sizes = [10, 200, 40, 40, 300, 5, 5, 5]
+    assert batch_bounds(sizes, batch_size=32) == [(0, 8)]
+    assert batch_bounds(sizes, batch_size=3) == [(0, 3), (3, 6), (6, 8)]
+    # 256 atoms at most, a 300-atom cell alone, never an empty batch
+    got = batch_bounds(sizes, batch_size=32, batch_atoms=256)
+    assert got == [(0, 3), (3, 4), (4, 5), (5, 8)]
+    assert [i for a, b in got for i in range(a, b)] == list(range(len(sizes)))
+    assert all(sum(sizes[a:b]) <= 256 or b - a == 1 for a, b in got)
+    assert batch_bounds([], batch_size=4, batch_atoms=8) == []
+
+
+def test_atom_budget_batches_give_the_same_energies(m3gnet, mp_file: Path) -> None:
+    import polars as pl
+
+    rows = pl.read_csv(mp_file, n_rows=400).filter(pl.col("nsites") <= 24).head(12)
+    structures = [Structure.from_str(c, fmt="cif") for c in rows["cif"]]
+    sur = m3gnet["M3GNet-MP-2021.2.8-PES"]
+    counted = sur.predict_safe(structures, batch_size=32, energy_only=True)
+    budget = sur.predict_safe(structures, batch_size=32, energy_only=True, batch_atoms=30)
+    assert len({len(s) for s in structures}) > 1 and sum(map(len, structures)) > 60  # several batches
+    for s, a, b in zip(structures, counted, budget, strict=True):
+        assert a.ok and b.ok
+        assert abs(a.energy_ev - b.energy_ev) / len(s) < 1e-5
+    with pytest.raises(ValueError, match="batch_atoms"):
+        sur.predict_safe(structures, batch_atoms=-1)
+
+
+def test_compiled_energy_pass_equals_eager(m3gnet_dir: Path, mp_file: Path) -> None:
+    import polars as pl
+
+    rows = pl.read_csv(mp_file, n_rows=200).filter(pl.col("nsites") <= 10).head(5)
+    structures = [Structure.from_str(c, fmt="cif") for c in rows["cif"]]
+    eager = load_surrogate("M3GNet-MP-2021.2.8-PES", models_dir=str(m3gnet_dir))
+    compiled = load_surrogate("M3GNet-MP-2021.2.8-PES", models_dir=str(m3gnet_dir), compile_energy=True)
+    assert compiled._energy_model is not None and eager._energy_model is None
+    a = eager.predict_safe(structures, batch_size=2, energy_only=True)
+    b = compiled.predict_safe(structures, batch_size=2, energy_only=True)
+    for s, x, y in zip(structures, a, b, strict=True):
+        assert x.ok and y.ok and abs(x.energy_ev - y.energy_ev) / len(s) < 1e-4
+    # forces keep the eager model: the same numbers
+    f = compiled.predict(structures[:2])
+    g = eager.predict(structures[:2])
+    for x, y in zip(f, g, strict=True):
+        np.testing.assert_allclose(x.forces_ev_per_a, y.forces_ev_per_a, atol=1e-5)
+    assert compiled.potential.model is not compiled._energy_model  # the eager model is back after a pass
+
+
 def test_m3gnet_calculator_agrees_with_predict(m3gnet) -> None:
     sur = m3gnet["M3GNet-MP-2021.2.8-PES"]
     s = _barauo3(4.0)
