@@ -28,6 +28,11 @@ browser-deps:
 dft-deps:
 	@/usr/bin/python3 -c "import gpaw" >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gpaw gpaw-data >/dev/null)
 
+# A C++ compiler for torch.compile's CPU kernels (CGWGAN_TORCH_COMPILE=energy and its test).
+.PHONY: compiler-deps
+compiler-deps:
+	@command -v g++ >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null)
+
 # PostgreSQL for the Dagster-instance test (tests/test_postgres_instance.py, orchestration/dagster_postgres.yaml):
 # Debian's server binaries; the test runs its own throwaway server (initdb + postgres) as an unprivileged user.
 .PHONY: pg-deps
@@ -61,7 +66,7 @@ lint: setup
 	$(BIN)/ruff check lib assets orchestration tests benchmarks
 	$(BIN)/mypy
 
-test: setup browser-deps tf-m3gnet dft-deps pg-deps
+test: setup browser-deps tf-m3gnet dft-deps pg-deps compiler-deps
 	$(BIN)/ruff check lib assets orchestration tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
