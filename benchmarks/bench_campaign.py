@@ -521,9 +521,13 @@ def cost_rows(run: dict, gpu: dict) -> list[dict]:
                      "cluster_s": clu, "note": note, "gpu_measured": gpu_s is not None})
 
     mp = st["mp"]
+    whole = _read("bench_mp_quiet.json").get("pipeline", {})
     row("MP tables", "structures parsed, symmetry + ASU + round trip", PAPER["mp_structures"], mp["n_input"],
         mp["cpu_s"], mp["wall_s"], parallel=True,
-        note="Ray tasks (`map_row_chunks`); whole file measured on 2 quiet cores: bench_mp_quiet.md, 27,248 in 49.5 s (parse 8.3 s + symmetry 41.2 s)")
+        note="Ray tasks (`map_row_chunks`)" + (
+            f"; whole file measured on 2 quiet cores: bench_mp_quiet.md, {whole['structures']:,} in "
+            f"{whole['total_seconds']} s (parse {whole['parse_validate_seconds']} s + symmetry "
+            f"{whole['symmetry_seconds']} s)" if whole.get("total_seconds") else ""))
     tr = st["training"]
     if tr.get("trained"):
         # n = epochs at the full table's size; one "item" here = one epoch over n_rows rows

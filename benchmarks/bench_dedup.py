@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
 
+from benchmarks._machine import load_note  # noqa: E402
 from lib import wyckoff  # noqa: E402
 from lib.dedup import MATCHER_DEFAULTS, MP_MATCHER_DEFAULTS, apply_dedup, dedup_candidates  # noqa: E402
 from lib.mp_sources import load_mp_source  # noqa: E402
@@ -167,8 +168,7 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after_dedup": [round(x, 2) for x in load_after_dedup],
         "machine": f"{platform.node()} {os.cpu_count()} cores",
-        "note": ("quiet machine (load average below 1 before the run)" if load_before[0] < 1.0 else
-                 "2-core machine shared with other jobs: wall times are pessimistic"),
+        "note": load_note(load_before[0]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = [

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
 
+from benchmarks._machine import load_note  # noqa: E402
 from lib import wyckoff  # noqa: E402
 from lib.infill import InfillTotals, iter_infill, random_templates  # noqa: E402
 from lib.store import TableStore  # noqa: E402
@@ -130,9 +131,7 @@ def main() -> None:
                                          "rows": one_rows},
         "top_formulas": [[f, n] for f, n in top],
         "machine": f"{platform.node()} {os.cpu_count()} cores, load average at end {load[0]:.1f}",
-        "note": ("quiet machine" if load[0] < 1.0 else
-                 "2-core machine shared with other jobs: wall times are pessimistic; CPU seconds are "
-                 "closer to an idle machine's wall time"),
+        "note": load_note(load[0]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_infill.json").write_text(json.dumps(out, indent=1))

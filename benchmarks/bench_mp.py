@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -38,12 +39,10 @@ import numpy as np
 import polars as pl
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from benchmarks._machine import load_note  # noqa: E402
 
-
-def _sharing(load: float) -> str:
-    """How busy the machine was, for the result text: wall times under load are pessimistic."""
-    return "quiet" if load < 1.0 else "shared with other jobs: wall times are pessimistic"
 
 def _default_mp_file() -> str:
     shared = os.environ.get("CGWGAN_SHARED") or str(REPO.parent / "shared")
@@ -160,8 +159,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
     previous = previous_md.read_text() if previous_md.is_file() else ""
     results: dict = {"mode": "pipeline", "mp_file": args.mp_file, "rows_requested": args.rows, "every": args.every,
                      "method": args.method, "processes": args.processes, "cpu_count": os.cpu_count(),
-                     "platform": platform.platform(), "load_average_start": list(os.getloadavg()),
-                     "note": _sharing(os.getloadavg()[0])}
+                     "platform": platform.platform(), "load_average_start": list(os.getloadavg())}
+    results["note"] = load_note(results["load_average_start"][0])
     with tempfile.TemporaryDirectory(prefix="bench_mp_") as tmpd:
         src = Path(_slice_file(args.mp_file, args.rows, args.every, Path(tmpd)))
         c0, t0 = time.process_time(), time.perf_counter()
@@ -208,7 +207,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
         + (f", first {args.rows}" if args.rows else "")
         + f" ({g['structures'] + g['rejects']} rows); parse + validate, then `mp_symmetry` (round trip "
         f"`{args.method}`) in {args.processes} local processes, no Dagster/Ray; {results['cpu_count']} CPUs, "
-        f"{_sharing(results['load_average_start'][0])} (load {results['load_average_start'][0]:.1f} at start, "
+        f"{results['note']} (load {results['load_average_start'][0]:.1f} at start, "
         f"{results['load_average_end'][0]:.1f} at end).", "",
         "| measure | before | after |", "|---|---|---|",
     ]
@@ -290,8 +289,8 @@ def main() -> None:
     results: dict = {"mp_file": args.mp_file, "rows_requested": args.rows, "every": args.every,
                      "method": args.method,
                      "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                     "load_average_start": list(os.getloadavg()),
-                     "note": _sharing(os.getloadavg()[0])}
+                     "load_average_start": list(os.getloadavg())}
+    results["note"] = load_note(results["load_average_start"][0])
     with tempfile.TemporaryDirectory(prefix="bench_mp_") as tmpd:
         tmp = Path(tmpd)
         src = _slice_file(args.mp_file, args.rows, args.every, tmp)
@@ -361,7 +360,7 @@ def main() -> None:
         f"Input: `{Path(args.mp_file).name}`"
         + (f", every {args.every}th row" if args.every > 1 else "") + (f", first {args.rows}" if args.rows else "")
         + f" ({g['n_input']} rows), round trip `{args.method}`, "
-        f"{results['cpu_count']} CPUs, {_sharing(results['load_average_start'][0])} "
+        f"{results['cpu_count']} CPUs, {results['note']} "
         f"(load {results['load_average_start'][0]:.1f} at start).", "",
         "| measure | value |", "|---|---|",
         f"| whole mp group, {g['workers']} Ray workers | {g['seconds']} s |",

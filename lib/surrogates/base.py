@@ -44,7 +44,6 @@ GPA_TO_EV_PER_A3 = 1.0 / 160.21766208
 MIN_SITE_DISTANCE_A = 0.1
 
 
-
 def batch_bounds(n_atoms: Sequence[int], *, batch_size: int, batch_atoms: int = 0) -> list[tuple[int, int]]:
     """``(start, stop)`` of consecutive batches, in input order: at most ``batch_size`` structures
     and, when ``batch_atoms`` > 0, at most ``batch_atoms`` atoms each (a larger structure is a
@@ -63,6 +62,7 @@ def batch_bounds(n_atoms: Sequence[int], *, batch_size: int, batch_atoms: int = 
     if start < len(n_atoms):
         bounds.append((start, len(n_atoms)))
     return bounds
+
 
 class SurrogateError(ValueError):
     """A surrogate cannot be resolved or loaded (bad registry entry, missing weights, sha mismatch)."""

@@ -7,6 +7,7 @@ changed loads again instead of serving the old model.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 from lib.ids import file_sha256
@@ -88,8 +89,9 @@ def load_surrogate(
         surrogate = fam.load(spec, wfile, device, python=worker_python, threads=threads)
     else:
         surrogate = fam.load(spec, wfile, device)
-    if compile_energy:
-        surrogate.compile_energy_pass()
+    if compile_energy and not surrogate.compile_energy_pass():
+        warnings.warn(f"surrogate {spec.name!r} ({spec.kind}) has no compiled energy pass; it runs eager",
+                      stacklevel=2)
     if cache:
         while len(_CACHE) >= CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]

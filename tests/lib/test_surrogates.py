@@ -294,6 +294,12 @@ def test_compiled_energy_pass_equals_eager(m3gnet_dir: Path, mp_file: Path) -> N
     assert compiled.potential.model is not compiled._energy_model  # the eager model is back after a pass
 
 
+def test_compile_energy_warns_for_a_family_without_it() -> None:
+    with pytest.warns(UserWarning, match="no compiled energy pass"):
+        sur = load_surrogate(DEFAULT_SURROGATE, compile_energy=True)  # CHGNet: eager
+    assert sur.compile_energy_pass() is False
+
+
 def test_m3gnet_calculator_agrees_with_predict(m3gnet) -> None:
     sur = m3gnet["M3GNet-MP-2021.2.8-PES"]
     s = _barauo3(4.0)
