@@ -47,8 +47,9 @@ from lib.store import partition_dirname
 from orchestration.resources import CgwganHome, RayResource, SurrogateRegistryResource
 
 GROUP = "screening"
-#: ASE optimisers of the relaxations (lib.screening.relax_frame).
-Optimizer = Literal["FIRE", "BFGS"]
+#: ASE optimisers of the relaxations (lib.screening.relax_frame): ``lib.surrogates.relax.OPTIMIZERS``,
+#: spelled out here so that loading the definitions imports no model code (a test keeps them equal).
+Optimizer = Literal["FIRE", "FIRE2", "BFGS", "LBFGS"]
 _DEDUP = dg.AssetDep("candidates_dedup", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
     partition_dimension_name="chemical_system"))
 

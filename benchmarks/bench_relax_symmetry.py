@@ -2,7 +2,8 @@
 
     python benchmarks/bench_relax_symmetry.py [--home /tmp/demo_home] [--system Ba-O-Ru]
         [--surrogate M3GNet-MP-2021.2.8-PES] [--per-bin 12] [--pool 120]
-        [--configs FIRE,FIRE+sym,BFGS+sym] [--fix-symprec 1e-3] [--seed 0] [--out PATH]
+        [--configs FIRE,FIRE+sym,BFGS+sym] [--fix-symprec 1e-3] [--seed 0] [--steps 300]
+        [--within 100,200,300] [--out PATH]
     python benchmarks/bench_relax_symmetry.py --out PATH --pool-with OTHER.json[,...]   # pool seeds, no relaxing
 
 Candidates: the home's ``candidates_dedup`` partition of ``system`` (real generated candidates,
@@ -11,7 +12,14 @@ exactly symmetric in their template's space group). For each atom-count bin (2-4
 the surrogate (static energy) and the ``per-bin`` lowest per atom kept: the ones the ``relaxed``
 stage takes first. The same candidates are then relaxed under each setting with
 ``lib.screening.relax_frame`` (one torch thread, batched lockstep, fmax 0.05 eV/Å, at most 300
-steps); ``+sym`` adds ``fix_symmetry`` (the space group spglib finds at ``fix-symprec`` Å kept).
+steps); ``+sym`` adds ``fix_symmetry`` (the space group spglib finds at ``fix-symprec`` Å kept). A
+setting is an optimiser of ``lib.surrogates.relax.OPTIMIZERS`` (FIRE, FIRE2, BFGS, LBFGS), with
+``+sym`` or not.
+
+``--within`` counts, from the same runs, the rows converged within fewer steps than ``--steps``
+(an ASE optimiser's path does not depend on its step limit, so a run with a limit of 1,000
+steps that converged at step 240 converged within 300): one run gives the whole curve of
+converged share against the step limit.
 
 Recorded per setting and bin: converged share, mean steps, compute seconds (the rows' share of
 the batched passes plus their own optimiser work, ``relax_seconds``), energy per atom against
@@ -53,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fix-symprec", type=float, default=1e-3)
     p.add_argument("--fmax", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--within", default="",
+                   help="comma-separated step limits <= --steps: converged share within each, from the same runs")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--pool-with", default="",
                    help="comma-separated .json of other runs (other seeds): no relaxation, pool them with --out's")
@@ -80,7 +90,8 @@ def pick_candidates(cands: pl.DataFrame, sur, *, per_bin: int, pool: int, seed: 
 def spglib_numbers(structures, symprec: float) -> list[int | None]:
     from lib.screening import spacegroup_number
 
-    return [spacegroup_number(s, symprec=symprec) for s in structures]
+    # a failed relaxation's row has no structure (its error is reported instead)
+    return [spacegroup_number(s, symprec=symprec) if hasattr(s, "lattice") else None for s in structures]
 
 
 def n_operations(structures, symprec: float) -> list[int]:
@@ -89,6 +100,9 @@ def n_operations(structures, symprec: float) -> list[int]:
 
     out = []
     for s in structures:
+        if not hasattr(s, "lattice"):  # a failed relaxation
+            out.append(0)
+            continue
         sym = spglib.get_symmetry((s.lattice.matrix, s.frac_coords, [sp.Z for sp in s.species]), symprec=symprec)
         out.append(len(sym["rotations"]) if sym else 1)
     return out
@@ -124,6 +138,18 @@ def render(res: dict) -> str:
         f"{name}: {'met' if min(r['by_bin'][b]['converged_share'] for b in res['bins']) >= 0.95 else 'not met'} "
         f"(lowest bin {100 * min(r['by_bin'][b]['converged_share'] for b in res['bins']):.1f} %)"
         for name, r in res["settings"].items()) + "."]
+    within = [k for k in res.get("within", []) if k < res["steps"]]
+    if within:
+        lines += ["", f"Converged within a lower step limit (from the same runs at {res['steps']} steps; "
+                  "a path does not depend on its limit):", "",
+                  "| setting | step limit | " + " | ".join(f"{b} atoms" for b in res["bins"]) + " | all | goal |",
+                  "|---|---:|" + "---:|" * (len(res["bins"]) + 2)]
+        for name, r in res["settings"].items():
+            for k in [*within, res["steps"]]:
+                shares = [r["by_bin"][b]["converged_within"][str(k)] / r["by_bin"][b]["n"] for b in res["bins"]]
+                a = r["by_bin"]["all"]
+                lines.append(f"| {name} | {k} | " + " | ".join(f"{100 * x:.1f} %" for x in shares)
+                             + f" | {a['converged_within'][str(k)]}/{a['n']} | {'met' if min(shares) >= 0.95 else 'not met'} |")
     lines += ["", "Candidates where a setting ends more than 0.01 eV/atom from the reference "
               "(energy per atom / steps, c = converged; space group at the fix symprec before → after):", "",
               "| candidate | atoms | sg | " + " | ".join(res["settings"]) + " |",
@@ -170,11 +196,12 @@ def pool(results: list[dict]) -> dict:
         merged = {key: [results[k]["settings"][name][key][i] for k, i in take]
                   for key in ("steps", "converged", "delta_ev_per_atom", "relax_seconds", "spacegroup_after",
                               "n_ops_before", "n_ops_after")}
-        out["settings"][name] = {"by_bin": summarise(merged, bins, row_bins, sg_before)}
+        out["settings"][name] = {"by_bin": summarise(merged, bins, row_bins, sg_before,
+                                                     results[0].get("within", ()))}
     return out
 
 
-def summarise(r: dict, bins: list[str], row_bins: list[str], sg_before: list) -> dict:
+def summarise(r: dict, bins: list[str], row_bins: list[str], sg_before: list, within: Sequence[int] = ()) -> dict:
     out = {}
     for b in [*bins, "all"]:
         idx = [i for i, x in enumerate(row_bins) if b in ("all", x)]
@@ -188,6 +215,8 @@ def summarise(r: dict, bins: list[str], row_bins: list[str], sg_before: list) ->
             "n_symmetry_lowered": int(sum(r["n_ops_after"][i] < r["n_ops_before"][i] for i in idx)),
             "mean_delta_ev_per_atom": float(np.nanmean(d)), "n_higher": int((d > 0.01).sum()),
             "n_lower": int((d < -0.01).sum()),
+            "converged_within": {str(k): int(sum(bool(r["converged"][i]) and r["steps"][i] <= k for i in idx))
+                                 for k in within},
         }
     return out
 
@@ -231,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "surrogate_sha256": sur.weights_sha256, "n": cands.height, "per_bin": args.per_bin,
                  "pool": args.pool, "seed": args.seed, "fmax": args.fmax, "steps": args.steps,
                  "fix_symprec": args.fix_symprec, "bins": bins, "pick_seconds": t_pick,
+                 "within": sorted({int(k) for k in args.within.split(",") if k} | {args.steps}),
                  "candidate_ids": cands["candidate_id"].to_list(), "n_atoms": cands["n_atoms"].to_list(),
                  "bin": row_bins, "spacegroup_template": cands["spacegroup_number"].to_list(),
                  "spacegroup_before": sg_before, "load_average_start": round(os.getloadavg()[0], 2),
@@ -255,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "spacegroup_after": spglib_numbers(after, args.fix_symprec),
                    "n_ops_before": ops_before, "n_ops_after": n_operations(after, args.fix_symprec),
                    "forward_passes": int(sur.last_relax_stats["forward_passes"])}
-        r["by_bin"] = summarise(r, bins, row_bins, sg_before)
+        r["by_bin"] = summarise(r, bins, row_bins, sg_before, res["within"])
         res["settings"][name] = r
         print(f"{name}: {dt:.1f} s, " + ", ".join(
             f"{b}: {s['n_converged']}/{s['n']}" for b, s in r["by_bin"].items()), flush=True)

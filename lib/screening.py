@@ -350,8 +350,10 @@ def relax_frame(
     volume scan, :func:`prescreen_frame`) scales each cell isotropically before it relaxes.
     ``relax_seconds`` is the row's share of the compute time.
     """
-    if optimizer not in ("FIRE", "BFGS"):
-        raise ValueError(f"optimizer must be 'FIRE' or 'BFGS', not {optimizer!r}")
+    from lib.surrogates.relax import OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, not {optimizer!r}")
     keys, structures = prepared_structures(surrogate, frame, key)
     if "volume_scale" in frame.columns:  # the pre-screen's volume scan: start from the cell it scored
         structures = [s if isinstance(s, str) else scaled_structure(s, f)

@@ -129,7 +129,7 @@ def test_conform_fills_casts_and_orders_but_never_invents_keys() -> None:
 # ------------------------------------------------------------------------------------ typed config
 @pytest.mark.parametrize(("job", "op", "field", "good", "bad"), [
     ("screening_job", "phonons", "rank_by", "e_above_hull", "energy"),
-    ("screening_job", "relaxed", "optimizer", "BFGS", "LBFGS"),
+    ("screening_job", "relaxed", "optimizer", "FIRE2", "LBFGSLineSearch"),
     ("screening_job", "references", "optimizer", "FIRE", "fire"),
     ("infill_job", "candidates", "volume_mode", "rescaled", "scaled"),
     ("mp_job", "mp_symmetry", "round_trip_method", "direct", "matcher"),

@@ -29,7 +29,12 @@ if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
     from pymatgen.core import Structure
 
-Optimizer = Literal["FIRE", "BFGS"]
+#: ASE optimisers a relaxation can use (``ase.optimize`` classes of these names): FIRE (the
+#: default: MP-style, robust far from a minimum), FIRE2 (Guénolé et al. 2020's corrected FIRE:
+#: half-step velocity mixing and an inertia correction), BFGS and LBFGS (quasi-Newton, fewer
+#: steps near a minimum; no line search, so every step is one forward pass).
+Optimizer = Literal["FIRE", "FIRE2", "BFGS", "LBFGS"]
+OPTIMIZERS: tuple[str, ...] = ("FIRE", "FIRE2", "BFGS", "LBFGS")
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,11 @@ def failed_relax(structure: Any, reason: str, optimizer: str) -> RelaxResult:
 
 
 def _optimizer_class(optimizer: str) -> type:
-    from ase.optimize import BFGS, FIRE
+    import ase.optimize
 
-    classes = {"FIRE": FIRE, "BFGS": BFGS}
-    if optimizer not in classes:
-        raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
-    return classes[optimizer]
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    return getattr(ase.optimize, optimizer)
 
 
 #: Å, spglib tolerance of the ``FixSymmetry`` constraint: the symmetry a structure keeps. Generated
