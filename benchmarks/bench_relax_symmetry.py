@@ -142,14 +142,7 @@ def render(res: dict) -> str:
     if within:
         lines += ["", f"Converged within a lower step limit (from the same runs at {res['steps']} steps; "
                   "a path does not depend on its limit):", "",
-                  "| setting | step limit | " + " | ".join(f"{b} atoms" for b in res["bins"]) + " | all | goal |",
-                  "|---|---:|" + "---:|" * (len(res["bins"]) + 2)]
-        for name, r in res["settings"].items():
-            for k in [*within, res["steps"]]:
-                shares = [r["by_bin"][b]["converged_within"][str(k)] / r["by_bin"][b]["n"] for b in res["bins"]]
-                a = r["by_bin"]["all"]
-                lines.append(f"| {name} | {k} | " + " | ".join(f"{100 * x:.1f} %" for x in shares)
-                             + f" | {a['converged_within'][str(k)]}/{a['n']} | {'met' if min(shares) >= 0.95 else 'not met'} |")
+                  *within_table(res["settings"], res["bins"], [*within, res["steps"]])]
     lines += ["", "Candidates where a setting ends more than 0.01 eV/atom from the reference "
               "(energy per atom / steps, c = converged; space group at the fix symprec before → after):", "",
               "| candidate | atoms | sg | " + " | ".join(res["settings"]) + " |",
@@ -173,7 +166,23 @@ def render(res: dict) -> str:
             a = r["by_bin"]["all"]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {a['mean_steps']:.1f} | {a['n_higher']} | "
                          f"{a['mean_delta_ev_per_atom']:+.4f} |")
+        if within:
+            lines += ["", "Pooled, converged within a lower step limit:", "",
+                      *within_table(pooled["settings"], res["bins"], [*within, res["steps"]])]
     return "\n".join(lines) + "\n"
+
+
+def within_table(settings: dict, bins: list[str], limits: Sequence[int]) -> list[str]:
+    """Markdown rows: each setting's converged share by bin within each step limit, and the goal."""
+    lines = ["| setting | step limit | " + " | ".join(f"{b} atoms" for b in bins) + " | all | goal |",
+             "|---|---:|" + "---:|" * (len(bins) + 2)]
+    for name, r in settings.items():
+        for k in limits:
+            shares = [r["by_bin"][b]["converged_within"][str(k)] / r["by_bin"][b]["n"] for b in bins]
+            a = r["by_bin"]["all"]
+            lines.append(f"| {name} | {k} | " + " | ".join(f"{100 * x:.1f} %" for x in shares)
+                         + f" | {a['converged_within'][str(k)]}/{a['n']} | {'met' if min(shares) >= 0.95 else 'not met'} |")
+    return lines
 
 
 def pool(results: list[dict]) -> dict:
@@ -209,13 +218,13 @@ def summarise(r: dict, bins: list[str], row_bins: list[str], sg_before: list, wi
         conv = [bool(r["converged"][i]) for i in idx]
         out[b] = {
             "n": len(idx), "n_converged": int(sum(conv)), "converged_share": float(np.mean(conv)) if idx else float("nan"),
-            "mean_steps": float(np.mean([r["steps"][i] for i in idx])),
+            "mean_steps": float(np.mean([r["steps"][i] or 0 for i in idx])),
             "compute_seconds": float(np.nansum([r["relax_seconds"][i] for i in idx])),
             "n_spacegroup_kept": int(sum(r["spacegroup_after"][i] == sg_before[i] for i in idx)),
             "n_symmetry_lowered": int(sum(r["n_ops_after"][i] < r["n_ops_before"][i] for i in idx)),
             "mean_delta_ev_per_atom": float(np.nanmean(d)), "n_higher": int((d > 0.01).sum()),
             "n_lower": int((d < -0.01).sum()),
-            "converged_within": {str(k): int(sum(bool(r["converged"][i]) and r["steps"][i] <= k for i in idx))
+            "converged_within": {str(k): int(sum(bool(r["converged"][i]) and (r["steps"][i] or 0) <= k for i in idx))
                                  for k in within},
         }
     return out
