@@ -122,28 +122,6 @@ def symmetry_constraint(atoms: Any, *, symprec: float = DEFAULT_FIX_SYMPREC) -> 
     return constraint
 
 
-#: Å³ per atom: a relaxation step that leaves this range diverged (denser than any solid, whose
-#: volumes start near 5 Å³/atom, or a cell blown apart). Seen: FIRE2 drove two of 48 Ba-Ru-O
-#: candidates to states where the model's graph asked for 3e12 and 1.4e19 bytes, failing with a
-#: MemoryError (benchmarks/results/relax_optimizers_by_size.md)
-RELAX_VOLUME_PER_ATOM_A3 = (1.0, 1.0e4)
-
-
-def diverged(atoms: Any) -> str | None:
-    """Why a relaxation's current state cannot be evaluated (non-finite, collapsed or blown-apart
-    cell), or ``None``: checked before each batched forward pass of :func:`relax_many`, which
-    skips the full :meth:`check_structure` for speed."""
-    cell = np.asarray(atoms.cell.array, dtype=float)
-    if not (np.isfinite(cell).all() and np.isfinite(atoms.positions).all()):
-        return "the relaxation diverged: non-finite cell or positions"
-    per_atom = abs(float(np.linalg.det(cell))) / max(len(atoms), 1)
-    lo, hi = RELAX_VOLUME_PER_ATOM_A3
-    if not lo <= per_atom <= hi:
-        return (f"the relaxation diverged: cell volume {per_atom:.3g} Å³/atom outside "
-                f"[{lo:g}, {hi:g}] Å³/atom")
-    return None
-
-
 def _max_force(forces: np.ndarray) -> float:
     return float(np.sqrt((forces**2).sum(axis=1)).max()) if len(forces) else 0.0
 
@@ -508,12 +486,6 @@ def _lockstep(surrogate: BatchPredictor, start: Any, queue: deque[int], results:
                 active.append(start(i))
             except Exception as exc:  # noqa: BLE001 -- reported per structure
                 results[i] = failed_relax(structures[i], f"{type(exc).__name__}: {exc}", optimizer)
-        for r in list(active):
-            reason = diverged(r.atoms)
-            if reason is not None:
-                results[r.i] = replace(r.failed(reason), seconds=r.seconds)
-                stats["on_demand_evaluations"] += r.calc.n_on_demand
-                active.remove(r)
         if not active:
             continue
         t0 = time.perf_counter()
