@@ -149,7 +149,7 @@ def test_relax_on_the_primitive_cell_and_optimizer_choice(surrogate):
     assert max(e) - min(e) < 2e-3
     assert prim["spacegroup_number_relaxed"][0] == 225
     with pytest.raises(ValueError, match="optimizer must be"):
-        scr.relax_frame(surrogate, df, optimizer="LBFGS")
+        scr.relax_frame(surrogate, df, optimizer="MDMin")
 
 
 def test_formation_energy_and_hull_on_nacl(surrogate):
