@@ -9,7 +9,7 @@
   it does not cover, no sites, a degenerate cell, a failing graph) gets a :class:`Prediction`
   with ``error`` set and NaN values, and the rest of the batch proceeds;
 - :meth:`Surrogate.calculator` -- the library's own ASE calculator (stress in eV/Å³);
-- :meth:`Surrogate.relax` -- an ASE relaxation (FIRE or BFGS, cell through
+- :meth:`Surrogate.relax` -- an ASE relaxation (FIRE, FIRE2, BFGS or LBFGS, cell through
   ``FrechetCellFilter``) through the library's calculator, one structure;
 - :meth:`Surrogate.relax_many` -- the same relaxation for many structures in lockstep, each
   optimiser step's energies, forces and stresses of all running structures from one batched

@@ -3,7 +3,7 @@
 :func:`relax_one` relaxes one structure through an ASE calculator (the model library's own, the
 paper's way); :func:`relax_many` relaxes many in lockstep, each optimiser step's energies,
 forces and stresses of all running structures from one batched forward pass of a
-:class:`BatchPredictor` (a :class:`lib.surrogates.base.Surrogate`). Both run ASE's FIRE or BFGS,
+:class:`BatchPredictor` (a :class:`lib.surrogates.base.Surrogate`). Both run an ASE optimiser of :data:`OPTIMIZERS`,
 the cell through :func:`cell_filter` (ASE's ``FrechetCellFilter``, the same numbers for less
 work), with BLAS held to one thread (tiny matrices). With ``fix_symmetry`` the structure keeps
 its space group (ASE's ``FixSymmetry`` constraint at ``symprec``: forces, stress and every step
