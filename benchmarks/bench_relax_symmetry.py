@@ -90,8 +90,12 @@ def pick_candidates(cands: pl.DataFrame, sur, *, per_bin: int, pool: int, seed: 
 def spglib_numbers(structures, symprec: float) -> list[int | None]:
     from lib.screening import spacegroup_number
 
-    # a failed relaxation's row has no structure (its error is reported instead)
-    return [spacegroup_number(s, symprec=symprec) if hasattr(s, "lattice") else None for s in structures]
+    return [spacegroup_number(s, symprec=symprec) if is_structure(s) else None for s in structures]
+
+
+def is_structure(s) -> bool:
+    """False for a failed relaxation's row: no structure, its error reported instead."""
+    return hasattr(s, "lattice")
 
 
 def n_operations(structures, symprec: float) -> list[int]:
@@ -100,7 +104,7 @@ def n_operations(structures, symprec: float) -> list[int]:
 
     out = []
     for s in structures:
-        if not hasattr(s, "lattice"):  # a failed relaxation
+        if not is_structure(s):
             out.append(0)
             continue
         sym = spglib.get_symmetry((s.lattice.matrix, s.frac_coords, [sp.Z for sp in s.species]), symprec=symprec)

@@ -350,10 +350,9 @@ def relax_frame(
     volume scan, :func:`prescreen_frame`) scales each cell isotropically before it relaxes.
     ``relax_seconds`` is the row's share of the compute time.
     """
-    from lib.surrogates.relax import OPTIMIZERS
+    from lib.surrogates.relax import check_optimizer
 
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, not {optimizer!r}")
+    check_optimizer(optimizer)  # before any structure is prepared
     keys, structures = prepared_structures(surrogate, frame, key)
     if "volume_scale" in frame.columns:  # the pre-screen's volume scan: start from the cell it scored
         structures = [s if isinstance(s, str) else scaled_structure(s, f)

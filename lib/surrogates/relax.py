@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 #: half-step velocity mixing and an inertia correction), BFGS and LBFGS (quasi-Newton, fewer
 #: steps near a minimum; no line search, so every step is one forward pass).
 Optimizer = Literal["FIRE", "FIRE2", "BFGS", "LBFGS"]
-OPTIMIZERS: tuple[str, ...] = ("FIRE", "FIRE2", "BFGS", "LBFGS")
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,16 @@ def failed_relax(structure: Any, reason: str, optimizer: str) -> RelaxResult:
                        error=reason)
 
 
+def check_optimizer(optimizer: str) -> None:
+    """Raise ``ValueError`` naming :data:`OPTIMIZERS` unless ``optimizer`` is one of them."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+
+
 def _optimizer_class(optimizer: str) -> type:
     import ase.optimize
 
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    check_optimizer(optimizer)
     return getattr(ase.optimize, optimizer)
 
 

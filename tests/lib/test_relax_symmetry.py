@@ -36,15 +36,21 @@ def pnma_candidate() -> pl.DataFrame:
     return c.filter((pl.col("spacegroup_number") == 62) & (pl.col("n_atoms") == 12)).sort("candidate_id").head(1)
 
 
+@pytest.fixture(scope="module")
+def fire_fixed(m3gnet_mp, pnma_candidate) -> pl.DataFrame:
+    """The default (FIRE) relaxation of the candidate under ``FixSymmetry``, shared by the tests."""
+    return scr.relax_frame(m3gnet_mp, pnma_candidate, fix_symmetry=True, fix_symmetry_symprec=scr.DEFAULT_FIX_SYMPREC)
+
+
 def _spacegroups(frame: pl.DataFrame, symprec: float) -> list[int | None]:
     return [scr.spacegroup_number(s, symprec=symprec) for s in frame_structures(frame)]
 
 
-def test_fix_symmetry_keeps_the_candidates_space_group_and_converges(m3gnet_mp, pnma_candidate):
+def test_fix_symmetry_keeps_the_candidates_space_group_and_converges(m3gnet_mp, pnma_candidate, fire_fixed):
     sp = scr.DEFAULT_FIX_SYMPREC
     before = _spacegroups(pnma_candidate, sp)
     assert before == [62]
-    out = scr.relax_frame(m3gnet_mp, pnma_candidate, fix_symmetry=True, fix_symmetry_symprec=sp)
+    out = fire_fixed
     row = out.row(0, named=True)
     assert row["status"] == "ok" and row["is_converged"] and 0 < row["n_steps"] < scr.DEFAULT_RELAX_STEPS
     assert _spacegroups(out.rename({"key": "candidate_id"}), sp) == before
@@ -93,7 +99,8 @@ def test_relaxed_asset_settings_reach_the_driver_and_salt_the_batches(m3gnet_mp,
 
 
 @pytest.mark.parametrize("optimizer", ["FIRE2", "LBFGS"])
-def test_every_optimizer_of_the_stage_relaxes_to_the_same_symmetric_minimum(m3gnet_mp, pnma_candidate, optimizer):
+def test_every_optimizer_of_the_stage_relaxes_to_the_same_symmetric_minimum(m3gnet_mp, pnma_candidate, fire_fixed,
+                                                                           optimizer):
     """FIRE2 and LBFGS (ASE's, through the same lockstep driver and cell filter) reach the
     constrained Pnma minimum FIRE reaches, and the asset's typed config offers exactly the
     driver's optimisers."""
@@ -104,7 +111,7 @@ def test_every_optimizer_of_the_stage_relaxes_to_the_same_symmetric_minimum(m3gn
 
     assert get_args(Optimizer) == OPTIMIZERS
     sp = scr.DEFAULT_FIX_SYMPREC
-    ref = scr.relax_frame(m3gnet_mp, pnma_candidate, fix_symmetry=True, fix_symmetry_symprec=sp).row(0, named=True)
+    ref = fire_fixed.row(0, named=True)
     out = scr.relax_frame(m3gnet_mp, pnma_candidate, fix_symmetry=True, fix_symmetry_symprec=sp, optimizer=optimizer)
     row = out.row(0, named=True)
     assert row["status"] == "ok" and row["is_converged"] and 0 < row["n_steps"] < scr.DEFAULT_RELAX_STEPS
@@ -114,4 +121,3 @@ def test_every_optimizer_of_the_stage_relaxes_to_the_same_symmetric_minimum(m3gn
     assert abs(row["energy_per_atom_ev"] - ref["energy_per_atom_ev"]) < 5e-3
     with pytest.raises(ValueError, match="optimizer must be one of"):
         scr.relax_frame(m3gnet_mp, pnma_candidate, optimizer="MDMin")
-
