@@ -716,9 +716,10 @@ def write_markdown(run: dict, gpu: dict, path: Path) -> None:
                f"{bestp['structures_per_s']:,.0f}/s ({bestp['structures_per_s'] / p['structures_per_s']:.1f}× one "
                "process, still rising almost linearly from 2 to 8: the GPU is not saturated).",
                "* So on a GPU machine the pre-screen wants several surrogate actors per GPU. The platform's "
-               "`SurrogatePool` (lib/screening.py) reserves CPUs per actor and loads on the registry's device, but "
-               "has no per-actor GPU share (Ray's fractional `num_gpus`); that option is missing (lib/ is not this "
-               "benchmark's to change). The GPU column uses the measured 8-process rate; one process would take "
+               "`SurrogatePool` (lib/screening.py) gives each actor a GPU share (Ray's fractional `num_gpus`; the "
+               "screening stages' config `gpus_per_actor`, 0.125 for eight actors on one GPU). The GPU column uses "
+               "the measured rate of 8 processes sharing the GPU (the same work as 8 such actors; the actors "
+               "themselves were not timed on the GPU); one process would take "
                f"{PAPER['candidates'] / p['structures_per_s'] / 60:.0f} min.",
                "* Relaxations and phonon screens were measured with one process; they have the same CPU-side "
                "work per step (graphs, ASE optimisers, phonopy), so several processes per GPU would very likely "
