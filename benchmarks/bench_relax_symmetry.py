@@ -2,8 +2,8 @@
 
     python benchmarks/bench_relax_symmetry.py [--home /tmp/demo_home] [--system Ba-O-Ru]
         [--surrogate M3GNet-MP-2021.2.8-PES] [--per-bin 12] [--pool 120]
-        [--configs FIRE,FIRE+sym,BFGS+sym] [--fix-symprec 1e-3] [--seed 0] [--steps 300]
-        [--within 100,200,300] [--out PATH]
+        [--configs FIRE,FIRE+sym,BFGS+sym,BFGS~0.02] [--fix-symprec 1e-3] [--seed 0] [--steps 300]
+        [--within 100,200,300] [--reorder SEED] [--out PATH]
     python benchmarks/bench_relax_symmetry.py --out PATH --pool-with OTHER.json[,...]   # pool seeds, no relaxing
 
 Candidates: the home's ``candidates_dedup`` partition of ``system`` (real generated candidates,
@@ -14,12 +14,20 @@ stage takes first. The same candidates are then relaxed under each setting with
 ``lib.screening.relax_frame`` (one torch thread, batched lockstep, fmax 0.05 eV/Å, at most 300
 steps); ``+sym`` adds ``fix_symmetry`` (the space group spglib finds at ``fix-symprec`` Å kept). A
 setting is an optimiser of ``lib.surrogates.relax.OPTIMIZERS`` (FIRE, FIRE2, BFGS, LBFGS), with
-``+sym`` or not.
+``+sym`` or not; ``~SIGMA`` (e.g. ``BFGS~0.02``) starts from the candidate rattled by a seeded
+normal displacement of SIGMA Å per Cartesian component (:func:`rattled`), off the template's
+symmetric stationary point.
 
 ``--within`` counts, from the same runs, the rows converged within fewer steps than ``--steps``
 (an ASE optimiser's path does not depend on its step limit, so a run with a limit of 1,000
 steps that converged at step 240 converged within 300): one run gives the whole curve of
 converged share against the step limit.
+
+``--reorder SEED`` runs every setting a second time on the same starts in a seeded shuffled row
+order: a candidate then shares its lockstep batches with other candidates, and nothing else
+changes. A symmetric start sits on a stationary point of its template's group, and an
+unconstrained relaxation leaves it only through numerical noise, which depends on the batch:
+this measures how far the endings move for that reason alone.
 
 Recorded per setting and bin: converged share, mean steps, compute seconds (the rows' share of
 the batched passes plus their own optimiser work, ``relax_seconds``), energy per atom against
@@ -63,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--within", default="",
                    help="comma-separated step limits <= --steps: converged share within each, from the same runs")
+    p.add_argument("--reorder", type=int, default=-1,
+                   help="seed >= 0: run every setting again on the rows in a seeded shuffled order (other "
+                        "batch-mates) and report how far each candidate's ending moved")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--pool-with", default="",
                    help="comma-separated .json of other runs (other seeds): no relaxation, pool them with --out's")
@@ -85,6 +96,56 @@ def pick_candidates(cands: pl.DataFrame, sur, *, per_bin: int, pool: int, seed: 
         top = scr.select_top(pre, per_bin).select("candidate_id")
         picked.append(b.join(top, on="candidate_id", how="semi").with_columns(pl.lit(bin_label(lo, hi)).alias("bin")))
     return pl.concat(picked).sort(["n_atoms", "candidate_id"])
+
+
+def rattled(cands: pl.DataFrame, sigma_a: float) -> pl.DataFrame:
+    """``cands`` in cell form, every atom displaced by a normal draw of ``sigma_a`` Å per
+    Cartesian component, seeded by the candidate's id (the same start on every run): a start
+    off the template's symmetric stationary point."""
+    import hashlib
+
+    from lib.cells import frame_structures, structure_to_cell
+
+    rows = []
+    for cid, s in zip(cands["candidate_id"].to_list(), frame_structures(cands), strict=True):
+        rng = np.random.default_rng(int(hashlib.sha256(cid.encode()).hexdigest()[:16], 16))
+        moved = type(s)(s.lattice, s.species, s.cart_coords + rng.normal(0.0, sigma_a, (len(s), 3)),
+                        coords_are_cartesian=True)
+        rows.append({"candidate_id": cid, **structure_to_cell(moved)})
+    return pl.DataFrame(rows)
+
+
+def reorder_run(scr, sur, start: pl.DataFrame, first: pl.DataFrame, args, *, opt: str, sym: bool) -> dict:
+    """The same setting on the same starts in a seeded shuffled row order: every candidate shares
+    its lockstep batches (``relax_frame``'s ``batch_size``) with other candidates, nothing else
+    changes. Per candidate (in ``first``'s order): the ending energy's change and whether the
+    reported space group changed."""
+    shuffled = start.sample(fraction=1.0, shuffle=True, seed=args.reorder)
+    t0 = time.perf_counter()
+    again = scr.relax_frame(sur, shuffled, fmax=args.fmax, steps=args.steps, optimizer=opt,
+                            fix_symmetry=sym, fix_symmetry_symprec=args.fix_symprec)
+    seconds = time.perf_counter() - t0
+    j = first.select("key", "energy_per_atom_ev", "spacegroup_number_relaxed").join(
+        again.select("key", pl.col("energy_per_atom_ev").alias("e2"),
+                     pl.col("spacegroup_number_relaxed").alias("sg2")), on="key", how="left", maintain_order="left")
+    return {"seed": args.reorder, "seconds": seconds,
+            "delta_ev_per_atom": [None if x is None else float(x)
+                                  for x in (j["e2"] - j["energy_per_atom_ev"]).to_list()],
+            "spacegroup_changed": [a != b for a, b in zip(j["spacegroup_number_relaxed"], j["sg2"], strict=True)]}
+
+
+def reorder_lines(settings: dict) -> list[str]:
+    """Markdown: how far each setting's endings move when only the batch-mates change."""
+    lines = ["| setting | endings moved > 0.01 eV/atom | > 0.001 eV/atom | largest move (eV/atom) "
+             "| space group (0.1 Å) changed |", "|---|---:|---:|---:|---:|"]
+    for name, r in settings.items():
+        if "reorder" not in r:
+            continue
+        d = np.abs(np.asarray([np.nan if x is None else x for x in r["reorder"]["delta_ev_per_atom"]], dtype=float))
+        n = len(d)
+        lines.append(f"| {name} | {int((d > 0.01).sum())}/{n} | {int((d > 0.001).sum())}/{n} | {np.nanmax(d):.3f} | "
+                     f"{sum(r['reorder']['spacegroup_changed'])}/{n} |")
+    return lines
 
 
 def spglib_numbers(structures, symprec: float) -> list[int | None]:
@@ -147,6 +208,11 @@ def render(res: dict) -> str:
         lines += ["", f"Converged within a lower step limit (from the same runs at {res['steps']} steps; "
                   "a path does not depend on its limit):", "",
                   *within_table(res["settings"], res["bins"], [*within, res["steps"]])]
+    if any("reorder" in r for r in res["settings"].values()):
+        seed = next(r["reorder"]["seed"] for r in res["settings"].values() if "reorder" in r)
+        lines += ["", f"Batch sensitivity: each setting run again on the same starts in a shuffled row order "
+                  f"(seed {seed}), so that each candidate shares its lockstep batches with other candidates; "
+                  "the same candidate's ending before and after:", "", *reorder_lines(res["settings"])]
     lines += ["", "Candidates where a setting ends more than 0.01 eV/atom from the reference "
               "(energy per atom / steps, c = converged; space group at the fix symprec before → after):", "",
               "| candidate | atoms | sg | " + " | ".join(res["settings"]) + " |",
@@ -170,6 +236,9 @@ def render(res: dict) -> str:
             a = r["by_bin"]["all"]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {a['mean_steps']:.1f} | {a['n_higher']} | "
                          f"{a['mean_delta_ev_per_atom']:+.4f} |")
+        if any("reorder" in r for r in pooled["settings"].values()):
+            lines += ["", "Pooled, batch sensitivity (the same candidate's ending in a shuffled row order):", "",
+                      *reorder_lines(pooled["settings"])]
         if within:
             lines += ["", "Pooled, converged within a lower step limit:", "",
                       *within_table(pooled["settings"], res["bins"], [*within, res["steps"]])]
@@ -211,6 +280,11 @@ def pool(results: list[dict]) -> dict:
                               "n_ops_before", "n_ops_after")}
         out["settings"][name] = {"by_bin": summarise(merged, bins, row_bins, sg_before,
                                                      results[0].get("within", ()))}
+        if all("reorder" in r["settings"][name] for r in results):
+            out["settings"][name]["reorder"] = {
+                "seed": results[0]["settings"][name]["reorder"]["seed"],
+                **{key: [results[k]["settings"][name]["reorder"][key][i] for k, i in take]
+                   for key in ("delta_ev_per_atom", "spacegroup_changed")}}
     return out
 
 
@@ -282,9 +356,11 @@ def main(argv: list[str] | None = None) -> dict:
     res["reference"] = configs[0]
     ref_e = None
     for name in configs:
-        opt, _, sym = name.partition("+")
+        base, _, sigma = name.partition("~")
+        opt, _, sym = base.partition("+")
+        start = rattled(cands, float(sigma)) if sigma else cands
         t1 = time.perf_counter()
-        out = scr.relax_frame(sur, cands, fmax=args.fmax, steps=args.steps, optimizer=opt,
+        out = scr.relax_frame(sur, start, fmax=args.fmax, steps=args.steps, optimizer=opt,
                               fix_symmetry=(sym == "sym"), fix_symmetry_symprec=args.fix_symprec)
         dt = time.perf_counter() - t1
         if (out["status"] != "ok").any():
@@ -298,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "spacegroup_after": spglib_numbers(after, args.fix_symprec),
                    "n_ops_before": ops_before, "n_ops_after": n_operations(after, args.fix_symprec),
                    "forward_passes": int(sur.last_relax_stats["forward_passes"])}
+        if args.reorder >= 0:
+            r["reorder"] = reorder_run(scr, sur, start, out, args, opt=opt, sym=(sym == "sym"))
         r["by_bin"] = summarise(r, bins, row_bins, sg_before, res["within"])
         res["settings"][name] = r
         print(f"{name}: {dt:.1f} s, " + ", ".join(
