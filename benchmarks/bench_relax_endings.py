@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._relax_args import add_candidate_source  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import polars as pl  # noqa: E402
@@ -45,11 +48,7 @@ OUT = ROOT / "benchmarks" / "results" / "relax_endings"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--home", default=os.environ.get("CGWGAN_HOME", str(ROOT / ".cgwgan")))
-    p.add_argument("--system", default="Ba-O-Ru")
-    p.add_argument("--surrogate", default="M3GNet-MP-2021.2.8-PES")
-    p.add_argument("--models-dir", default=os.environ.get("CGWGAN_M3GNET_DIR", ""))
+    p = add_candidate_source(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--per-bin", type=int, default=12)
     p.add_argument("--pool", type=int, default=120)

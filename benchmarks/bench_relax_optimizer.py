@@ -30,15 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from benchmarks._relax_args import add_candidate_source  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "relax_optimizer"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--home", default=os.environ.get("CGWGAN_HOME", str(ROOT / ".cgwgan")))
-    p.add_argument("--system", default="Ba-O-Ru")
-    p.add_argument("--surrogate", default="M3GNet-MP-2021.2.8-PES")
-    p.add_argument("--models-dir", default=os.environ.get("CGWGAN_M3GNET_DIR", ""))
+    p = add_candidate_source(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("-n", type=int, default=48)
     p.add_argument("--configs", default="FIRE-conv,FIRE-prim,BFGS-conv,BFGS-prim")
     p.add_argument("--fmax", type=float, default=0.05)

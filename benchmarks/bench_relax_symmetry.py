@@ -52,16 +52,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from benchmarks._relax_args import add_candidate_source  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "relax_symmetry"
 BINS: tuple[tuple[int, int], ...] = ((2, 4), (5, 8), (9, 16), (17, 32))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--home", default=os.environ.get("CGWGAN_HOME", str(ROOT / ".cgwgan")))
-    p.add_argument("--system", default="Ba-O-Ru")
-    p.add_argument("--surrogate", default="M3GNet-MP-2021.2.8-PES")
-    p.add_argument("--models-dir", default=os.environ.get("CGWGAN_M3GNET_DIR", ""))
+    p = add_candidate_source(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--per-bin", type=int, default=12)
     p.add_argument("--pool", type=int, default=120, help="candidates pre-screened per bin")
     p.add_argument("--seed", type=int, default=0)
