@@ -88,13 +88,14 @@ class RelaxConfig(RayStageConfig):
     # GPAW `fast` takes minutes on <= 6 atoms, an hour on 8-12 on 2 cores; docs/dft.md); 0 = any size
     max_atoms: int = 0
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A  # eV/Å (paper: 0.05)
-    steps: int = scr.DEFAULT_RELAX_STEPS  # FIRE steps (paper: 300)
+    steps: int = scr.DEFAULT_RELAX_STEPS  # optimiser steps (paper: 300; 1,000 meets the convergence goal: docs/surrogates.md)
     relax_cell: bool = True
-    optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]  # BFGS stops at symmetric saddles
+    optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]
     primitive: bool = False  # relax each candidate's primitive cell (faster; misses cell-doubling distortions)
     symprec: float = scr.DEFAULT_SYMPREC  # Å, spglib tolerance of the reported spacegroup_number_relaxed
     # keep each candidate's space group while relaxing (ASE FixSymmetry at fix_symmetry_symprec Å; the candidate is
-    # exactly symmetric in its template's group): benchmarks/results/relax_symmetry.md
+    # exactly symmetric in its template's group). false: the batch's float32 noise decides whether and how a
+    # candidate leaves its group, so its ending depends on its batch-mates (benchmarks/results/relax_batch_sensitivity.md)
     fix_symmetry: bool = scr.DEFAULT_FIX_SYMMETRY
     fix_symmetry_symprec: float = scr.DEFAULT_FIX_SYMPREC
     batch_rows: int = 16  # candidates per resumable batch (one Ray task), relaxed together
@@ -836,6 +837,8 @@ class ConsensusConfig(RayStageConfig):
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A
     steps: int = scr.DEFAULT_RELAX_STEPS
     optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]
+    fix_symmetry: bool = scr.DEFAULT_FIX_SYMMETRY  # as `relaxed`: each row keeps the space group it has
+    fix_symmetry_symprec: float = scr.DEFAULT_FIX_SYMPREC
     batch_rows: int = 16
     batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE
 
@@ -863,7 +866,8 @@ def _evaluate_with(context: dg.AssetExecutionContext, config: ConsensusConfig, c
     elements = chemsys.split("-")
     _, sha = _surrogate_identity(name, reg)
     own = scr.store_partition(chemsys, name)
-    kw = {"fmax": config.fmax, "steps": config.steps, "batch_size": config.batch_size, "optimizer": config.optimizer}
+    kw = {"fmax": config.fmax, "steps": config.steps, "batch_size": config.batch_size, "optimizer": config.optimizer,
+          "fix_symmetry": config.fix_symmetry, "fix_symmetry_symprec": config.fix_symmetry_symprec}
     salt = {"surrogate_sha256": sha, "stage": "consensus", "code_version": scr.CODE_VERSION,
             **{k: v for k, v in kw.items() if k != "batch_size"}}
     refs = store.read(scr.REFERENCES_TABLE, partition=own) if store.exists(scr.REFERENCES_TABLE, own) else None

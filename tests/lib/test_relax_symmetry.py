@@ -121,3 +121,39 @@ def test_every_optimizer_of_the_stage_relaxes_to_the_same_symmetric_minimum(m3gn
     assert abs(row["energy_per_atom_ev"] - ref["energy_per_atom_ev"]) < 5e-3
     with pytest.raises(ValueError, match="optimizer must be one of"):
         scr.relax_frame(m3gnet_mp, pnma_candidate, optimizer="MDMin")
+
+
+#: A candidate of the demo run (cand-3ce49929e9c6fea6: the embedded default's GAN, Ba-Ru-O infill),
+#: P4/nmm Ba2Ru2O2, in ASU form. Measured on this machine with unconstrained FIRE (1,000 steps): alone
+#: it ended at -6.580 eV/atom in P2_1/m after 349 steps, beside three other candidates at -5.962 in
+#: P4/nmm after 67: the float32 noise of the batch decided whether it left its group.
+SADDLE_CANDIDATE = {
+    "candidate_id": "cand-3ce49929e9c6fea6", "spacegroup_number": 129, "n_atoms": 6,
+    "a_a": 3.8300064673996927, "b_a": 3.8300064673996927, "c_a": 6.134496270260298,
+    "alpha_deg": 90.0, "beta_deg": 90.0, "gamma_deg": 90.0,
+    "asu_species": ["O", "Ru", "Ba"], "asu_letters": ["a", "b", "c"],
+    "asu_frac_coords": [[0.75, 0.25, 0.0], [0.75, 0.25, 0.5], [0.25, 0.25, 0.2239152491092682]],
+}
+
+
+def test_default_relaxation_ends_where_its_candidate_does_whatever_the_batch(m3gnet_mp):
+    """The ``relaxed`` stage's default settings give a candidate the same ending alone and in a
+    batch with other candidates (the batch-sensitivity measurement of
+    benchmarks/results/relax_batch_sensitivity.md, on one candidate)."""
+    from assets.screening import RelaxConfig, relax_settings
+    from lib.infill import infill, random_templates
+
+    kw, _ = relax_settings(RelaxConfig(), "sha")
+    cols = list(SADDLE_CANDIDATE)
+    one = pl.DataFrame([SADDLE_CANDIDATE])
+    tpl = random_templates(40, seed=5, spacegroups=[123, 129, 139, 221])
+    mates = (infill(tpl, elements=["Ba", "Ru", "O"]).candidates.filter(pl.col("n_atoms") <= 6)
+             .sort("candidate_id").head(3).select(cols))
+    assert mates.height == 3
+    alone = scr.relax_frame(m3gnet_mp, one, **kw).row(0, named=True)
+    batch = scr.relax_frame(m3gnet_mp, pl.concat([mates, one.select(cols)], how="vertical_relaxed"), **kw)
+    beside = batch.filter(pl.col("key") == SADDLE_CANDIDATE["candidate_id"]).row(0, named=True)
+    assert alone["status"] == beside["status"] == "ok" and alone["is_converged"] and beside["is_converged"]
+    assert abs(alone["energy_per_atom_ev"] - beside["energy_per_atom_ev"]) < 1e-5
+    assert alone["n_steps"] == beside["n_steps"]
+    assert alone["spacegroup_number_relaxed"] == beside["spacegroup_number_relaxed"] == 129
