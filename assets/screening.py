@@ -108,6 +108,8 @@ class ReferencesConfig(RayStageConfig):
     fmax: float = scr.DEFAULT_FMAX_EV_PER_A
     steps: int = scr.DEFAULT_RELAX_STEPS
     optimizer: Optimizer = scr.DEFAULT_OPTIMIZER  # type: ignore[assignment]  # as the candidates' relaxations
+    fix_symmetry: bool = scr.DEFAULT_FIX_SYMMETRY  # as the candidates' relaxations: each phase keeps its space group
+    fix_symmetry_symprec: float = scr.DEFAULT_FIX_SYMPREC
     batch_rows: int = 8  # phases per resumable batch, relaxed together
     batch_size: int = scr.DEFAULT_RELAX_BATCH_SIZE  # structures per forward pass (lockstep relaxation)
 
@@ -553,10 +555,13 @@ def references(context: dg.AssetExecutionContext, config: ReferencesConfig, cgwg
     batches = scr.plan_batches(phases.rename({"phase_id": "candidate_id"}), rows_per_batch=config.batch_rows,
                                salt={"surrogate_sha256": sha, "stage": "references", "fmax": config.fmax,
                                      "steps": config.steps, "optimizer": config.optimizer,
+                                     "fix_symmetry": config.fix_symmetry,
+                                     "fix_symmetry_symprec": config.fix_symmetry_symprec,
                                      "code_version": scr.CODE_VERSION})
     with _compute(config, "relax", surrogate, surrogate_registry, ray_runtime, batches["batch_id"].n_unique(),
                   fmax=config.fmax, steps=config.steps, batch_size=config.batch_size,
-                  optimizer=config.optimizer) as (compute, how):
+                  optimizer=config.optimizer, fix_symmetry=config.fix_symmetry,
+                  fix_symmetry_symprec=config.fix_symmetry_symprec) as (compute, how):
         res, stats = scr.run_batches(batches, compute, work_dir=_work_dir(cgwgan_home, "references", part),
                                         on_batch_written=_progress(context, "references", batches))
     refs = phases.select("phase_id", "formula", "source").join(

@@ -11,7 +11,8 @@ screen itself would decide from each:
 
 * the same candidates (``bench_relax_symmetry.pick_candidates``: per seed and atom-count bin the
   ``per-bin`` lowest pre-screen energies per atom of ``pool`` seeded draws, pooled over seeds);
-* both optimisers relax them (``lib.screening.relax_frame``, one torch thread);
+* both optimisers relax them without a symmetry constraint (``lib.screening.relax_frame``,
+  ``fix_symmetry=False``, one torch thread);
 * each ending gets its energy above the hull of the home's ``reference_energies`` (same
   surrogate, ``lib.screening.relaxed_hull_columns``) and the hull-window verdict
   (``e_above_hull <= window``);
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     endings: dict[str, pl.DataFrame] = {}
     for opt in (a, b):
         t0 = time.perf_counter()
-        out = scr.relax_frame(sur, cands, fmax=args.fmax, steps=args.steps, optimizer=opt)
+        out = scr.relax_frame(sur, cands, fmax=args.fmax, steps=args.steps, optimizer=opt, fix_symmetry=False)
         res["relax_seconds"][opt] = time.perf_counter() - t0
         endings[opt] = ending_table(out.rename({"key": "candidate_id"}), refs, elements=elements, window=args.window)
         print(f"{opt}: {res['relax_seconds'][opt]:.0f} s, {int(out['is_converged'].sum())}/{out.height} converged",

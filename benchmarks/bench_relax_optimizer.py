@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt, cell = name.split("-")
         t0 = time.perf_counter()
         out = scr.relax_frame(sur, cands, fmax=args.fmax, steps=args.steps, optimizer=opt,
-                              primitive=(cell == "prim"))
+                              primitive=(cell == "prim"), fix_symmetry=False)  # as measured: unconstrained
         dt = time.perf_counter() - t0
         stats = sur.last_relax_stats
         e = out["energy_per_atom_ev"].to_numpy()

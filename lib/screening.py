@@ -65,7 +65,8 @@ from lib.surrogate_inputs import prepared_structures
 from lib.wyckoff import LATTICE_COLUMNS
 
 #: Bump when a change alters screening results (it is part of every batch id and every row).
-CODE_VERSION = "screening-3"  # 2: batched lockstep relaxations (relax_many); 3: phonons on the symmetrised primitive cell
+CODE_VERSION = "screening-4"  # 2: batched lockstep relaxations (relax_many); 3: phonons on the symmetrised primitive
+# cell; 4: relaxations keep the template's symmetry by default, at most 1,000 steps
 LINEAGE_COLUMNS: tuple[str, ...] = (
     "candidate_id", "template_id", "checkpoint_id", "surrogate_name", "surrogate_sha256", "code_version",
 )
@@ -90,11 +91,11 @@ DEFAULT_OPTIMIZER = "FIRE"
 #: Å, spglib tolerance of the symmetry a ``fix_symmetry`` relaxation keeps (ASE ``FixSymmetry``):
 #: candidates are exactly symmetric in their template's space group by construction.
 DEFAULT_FIX_SYMPREC = 1e-3  # = lib.surrogates.relax.DEFAULT_FIX_SYMPREC (not imported: no model import here)
-#: Whether the ``relaxed`` and ``consensus`` stages keep each candidate's space group
-#: (``relax_frame(fix_symmetry=...)``, ASE ``FixSymmetry``). On: a template is exactly symmetric, so
-#: it starts on a stationary point of its group, and an unconstrained relaxation leaves that point
-#: only through the float32 noise of the batched forces, which depends on the other structures of
-#: the batch. Run again with other batch-mates, the unconstrained endings of 88 real Ba-Ru-O
+#: Whether a relaxation keeps each structure's space group (``relax_frame(fix_symmetry=...)``, ASE
+#: ``FixSymmetry``; the default of the ``relaxed``, ``references`` and ``consensus`` stages). On: a
+#: template is exactly symmetric, so it starts on a stationary point of its group, and an
+#: unconstrained relaxation leaves that point only through the float32 noise of the batched forces,
+#: which depends on the other structures of the batch. Run again with other batch-mates, the unconstrained endings of 88 real Ba-Ru-O
 #: candidates moved by more than 0.01 eV/atom in 9 (FIRE; BFGS 14; up to 0.63 eV/atom), the
 #: symmetry-kept ones in none (benchmarks/results/relax_batch_sensitivity.md): an ending must be a
 #: property of its candidate. Kept symmetry ends higher where the symmetric point is a saddle; the
@@ -332,7 +333,7 @@ def relax_frame(
     batch_size: int = DEFAULT_RELAX_BATCH_SIZE,
     optimizer: str = DEFAULT_OPTIMIZER,
     primitive: bool = False,
-    fix_symmetry: bool = False,
+    fix_symmetry: bool = DEFAULT_FIX_SYMMETRY,
     fix_symmetry_symprec: float = DEFAULT_FIX_SYMPREC,
 ) -> pl.DataFrame:
     """Relax every row's structure; :data:`RELAX_SCHEMA` columns (``key`` renamed to ``key``).
@@ -344,7 +345,7 @@ def relax_frame(
     conventional cell is out of reach) and lower in 5 (benchmarks/results/relax_optimizer.md).
     Off by default. ``n_atoms`` and the stored cell are the relaxed cell's.
 
-    With ``fix_symmetry`` each structure keeps the space group spglib finds at
+    With ``fix_symmetry`` (the default, :data:`DEFAULT_FIX_SYMMETRY`) each structure keeps the space group spglib finds at
     ``fix_symmetry_symprec`` Å (ASE's ``FixSymmetry``: forces, stress and steps symmetrised;
     :func:`lib.surrogates.relax.symmetry_constraint`), a candidate its template's. ``symprec``
     is only the tolerance of the reported ``spacegroup_number_relaxed``.
