@@ -19,7 +19,6 @@ and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmarks._relax_args import add_candidate_source  # noqa: E402
+from benchmarks._relax_args import add_candidate_source, open_home_and_surrogate, write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "phonon_symmetry"
 SETTINGS = {"unconstrained": False, "symmetry kept (default)": True}
@@ -70,18 +69,13 @@ def render(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("CGWGAN_TORCH_THREADS", "1")
     import polars as pl
     from bench_relax_symmetry import pick_candidates
 
     from lib import screening as scr
     from lib.phonons import phonon_frame
-    from lib.store import TableStore
-    from lib.surrogates import load_surrogate, set_torch_threads
 
-    set_torch_threads(1)
-    store = TableStore(Path(args.home))
-    sur = load_surrogate(args.surrogate, models_dir=args.models_dir or None)
+    store, sur = open_home_and_surrogate(args)
     cands = pick_candidates(store.read("candidates_dedup", partition=args.system), sur,
                             per_bin=args.per_bin, pool=args.pool, seed=args.seed)
     res: dict = {"home": str(args.home), "system": args.system, "surrogate": sur.name, "seed": args.seed,
@@ -106,11 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {ok.height} screens in {dt:.0f} s, {res['settings'][name]['mean_displacements']:.1f} "
               f"displacements on average", flush=True)
     res["load_average_end"] = round(os.getloadavg()[0], 2)
-    out_base = Path(args.out)
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    out_base.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out_base.with_suffix(".md").write_text(render(res))
-    print(render(res))
+    write_results(args.out, res, render(res))
     return res
 
 

@@ -30,7 +30,6 @@ the window and stable). Writes ``benchmarks/results/relax_endings.json`` and ``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._relax_args import add_candidate_source  # noqa: E402
+from benchmarks._relax_args import add_candidate_source, open_home_and_surrogate, write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -146,19 +145,14 @@ def render(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("CGWGAN_TORCH_THREADS", "1")
     from bench_relax_symmetry import pick_candidates
 
     from lib import screening as scr
     from lib.cells import frame_structures
     from lib.phonons import phonon_frame
-    from lib.store import TableStore
-    from lib.surrogates import load_surrogate, set_torch_threads
 
-    set_torch_threads(1)
     a, b = args.optimizers.split(",")
-    store = TableStore(Path(args.home))
-    sur = load_surrogate(args.surrogate, models_dir=args.models_dir or None)
+    store, sur = open_home_and_surrogate(args)
     elements = args.system.split("-")
     refs = store.read("reference_energies", partition=scr.store_partition(args.system, sur.name))
     cands_all = store.read("candidates_dedup", partition=args.system)
@@ -229,11 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shortlist_verdict_differs": n(lambda r: listed(r, "a") != listed(r, "b")),
         **ranking_agreement(ea, eb, top=args.top),
     }
-    out_base = Path(args.out)
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    out_base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    out_base.with_suffix(".md").write_text(render(res))
-    print(render(res))
+    write_results(args.out, res, render(res))
     return res
 
 

@@ -19,7 +19,6 @@ minima. Writes ``benchmarks/results/relax_optimizer.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks._relax_args import add_candidate_source  # noqa: E402
+from benchmarks._relax_args import add_candidate_source, open_home_and_surrogate, write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "relax_optimizer"
 
@@ -79,19 +78,14 @@ def render(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("CGWGAN_TORCH_THREADS", "1")
     from lib import screening as scr
-    from lib.store import TableStore
-    from lib.surrogates import load_surrogate, set_torch_threads
 
-    set_torch_threads(1)
-    store = TableStore(Path(args.home))
+    store, sur = open_home_and_surrogate(args)
     part = scr.store_partition(args.system, args.surrogate)
     pre = store.read("prescreen", partition=part)
     top = scr.select_top(pre, args.n).select("candidate_id")
     cands = store.scan("candidates_dedup", partition=args.system).join(
         top.lazy(), on="candidate_id", how="semi").collect().sort("candidate_id")
-    sur = load_surrogate(args.surrogate, models_dir=args.models_dir or None)
     res: dict = {"home": str(args.home), "partition": part, "surrogate": sur.name,
                  "surrogate_sha256": sur.weights_sha256, "n": cands.height, "fmax": args.fmax,
                  "steps": args.steps, "candidate_ids": cands["candidate_id"].to_list(),
@@ -117,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {dt:.1f} s, converged {res['settings'][name]['n_converged']}/{cands.height}, "
               f"mean steps {np.mean(res['settings'][name]['steps']):.1f}", flush=True)
     res["load_average_end"] = round(os.getloadavg()[0], 2)
-    out_base = Path(args.out)
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    out_base.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out_base.with_suffix(".md").write_text(render(res))
-    print(render(res))
+    write_results(args.out, res, render(res))
     return res
 
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from benchmarks._relax_args import add_candidate_source  # noqa: E402
+from benchmarks._relax_args import add_candidate_source, open_home_and_surrogate, write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "relax_symmetry"
 BINS: tuple[tuple[int, int], ...] = ((2, 4), (5, 8), (9, 16), (17, 32))
@@ -323,15 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pool_with:
         print(rerender(args.out, args.pool_with.split(",")))
         return json.loads(Path(args.out).with_suffix(".json").read_text())
-    os.environ.setdefault("CGWGAN_TORCH_THREADS", "1")
     from lib import screening as scr
     from lib.cells import frame_structures
-    from lib.store import TableStore
-    from lib.surrogates import load_surrogate, set_torch_threads
 
-    set_torch_threads(1)
-    store = TableStore(Path(args.home))
-    sur = load_surrogate(args.surrogate, models_dir=args.models_dir or None)
+    store, sur = open_home_and_surrogate(args)
     t0 = time.perf_counter()
     cands = pick_candidates(store.read("candidates_dedup", partition=args.system), sur,
                             per_bin=args.per_bin, pool=args.pool, seed=args.seed)
@@ -379,11 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {dt:.1f} s, " + ", ".join(
             f"{b}: {s['n_converged']}/{s['n']}" for b, s in r["by_bin"].items()), flush=True)
     res["load_average_end"] = round(os.getloadavg()[0], 2)
-    out_base = Path(args.out)
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    out_base.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out_base.with_suffix(".md").write_text(render(res))
-    print(render(res))
+    write_results(args.out, res, render(res))
     return res
 
 
