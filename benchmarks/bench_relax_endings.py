@@ -93,6 +93,52 @@ def ranking_agreement(ea: pl.DataFrame, eb: pl.DataFrame, *, top: int) -> dict:
             "top": top, "top_overlap": len(top_a & top_b)}
 
 
+def pair_frame(cands: pl.DataFrame, ea: pl.DataFrame, eb: pl.DataFrame, phase: list[bool | None]) -> pl.DataFrame:
+    """One row per candidate (``cands``' order): both endings side by side (``_a``, ``_b``), the
+    energy difference b − a and whether StructureMatcher calls them one phase."""
+    cols = ("spacegroup_number_relaxed", "e_above_hull_ev_per_atom", "in_window", "is_converged",
+            "energy_per_atom_ev")
+    short = {"spacegroup_number_relaxed": "sg", "e_above_hull_ev_per_atom": "e_hull", "is_converged": "converged",
+             "in_window": "in_window", "energy_per_atom_ev": "e"}
+    side = [e.select("candidate_id", *(pl.col(c).alias(f"{short[c]}_{s}") for c in cols)) for e, s in ((ea, "a"), (eb, "b"))]
+    return (cands.select("candidate_id", "n_atoms", pl.col("spacegroup_number").alias("spacegroup_template"))
+            .join(side[0], on="candidate_id", how="left", maintain_order="left")
+            .join(side[1], on="candidate_id", how="left", maintain_order="left")
+            .with_columns((pl.col("e_b") - pl.col("e_a")).alias("delta"),
+                          pl.Series("same_phase", phase, dtype=pl.Boolean))
+            .drop("e_a", "e_b"))
+
+
+def counts(pairs: pl.DataFrame, differ: pl.DataFrame, a: str, b: str) -> dict:
+    """What a screen would decide from each setting's endings: over all candidates (``pairs``)
+    and over the differing ones with their phonon verdicts (``differ``)."""
+    def n(frame: pl.DataFrame, expr: pl.Expr) -> int:
+        return int(frame.select(expr.fill_null(False).sum()).item())
+
+    def both(expr_of) -> dict:
+        return {a: n(differ, expr_of("a")), b: n(differ, expr_of("b"))}
+
+    def listed(s: str) -> pl.Expr:
+        return pl.col(f"in_window_{s}").fill_null(False) & pl.col(f"stable_{s}").fill_null(False)
+
+    lower_is_b = pl.col("delta") < 0
+    return {
+        "converged": {a: n(pairs, pl.col("converged_a")), b: n(pairs, pl.col("converged_b"))},
+        "in_window": {a: n(pairs, pl.col("in_window_a")), b: n(pairs, pl.col("in_window_b"))},
+        "lower": {a: n(differ, pl.col("delta") > 0), b: n(differ, lower_is_b)},
+        "n_differ": differ.height,
+        "differ_in_window": both(lambda s: pl.col(f"in_window_{s}")),
+        "differ_stable": both(lambda s: pl.col(f"stable_{s}")),
+        "differ_shortlisted": both(listed),
+        "same_phase": n(pairs, pl.col("same_phase")), "differ_same_phase": n(differ, pl.col("same_phase")),
+        "lower_stable": n(differ, pl.when(lower_is_b).then(pl.col("stable_b")).otherwise(pl.col("stable_a"))),
+        "higher_stable": n(differ, pl.when(lower_is_b).then(pl.col("stable_a")).otherwise(pl.col("stable_b"))),
+        "window_verdict_differs": n(differ, pl.col("in_window_a").fill_null(False)
+                                    != pl.col("in_window_b").fill_null(False)),
+        "shortlist_verdict_differs": n(differ, listed("a") != listed("b")),
+    }
+
+
 def render(res: dict) -> str:
     a, b = res["optimizers"]
     c = res["counts"]
@@ -173,56 +219,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{opt}: {res['relax_seconds'][opt]:.0f} s, {int(out['is_converged'].sum())}/{out.height} converged",
               flush=True)
     ea, eb = endings[a], endings[b]
-    sa, sb = frame_structures(ea), frame_structures(eb)
-    phase = same_phase(sa, sb)
-    delta = (eb["energy_per_atom_ev"] - ea["energy_per_atom_ev"]).to_list()
-    differ = [i for i, d in enumerate(delta) if d is not None and abs(d) > args.delta]
+    pairs = pair_frame(cands, ea, eb, same_phase(frame_structures(ea), frame_structures(eb)))
+    differ = pairs.filter(pl.col("delta").abs() > args.delta)
     t0 = time.perf_counter()
-    ph = {opt: phonon_frame(sur, endings[opt][differ]) for opt in (a, b)}
+    ph = {side: phonon_frame(sur, endings[opt].join(differ.select("candidate_id"), on="candidate_id", how="semi"))
+          for side, opt in (("a", a), ("b", b))}
     res["phonon_seconds"] = time.perf_counter() - t0
     res["load_average_end"] = round(os.getloadavg()[0], 2)
-
-    def col(frame: pl.DataFrame, name: str, i: int):
-        return frame[name][i]
-
-    rows = []
-    for j, i in enumerate(differ):
-        fa, fb = ph[a]["min_frequency_thz"][j], ph[b]["min_frequency_thz"][j]
-        rows.append({
-            "candidate_id": cands["candidate_id"][i], "n_atoms": cands["n_atoms"][i],
-            "spacegroup_template": cands["spacegroup_number"][i],
-            "sg_a": col(ea, "spacegroup_number_relaxed", i), "sg_b": col(eb, "spacegroup_number_relaxed", i),
-            "delta": delta[i], "e_hull_a": col(ea, "e_above_hull_ev_per_atom", i),
-            "e_hull_b": col(eb, "e_above_hull_ev_per_atom", i),
-            "in_window_a": col(ea, "in_window", i), "in_window_b": col(eb, "in_window", i),
-            "min_thz_a": fa, "min_thz_b": fb,
-            "stable_a": ph[a]["is_dynamically_stable"][j], "stable_b": ph[b]["is_dynamically_stable"][j],
-            "phonon_status_a": ph[a]["status"][j], "phonon_status_b": ph[b]["status"][j],
-            "same_phase": phase[i], "converged_a": col(ea, "is_converged", i), "converged_b": col(eb, "is_converged", i),
-        })
-    res["differing"] = sorted(rows, key=lambda r: r["delta"])
-
-    def n(pred) -> int:
-        return sum(1 for r in rows if pred(r))
-
-    def listed(r: dict, s: str) -> bool:
-        return bool(r[f"in_window_{s}"]) and bool(r[f"stable_{s}"])
-
-    res["counts"] = {
-        "converged": {a: int(ea["is_converged"].sum()), b: int(eb["is_converged"].sum())},
-        "in_window": {a: int(ea["in_window"].sum()), b: int(eb["in_window"].sum())},
-        "lower": {a: n(lambda r: r["delta"] > 0), b: n(lambda r: r["delta"] < 0)},
-        "n_differ": len(rows),
-        "differ_in_window": {a: n(lambda r: bool(r["in_window_a"])), b: n(lambda r: bool(r["in_window_b"]))},
-        "differ_stable": {a: n(lambda r: bool(r["stable_a"])), b: n(lambda r: bool(r["stable_b"]))},
-        "differ_shortlisted": {a: n(lambda r: listed(r, "a")), b: n(lambda r: listed(r, "b"))},
-        "same_phase": sum(1 for p in phase if p), "differ_same_phase": n(lambda r: bool(r["same_phase"])),
-        "lower_stable": n(lambda r: bool(r["stable_b"] if r["delta"] < 0 else r["stable_a"])),
-        "higher_stable": n(lambda r: bool(r["stable_a"] if r["delta"] < 0 else r["stable_b"])),
-        "window_verdict_differs": n(lambda r: bool(r["in_window_a"]) != bool(r["in_window_b"])),
-        "shortlist_verdict_differs": n(lambda r: listed(r, "a") != listed(r, "b")),
-        **ranking_agreement(ea, eb, top=args.top),
-    }
+    for side, frame in ph.items():
+        differ = differ.join(frame.select(pl.col("key").alias("candidate_id"), pl.col("min_frequency_thz").alias(f"min_thz_{side}"),
+                                          pl.col("is_dynamically_stable").alias(f"stable_{side}"),
+                                          pl.col("status").alias(f"phonon_status_{side}")),
+                             on="candidate_id", how="left")
+    differ = differ.sort("delta")
+    res["differing"] = differ.to_dicts()
+    res["counts"] = counts(pairs, differ, a, b) | ranking_agreement(ea, eb, top=args.top)
     write_results(args.out, res, render(res))
     return res
 

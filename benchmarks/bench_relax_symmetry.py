@@ -15,8 +15,8 @@ stage takes first. The same candidates are then relaxed under each setting with
 steps); ``+sym`` adds ``fix_symmetry`` (the space group spglib finds at ``fix-symprec`` Å kept). A
 setting is an optimiser of ``lib.surrogates.relax.OPTIMIZERS`` (FIRE, FIRE2, BFGS, LBFGS), with
 ``+sym`` or not; ``~SIGMA`` (e.g. ``BFGS~0.02``) starts from the candidate rattled by a seeded
-normal displacement of SIGMA Å per Cartesian component (:func:`rattled`), off the template's
-symmetric stationary point.
+normal displacement of SIGMA Å per Cartesian component (:func:`rattled`), out of the template's
+space group.
 
 ``--within`` counts, from the same runs, the rows converged within fewer steps than ``--steps``
 (an ASE optimiser's path does not depend on its step limit, so a run with a limit of 1,000
@@ -25,9 +25,9 @@ converged share against the step limit.
 
 ``--reorder SEED`` runs every setting a second time on the same starts in a seeded shuffled row
 order: a candidate then shares its lockstep batches with other candidates, and nothing else
-changes. A symmetric start sits on a stationary point of its template's group, and an
-unconstrained relaxation leaves it only through numerical noise, which depends on the batch:
-this measures how far the endings move for that reason alone.
+changes. A symmetric start has symmetric forces, so an unconstrained relaxation leaves its
+template's group only through numerical noise, which depends on the batch: this measures how far
+the endings move for that reason alone.
 
 Recorded per setting and bin: converged share, mean steps, compute seconds (the rows' share of
 the batched passes plus their own optimiser work, ``relax_seconds``), energy per atom against
@@ -99,7 +99,7 @@ def pick_candidates(cands: pl.DataFrame, sur, *, per_bin: int, pool: int, seed: 
 def rattled(cands: pl.DataFrame, sigma_a: float) -> pl.DataFrame:
     """``cands`` in cell form, every atom displaced by a normal draw of ``sigma_a`` Å per
     Cartesian component, seeded by the candidate's id (the same start on every run): a start
-    off the template's symmetric stationary point."""
+    out of the template's space group."""
     import hashlib
 
     from lib.cells import frame_structures, structure_to_cell
@@ -113,16 +113,23 @@ def rattled(cands: pl.DataFrame, sigma_a: float) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def reorder_run(scr, sur, start: pl.DataFrame, first: pl.DataFrame, args, *, opt: str, sym: bool) -> dict:
+def relax_setting(sur, start: pl.DataFrame, args, *, opt: str, sym: bool) -> tuple[pl.DataFrame, float]:
+    """(``relax_frame`` of ``start`` under one setting, wall seconds)."""
+    from lib.screening import relax_frame
+
+    t0 = time.perf_counter()
+    out = relax_frame(sur, start, fmax=args.fmax, steps=args.steps, optimizer=opt, fix_symmetry=sym,
+                      fix_symmetry_symprec=args.fix_symprec)
+    return out, time.perf_counter() - t0
+
+
+def reorder_run(sur, start: pl.DataFrame, first: pl.DataFrame, args, *, opt: str, sym: bool) -> dict:
     """The same setting on the same starts in a seeded shuffled row order: every candidate shares
     its lockstep batches (``relax_frame``'s ``batch_size``) with other candidates, nothing else
     changes. Per candidate (in ``first``'s order): the ending energy's change and whether the
     reported space group changed."""
-    shuffled = start.sample(fraction=1.0, shuffle=True, seed=args.reorder)
-    t0 = time.perf_counter()
-    again = scr.relax_frame(sur, shuffled, fmax=args.fmax, steps=args.steps, optimizer=opt,
-                            fix_symmetry=sym, fix_symmetry_symprec=args.fix_symprec)
-    seconds = time.perf_counter() - t0
+    again, seconds = relax_setting(sur, start.sample(fraction=1.0, shuffle=True, seed=args.reorder), args,
+                                   opt=opt, sym=sym)
     j = first.select("key", "energy_per_atom_ev", "spacegroup_number_relaxed").join(
         again.select("key", pl.col("energy_per_atom_ev").alias("e2"),
                      pl.col("spacegroup_number_relaxed").alias("sg2")), on="key", how="left", maintain_order="left")
@@ -323,7 +330,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pool_with:
         print(rerender(args.out, args.pool_with.split(",")))
         return json.loads(Path(args.out).with_suffix(".json").read_text())
-    from lib import screening as scr
     from lib.cells import frame_structures
 
     store, sur = open_home_and_surrogate(args)
@@ -350,12 +356,10 @@ def main(argv: list[str] | None = None) -> dict:
     ref_e = None
     for name in configs:
         base, _, sigma = name.partition("~")
-        opt, _, sym = base.partition("+")
+        opt, _, suffix = base.partition("+")
+        sym = suffix == "sym"
         start = rattled(cands, float(sigma)) if sigma else cands
-        t1 = time.perf_counter()
-        out = scr.relax_frame(sur, start, fmax=args.fmax, steps=args.steps, optimizer=opt,
-                              fix_symmetry=(sym == "sym"), fix_symmetry_symprec=args.fix_symprec)
-        dt = time.perf_counter() - t1
+        out, dt = relax_setting(sur, start, args, opt=opt, sym=sym)
         if (out["status"] != "ok").any():
             print(f"{name}: errors: {out.filter(pl.col('status') != 'ok')['error'].to_list()}", flush=True)
         e = out["energy_per_atom_ev"].to_numpy()
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "n_ops_before": ops_before, "n_ops_after": n_operations(after, args.fix_symprec),
                    "forward_passes": int(sur.last_relax_stats["forward_passes"])}
         if args.reorder >= 0:
-            r["reorder"] = reorder_run(scr, sur, start, out, args, opt=opt, sym=(sym == "sym"))
+            r["reorder"] = reorder_run(sur, start, out, args, opt=opt, sym=sym)
         r["by_bin"] = summarise(r, bins, row_bins, sg_before, res["within"])
         res["settings"][name] = r
         print(f"{name}: {dt:.1f} s, " + ", ".join(

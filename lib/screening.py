@@ -93,12 +93,13 @@ DEFAULT_OPTIMIZER = "FIRE"
 DEFAULT_FIX_SYMPREC = 1e-3  # = lib.surrogates.relax.DEFAULT_FIX_SYMPREC (not imported: no model import here)
 #: Whether a relaxation keeps each structure's space group (``relax_frame(fix_symmetry=...)``, ASE
 #: ``FixSymmetry``; the default of the ``relaxed``, ``references`` and ``consensus`` stages). On: a
-#: template is exactly symmetric, so it starts on a stationary point of its group, and an
-#: unconstrained relaxation leaves that point only through the float32 noise of the batched forces,
-#: which depends on the other structures of the batch. Run again with other batch-mates, the unconstrained endings of 88 real Ba-Ru-O
-#: candidates moved by more than 0.01 eV/atom in 9 (FIRE; BFGS 14; up to 0.63 eV/atom), the
-#: symmetry-kept ones in none (benchmarks/results/relax_batch_sensitivity.md): an ending must be a
-#: property of its candidate. Kept symmetry ends higher where the symmetric point is a saddle; the
+#: template is exactly symmetric, so are its forces and stress, and every optimiser step keeps it in
+#: its group; an unconstrained relaxation leaves the group only through the float32 noise of the
+#: batched forces, which depends on the other structures of the batch. Run again with other
+#: batch-mates, the unconstrained endings of 88 real Ba-Ru-O candidates moved by more than
+#: 0.01 eV/atom in 9 (FIRE; BFGS 14; up to 0.63 eV/atom), the symmetry-kept ones in none
+#: (benchmarks/results/relax_batch_sensitivity.md): an ending must be a property of its candidate.
+#: Kept symmetry ends higher where the group's minimum is a saddle of the full energy surface; the
 #: phonon screen names those (imaginary modes). ``fix_symmetry: false`` lets the noise break it.
 DEFAULT_FIX_SYMMETRY = True
 #: Smallest share of converged relaxations (of the rows that ran) the ``relaxed`` asset's
